@@ -1,0 +1,191 @@
+"""Validation of a composed config, before any data is read or anything is written.
+
+Two mechanisms, both producing one-line :class:`~mtneuro_lab.errors.ConfigError` messages that
+name the key and the allowed values:
+
+* plain sections (``data``, ``cubes`` ...) are merged onto dataclass schemas;
+* sections with a ``_target_`` (task, model, source, trainer, logger, callbacks) are checked
+  against the signature of the class they instantiate: unknown keys, wrong scalar types,
+  ``Literal`` choices, and parameters annotated with a dataclass (recursively). The classes'
+  own constructors then check value ranges when the run instantiates them, still before any
+  data is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional, Union
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
+
+from mtneuro_lab.data.augment import AugmentConfig
+from mtneuro_lab.errors import ConfigError
+
+HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+@dataclass
+class DataConfig:
+    """``data.*``: how batches are formed. ``batch_size`` is GLOBAL (split over DDP ranks)."""
+
+    batch_size: int = 64
+    eval_batch_size: Optional[int] = None
+    normalize: str = "train_stats"
+    drop_last: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size: must be >= 1, got {self.batch_size}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ConfigError(f"data.eval_batch_size: must be >= 1 or null, got {self.eval_batch_size}")
+        if self.normalize not in ("train_stats", "fixed"):
+            raise ConfigError(f"data.normalize: must be train_stats or fixed, got {self.normalize!r}")
+        if self.augment.intensity_jitter < 0:
+            raise ConfigError(f"data.augment.intensity_jitter: must be >= 0, got {self.augment.intensity_jitter}")
+
+
+def one_line_omegaconf_error(err: OmegaConfBaseException, prefix: str, schema: Any = None) -> str:
+    """Condense an OmegaConf validation error into ``<full key>: <what> (allowed ...)``."""
+    key = getattr(err, "full_key", None) or ""
+    full = f"{prefix}.{key}" if key else prefix
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "not in" in msg and schema is not None and dataclasses.is_dataclass(schema):
+        allowed = ", ".join(f.name for f in dataclasses.fields(schema))
+        return f"{full}: unknown key; allowed keys: {allowed}"
+    return f"{full}: {msg}"
+
+
+def _merge_dataclass(schema: type, value: Any, key: str) -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), value)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(one_line_omegaconf_error(err, key, schema)) from None
+
+
+# -- signature-based validation of _target_ sections ------------------------------------------
+def import_target(path: str, key: str) -> Any:
+    module_name, _, attr = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"{key}._target_: cannot import {path!r} ({err})") from None
+
+
+def _signature(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    func = target.__init__ if inspect.isclass(target) else target
+    sig = inspect.signature(func)
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:  # noqa: BLE001 - third-party annotations may not resolve; skip type checks
+        hints = {}
+    params = {n: p for n, p in sig.parameters.items() if n not in ("self", "cls")}
+    has_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    params = {n: p for n, p in params.items()
+              if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    return params, hints, has_kwargs
+
+
+def _type_ok(value: Any, hint: Any, key: str) -> None:
+    """Check scalar types and Literal choices; containers and unknown hints pass."""
+    if hint is Any or hint is inspect.Parameter.empty:
+        return
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                _type_ok(value, arg, key)
+                return
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: value {value!r} has the wrong type")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, (Mapping, DictConfig)):
+            _merge_dataclass(hint, value, key)
+            return
+        raise ConfigError(f"{key}: expected a mapping of {hint.__name__} keys, got {value!r}")
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+
+
+def check_target_section(section: Any, key: str, injected: frozenset[str] = frozenset()) -> None:
+    """Validate a ``_target_`` section (and nested ones) against the target's signature."""
+    if not isinstance(section, (DictConfig, Mapping)) or "_target_" not in section:
+        return
+    target = import_target(section["_target_"], key)
+    params, hints, has_kwargs = _signature(target)
+    for name in section:
+        if name in HYDRA_KEYS:
+            continue
+        sub = f"{key}.{name}"
+        try:
+            value = section[name]
+        except InterpolationResolutionError:
+            continue  # e.g. ${hydra:runtime.output_dir} before Hydra made the run directory
+        if name not in params:
+            if has_kwargs:
+                continue
+            allowed = ", ".join(sorted(p for p in params if p not in injected))
+            raise ConfigError(f"{sub}: unknown key for {getattr(target, '__name__', target)}; allowed: {allowed}")
+        if isinstance(value, (DictConfig, Mapping)) and "_target_" in value:
+            check_target_section(value, sub)
+            continue
+        try:
+            plain = (OmegaConf.to_container(value, resolve=True)
+                     if isinstance(value, (DictConfig, ListConfig)) else value)
+        except InterpolationResolutionError:
+            continue
+        _type_ok(plain, hints.get(name, inspect.Parameter.empty), sub)
+
+
+# -- the whole config ------------------------------------------------------------------------
+#: constructor arguments the run injects (not taken from the config section)
+INJECTED = {
+    "model": frozenset({"num_classes", "class_names", "input_shape"}),
+    "task": frozenset(),
+    "source": frozenset({"cubes", "regions", "roi_ids", "cache_dir"}),
+}
+
+TOP_LEVEL = {"task", "model", "source", "trainer", "logger", "callbacks", "paths", "data", "cubes",
+             "seed", "ckpt_path", "test_after_fit", "resume", "tags", "experiment_name", "extras",
+             "sweep", "hydra"}
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` (one line) for the first problem found in ``cfg``."""
+    unknown = set(cfg.keys()) - TOP_LEVEL
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown top-level key; allowed: {', '.join(sorted(TOP_LEVEL))}")
+    if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool) or cfg.seed < 0:
+        raise ConfigError(f"seed: must be a non-negative integer, got {cfg.get('seed')!r}")
+    _merge_dataclass(DataConfig, cfg.data, "data")
+    for section in ("task", "model", "source", "trainer"):
+        if section not in cfg or cfg[section] is None:
+            raise ConfigError(f"{section}: missing config group")
+        check_target_section(cfg[section], section, INJECTED.get(section, frozenset()))
+    for group in ("logger", "callbacks"):
+        for name, sub in (cfg.get(group) or {}).items():
+            check_target_section(sub, f"{group}.{name}")

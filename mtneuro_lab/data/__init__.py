@@ -1,0 +1,1 @@
+"""Data wing: sources -> cache -> cubes/splits -> datamodules (one-way flow)."""

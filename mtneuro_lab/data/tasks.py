@@ -1,0 +1,314 @@
+"""Task definitions: which cubes and slices form each split, and what the targets are.
+
+A task turns ``(source, cube catalog)`` into :class:`SplitArrays` held in memory as uint8,
+allocated once per split and filled cube by cube, so holding a split costs its uint8 bytes and
+not a float copy. Casting, normalisation and augmentation happen later, per batch, on the
+device the model runs on (see :mod:`mtneuro_lab.data.augment`).
+
+Ranges are half-open ``[start, stop)`` everywhere: ROI-C1's paper ranges z_train 110-379,
+z_val 380-409, z_test 420-470 are ``[110, 380)``, ``[380, 410)``, ``[420, 470)``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from mtneuro_lab.data.cubes import Cube, CubeCatalog
+from mtneuro_lab.data.sources.base import VolumeSource
+from mtneuro_lab.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SplitArrays:
+    """One split in memory: uint8 samples plus per-sample bookkeeping.
+
+    ``images``: ``(N, H, W)`` for 2D tasks or ``(N, D, H, W)`` for 3D tasks, uint8.
+    ``targets``: ``(N,)`` int64 class indices, or uint8 masks shaped like ``images``.
+    ``regions``: ``(N,)`` region index of the cube each sample comes from.
+    ``z``: ``(N,)`` first slice index of each sample (BossDB z).
+    """
+
+    images: np.ndarray
+    targets: np.ndarray
+    regions: np.ndarray
+    z: np.ndarray
+    cubes: list[str] = field(default_factory=list)
+    cube_index: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.images.nbytes + self.targets.nbytes)
+
+
+@dataclass(frozen=True)
+class SplitPart:
+    """One entry of a split: a cube set (all or some regions) over a z range."""
+
+    set_name: str
+    z: tuple[int, int]
+    regions: tuple[str, ...] | None = None
+
+
+def parse_split(name: str, entries: Iterable[Mapping[str, Any]], catalog: CubeCatalog) -> list[SplitPart]:
+    parts = []
+    for i, entry in enumerate(entries):
+        key = f"task.splits.{name}[{i}]"
+        entry = dict(entry)
+        unknown = set(entry) - {"set", "z", "regions"}
+        if unknown:
+            raise ConfigError(f"{key}: unknown key(s) {sorted(unknown)}; allowed: set, z, regions")
+        if "set" not in entry or "z" not in entry:
+            raise ConfigError(f"{key}: needs 'set' and 'z'")
+        set_name = str(entry["set"])
+        if set_name not in catalog.sets:
+            raise ConfigError(f"{key}.set: unknown cube set {set_name!r}; known: {sorted(catalog.sets)}")
+        z = tuple(int(v) for v in entry["z"])
+        if len(z) != 2 or z[0] < 0 or z[1] <= z[0]:
+            raise ConfigError(f"{key}.z: expected [start, stop) with 0 <= start < stop, got {list(entry['z'])}")
+        regions = entry.get("regions")
+        if regions is not None:
+            regions = tuple(str(r) for r in regions)
+            for r in regions:
+                catalog.cube(set_name, r)
+        parts.append(SplitPart(set_name, z, regions))  # type: ignore[arg-type]
+    return parts
+
+
+def downsample_area(stack: np.ndarray, factor: int) -> np.ndarray:
+    """Mean-pool the last two axes by ``factor`` (uint8 in, uint8 out), in slabs to bound memory."""
+    if factor == 1:
+        return np.ascontiguousarray(stack)
+    *lead, h, w = stack.shape
+    if h % factor or w % factor:
+        raise DataError(f"tile of {h}x{w} is not divisible by downsample {factor}")
+    flat = stack.reshape(-1, h, w)
+    out = np.empty((flat.shape[0], h // factor, w // factor), dtype=np.uint8)
+    for s in range(0, flat.shape[0], 32):
+        block = np.asarray(flat[s : s + 32], dtype=np.float32)
+        pooled = block.reshape(-1, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
+        out[s : s + 32] = np.rint(pooled).astype(np.uint8)
+    return out.reshape(*lead, h // factor, w // factor)
+
+
+def downsample_nearest(stack: np.ndarray, factor: int) -> np.ndarray:
+    """Label downsampling: keep the centre-ish pixel of each block (labels must not be averaged)."""
+    if factor == 1:
+        return np.ascontiguousarray(stack)
+    off = factor // 2
+    return np.ascontiguousarray(stack[..., off::factor, off::factor])
+
+
+class CubeTask:
+    """Common machinery: split parsing, overlap/buffer checks, per-cube iteration."""
+
+    kind: str = "base"
+
+    def __init__(
+        self,
+        name: str,
+        splits: Mapping[str, Sequence[Mapping[str, Any]]],
+        downsample: int = 2,
+        regions: Sequence[str] | None = None,
+        test_buffer: int = 10,
+    ) -> None:
+        if downsample not in (1, 2, 4):
+            raise ConfigError(f"task.downsample: must be one of 1, 2, 4, got {downsample}")
+        if test_buffer < 0:
+            raise ConfigError(f"task.test_buffer: must be >= 0, got {test_buffer}")
+        missing = [s for s in SPLITS if s not in splits]
+        if missing:
+            raise ConfigError(f"task.splits: missing split(s) {missing}; need train, val, test")
+        extra = set(splits) - set(SPLITS)
+        if extra:
+            raise ConfigError(f"task.splits: unknown split(s) {sorted(extra)}; allowed: train, val, test")
+        self.name = name
+        self.downsample = int(downsample)
+        self.test_buffer = int(test_buffer)
+        self.region_filter = tuple(regions) if regions is not None else None
+        self._raw_splits = {k: list(v) for k, v in splits.items()}
+        self.catalog: CubeCatalog | None = None
+        self.splits: dict[str, list[SplitPart]] = {}
+
+    # -- binding and validation ------------------------------------------------------------
+    def bind(self, catalog: CubeCatalog) -> "CubeTask":
+        """Resolve cube-set names against ``catalog`` and check the splits never leak."""
+        self.catalog = catalog
+        if self.region_filter is not None:
+            for r in self.region_filter:
+                if r not in catalog.regions:
+                    raise ConfigError(f"task.regions: unknown region {r!r}; known: {list(catalog.regions)}")
+        self.splits = {k: parse_split(k, v, catalog) for k, v in self._raw_splits.items()}
+        for k, parts in self.splits.items():
+            if not parts:
+                raise ConfigError(f"task.splits.{k}: is empty")
+        self._check_disjoint()
+        return self
+
+    def _slabs(self, split: str) -> list[tuple[Cube, tuple[int, int]]]:
+        assert self.catalog is not None, "call bind() first"
+        out = []
+        for part in self.splits[split]:
+            for region in self.regions_of(part):
+                out.append((self.catalog.cube(part.set_name, region), part.z))
+        return out
+
+    def regions_of(self, part: SplitPart) -> tuple[str, ...]:
+        assert self.catalog is not None
+        chosen = part.regions or tuple(self.catalog.sets[part.set_name])
+        if self.region_filter is not None:
+            chosen = tuple(r for r in chosen if r in self.region_filter)
+        return tuple(r for r in self.catalog.regions if r in chosen)
+
+    def _check_disjoint(self) -> None:
+        """Same physical cube in two splits: ranges must not overlap; test keeps a buffer."""
+        def where(split: str) -> list[tuple[tuple[str, int, int], tuple[int, int]]]:
+            return [((c.region, c.x[0], c.y[0]), z) for c, z in self._slabs(split)]
+
+        pairs = [("train", "val", 0), ("train", "test", self.test_buffer), ("val", "test", self.test_buffer)]
+        for a, b, gap in pairs:
+            for cube_a, za in where(a):
+                for cube_b, zb in where(b):
+                    if cube_a != cube_b:
+                        continue
+                    distance = max(zb[0] - za[1], za[0] - zb[1])
+                    if distance < gap:
+                        what = "overlap" if distance < 0 else f"are only {distance} slices apart"
+                        raise ConfigError(
+                            f"task.splits: {a} z{list(za)} and {b} z{list(zb)} {what} in cube "
+                            f"{cube_a[0]} x{cube_a[1]} y{cube_a[2]}; need a gap of >= {gap} slices"
+                        )
+
+    def check_extent(self, z_extent: tuple[int, int] | None) -> None:
+        """Fail early if a split asks for slices the source does not have."""
+        if z_extent is None:
+            return
+        for split, parts in self.splits.items():
+            for part in parts:
+                if part.z[0] < z_extent[0] or part.z[1] > z_extent[1]:
+                    raise ConfigError(
+                        f"task.splits.{split}: z{list(part.z)} lies outside the source's z range "
+                        f"{list(z_extent)}"
+                    )
+
+    # -- building --------------------------------------------------------------------------
+    def build(self, split: str, source: VolumeSource) -> SplitArrays:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sample_shape(self) -> tuple[int, ...]:
+        """Spatial shape of one sample (after downsampling), known before any data is read."""
+        assert self.catalog is not None, "call bind() first"
+        cube, _ = self._slabs("train")[0]
+        return ((cube.y[1] - cube.y[0]) // self.downsample, (cube.x[1] - cube.x[0]) // self.downsample)
+
+    @property
+    def num_classes(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def class_names(self) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class RegionClassificationTask(CubeTask):
+    """Task 1 (ROI-C1/C2/C3): each slice of a cube is one tile labelled by its brain region.
+
+    ``label_mode="cube"`` labels a tile by the region of the cube it comes from.
+    ``label_mode="roi_majority"`` (the reference code's way) takes the majority value of the
+    ``roi_labels`` channel over the tile and drops tiles whose majority is unlabelled (0)
+    instead of counting them as cortex.
+    """
+
+    kind = "classification"
+
+    def __init__(self, name: str, splits: Mapping[str, Sequence[Mapping[str, Any]]], downsample: int = 2,
+                 regions: Sequence[str] | None = None, test_buffer: int = 10,
+                 label_mode: str = "cube") -> None:
+        super().__init__(name, splits, downsample, regions, test_buffer)
+        if label_mode not in ("cube", "roi_majority"):
+            raise ConfigError(f"task.label_mode: must be 'cube' or 'roi_majority', got {label_mode!r}")
+        self.label_mode = label_mode
+
+    @property
+    def class_names(self) -> list[str]:
+        assert self.catalog is not None
+        return list(self.catalog.regions)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def build(self, split: str, source: VolumeSource) -> SplitArrays:
+        assert self.catalog is not None
+        slabs = self._slabs(split)
+        n = sum(z[1] - z[0] for _, z in slabs)
+        first = slabs[0][0]
+        h = (first.y[1] - first.y[0]) // self.downsample
+        w = (first.x[1] - first.x[0]) // self.downsample
+        images = np.empty((n, h, w), dtype=np.uint8)
+        targets = np.empty(n, dtype=np.int64)
+        regions = np.empty(n, dtype=np.int64)
+        zs = np.empty(n, dtype=np.int64)
+        cube_index = np.empty(n, dtype=np.int64)
+        keep = np.ones(n, dtype=bool)
+        row = 0
+        for ci, (cube, z) in enumerate(slabs):
+            stack = source.cutout("image", cube.x, cube.y, z)
+            count = z[1] - z[0]
+            images[row : row + count] = downsample_area(stack, self.downsample)
+            region_index = self.catalog.region_index(cube.region)
+            regions[row : row + count] = region_index
+            targets[row : row + count] = region_index
+            if self.label_mode == "roi_majority":
+                labels, ok = self._majority_labels(source, cube, z)
+                targets[row : row + count] = labels
+                keep[row : row + count] = ok
+            zs[row : row + count] = np.arange(z[0], z[1])
+            cube_index[row : row + count] = ci
+            row += count
+        if not keep.all():
+            log.info("%s/%s: dropped %d tiles whose roi_labels majority is unlabelled",
+                     self.name, split, int((~keep).sum()))
+            images, targets, regions, zs, cube_index = (
+                a[keep] for a in (images, targets, regions, zs, cube_index)
+            )
+        return SplitArrays(images, targets, regions, zs, [c.key for c, _ in slabs], cube_index)
+
+    def _majority_labels(self, source: VolumeSource, cube: Cube, z: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        assert self.catalog is not None
+        roi = np.asarray(source.cutout("roi_labels", cube.x, cube.y, z))
+        id_to_class = {v: self.catalog.region_index(k) for k, v in self.catalog.roi_ids.items()
+                       if k in self.catalog.regions}
+        flat = roi.reshape(roi.shape[0], -1).astype(np.int64)
+        labels = np.empty(roi.shape[0], dtype=np.int64)
+        ok = np.zeros(roi.shape[0], dtype=bool)
+        for i, row in enumerate(flat):
+            values, counts = np.unique(row, return_counts=True)
+            majority = int(values[np.argmax(counts)])
+            if majority in id_to_class:
+                labels[i] = id_to_class[majority]
+                ok[i] = True
+            else:
+                labels[i] = -1
+        return labels, ok
+
+
+def describe_counts(task: CubeTask, arrays: Mapping[str, SplitArrays]) -> str:
+    """A one-paragraph summary of samples per split and region, printed at setup."""
+    assert task.catalog is not None
+    lines = []
+    for split, arr in arrays.items():
+        per_region = {r: int((arr.regions == i).sum()) for i, r in enumerate(task.catalog.regions)}
+        per_region = {k: v for k, v in per_region.items() if v}
+        shape = "x".join(str(s) for s in arr.images.shape[1:])
+        lines.append(f"{task.name}/{split}: {len(arr)} samples of {shape} ({per_region})")
+    return "; ".join(lines)

@@ -1,0 +1,75 @@
+"""What every method shares: optimiser/schedule from config, stage bookkeeping, injected facts.
+
+Methods receive from the run (not from their own config) what depends on the task:
+``num_classes``, ``class_names`` and ``input_shape`` (spatial shape of one sample).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, is_dataclass
+from typing import Any, Mapping, Sequence, TypeVar
+
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mtneuro_lab.errors import ConfigError
+from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler
+
+T = TypeVar("T")
+
+
+def as_dataclass(cls: type[T], value: Any, key: str) -> T:
+    """Turn a mapping (dict or DictConfig) into dataclass ``cls``, rejecting unknown keys."""
+    if isinstance(value, cls):
+        return value
+    if value is None:
+        return cls()
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(dict(value)))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        from mtneuro_lab.config.schema import one_line_omegaconf_error
+
+        raise ConfigError(one_line_omegaconf_error(err, key, cls)) from None
+
+
+class BaseMethod(pl.LightningModule):
+    """Optimiser, schedule and the facts every method gets from the run."""
+
+    #: metric watched by checkpointing / early stopping, and its direction
+    monitor: tuple[str, str] = ("val/loss", "min")
+
+    def __init__(self, num_classes: int, class_names: Sequence[str], input_shape: Sequence[int],
+                 optimizer: OptimizerConfig | Mapping | None = None,
+                 scheduler: SchedulerConfig | Mapping | None = None) -> None:
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.class_names = list(class_names)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.optim_cfg = as_dataclass(OptimizerConfig, optimizer, "model.optimizer")
+        self.sched_cfg = as_dataclass(SchedulerConfig, scheduler, "model.scheduler")
+
+    # -- optimisation --------------------------------------------------------------------------
+    @property
+    def global_batch_size(self) -> int:
+        """``data.batch_size`` as configured: the global batch over all DDP ranks."""
+        dm = getattr(self.trainer, "datamodule", None)
+        return int(getattr(dm, "batch_size", 1))
+
+    def optimizer_parameters(self) -> Any:
+        """Parameters (or parameter groups) to optimise; methods override to exclude targets."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.optimizer_parameters(), self.optim_cfg, self.global_batch_size)
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = max(int(self.trainer.max_epochs or 1), 1)
+        scheduler = build_scheduler(optimizer, self.sched_cfg, total, max(total // epochs, 1))
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def describe(self) -> dict[str, Any]:
+        """Config facts worth logging as hyper-parameters."""
+        return {"optimizer": asdict(self.optim_cfg) if is_dataclass(self.optim_cfg) else {},
+                "scheduler": asdict(self.sched_cfg) if is_dataclass(self.sched_cfg) else {}}

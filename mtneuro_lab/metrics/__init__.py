@@ -1,0 +1,1 @@
+"""Metrics: classification, pooled segmentation, EM instance metrics."""

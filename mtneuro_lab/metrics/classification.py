@@ -1,0 +1,44 @@
+"""Classification metrics per stage, logged as ``<stage>/acc`` and ``<stage>/acc_<class>``."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class ClassificationMetrics(nn.Module):
+    """Overall accuracy (micro) and per-class accuracy (recall), pooled over the whole stage."""
+
+    def __init__(self, class_names: Sequence[str], prefix: str = "") -> None:
+        super().__init__()
+        n = len(class_names)
+        self.class_names = list(class_names)
+        self.prefix = prefix
+        # keys are "<stage>_" because nn.Module already has an attribute named "train"
+        self.stages = nn.ModuleDict({
+            f"{stage}_": nn.ModuleDict({
+                "acc": MulticlassAccuracy(num_classes=n, average="micro"),
+                "per_class": MulticlassAccuracy(num_classes=n, average="none"),
+            })
+            for stage in ("train", "val", "test")
+        })
+
+    def __getitem__(self, stage: str) -> nn.ModuleDict:
+        return self.stages[f"{stage}_"]
+
+    def update(self, stage: str, logits: torch.Tensor, target: torch.Tensor) -> None:
+        preds = logits.argmax(dim=1)
+        for metric in self[stage].values():
+            metric.update(preds, target)
+
+    def compute(self, stage: str) -> dict[str, float]:
+        metrics = self[stage]
+        out = {f"{stage}/{self.prefix}acc": metrics["acc"].compute()}
+        per_class = metrics["per_class"].compute()
+        for name, value in zip(self.class_names, per_class):
+            out[f"{stage}/{self.prefix}acc_{name}"] = value
+        for metric in metrics.values():
+            metric.reset()
+        return out

@@ -1,0 +1,1 @@
+"""Networks: encoders (ResNet), segmentation factories (smp, MONAI), ViT-3D."""

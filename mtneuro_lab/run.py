@@ -1,0 +1,275 @@
+"""The train and evaluate flows behind ``train.py`` and ``evaluate.py``.
+
+train: validate config -> build source, task, datamodule, method -> fit -> test on the best
+checkpoint -> ``metrics.json``. Every run directory holds ``config.yaml`` (the composed config,
+resolved), ``checkpoints/`` and ``metrics.json`` (flat JSON of final metrics), which is all the
+reporting code reads.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mtneuro_lab.checkpoints import AtomicCheckpointIO, load_checkpoint, run_dir_of
+from mtneuro_lab.config.schema import DataConfig, _merge_dataclass, import_target, validate_config
+from mtneuro_lab.data.cache import atomic_write_bytes
+from mtneuro_lab.data.cubes import CubeCatalog, catalog_from_config
+from mtneuro_lab.data.datamodules import VolumeDataModule
+from mtneuro_lab.data.sources.base import VolumeSource
+from mtneuro_lab.errors import CheckpointError, ConfigError, MtneuroError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    catalog: CubeCatalog
+    source: VolumeSource
+    task: Any
+    datamodule: pl.LightningDataModule
+    method: pl.LightningModule
+
+
+def instantiate_cfg(section: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets our one-line errors through unwrapped."""
+    try:
+        return instantiate(section, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, MtneuroError):
+            raise cause from None
+        raise ConfigError(" ".join(str(err).split())) from None
+
+
+def instantiate_filtered(section: DictConfig, **available: Any) -> Any:
+    """Instantiate ``section`` passing only those ``available`` kwargs its target accepts."""
+    target = import_target(section._target_, "section")
+    params = inspect.signature(target.__init__ if inspect.isclass(target) else target).parameters
+    accepts_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in available.items() if accepts_all or k in params}
+    return instantiate_cfg(section, **kwargs, _convert_="all")
+
+
+def check_compatible(method_cls: type, task: Any, cfg: DictConfig) -> None:
+    kinds = getattr(method_cls, "task_kinds", ("classification",))
+    if task.kind not in kinds:
+        model = _choice(cfg, "model")
+        raise ConfigError(
+            f"model={model}: does not fit task={_choice(cfg, 'task')} (a {task.kind} task); "
+            f"this model runs on {', '.join(kinds)} tasks"
+        )
+
+
+def _choice(cfg: DictConfig, group: str) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.choices.get(group))
+    except Exception:  # noqa: BLE001 - outside a Hydra app (tests, notebooks)
+        return str(cfg.get(group, {}).get("_target_", group)).rsplit(".", 1)[-1]
+
+
+def build_components(cfg: DictConfig) -> Components:
+    """Instantiate everything a run needs; raises ConfigError before reading any data."""
+    catalog = catalog_from_config(cfg.cubes)
+    task = instantiate_cfg(cfg.task, _convert_="all").bind(catalog)
+    method_cls = import_target(cfg.model._target_, "model")
+    check_compatible(method_cls, task, cfg)
+    source = instantiate_filtered(
+        cfg.source,
+        cubes=OmegaConf.to_container(cfg.cubes.sets, resolve=True),
+        regions=list(catalog.regions),
+        roi_ids=dict(catalog.roi_ids),
+        cache_dir=str(cfg.paths.cache_dir),
+    )
+    task.check_extent(getattr(source, "z_extent", None))
+    data: DataConfig = _merge_dataclass(DataConfig, cfg.data, "data")
+    datamodule = VolumeDataModule(
+        task, source, catalog, batch_size=data.batch_size, eval_batch_size=data.eval_batch_size,
+        augment_cfg=data.augment, normalize=data.normalize, seed=int(cfg.seed), drop_last=data.drop_last,
+    )
+    method = instantiate_cfg(cfg.model, num_classes=task.num_classes, class_names=task.class_names,
+                         input_shape=task.sample_shape(), _convert_="all")
+    return Components(catalog, source, task, datamodule, method)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, method: pl.LightningModule) -> pl.Trainer:
+    callbacks = []
+    for name, sub in (cfg.get("callbacks") or {}).items():
+        if sub is None:
+            continue
+        extra = {}
+        if name == "model_checkpoint" and sub.get("monitor", None) is None:
+            extra = {"monitor": method.monitor[0], "mode": method.monitor[1]}
+        callbacks.append(instantiate(sub, **extra))
+    loggers = [instantiate(sub) for sub in (cfg.get("logger") or {}).values() if sub is not None]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                       plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
+
+
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The composed config, resolved, as ``config.yaml`` in the run directory."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)).encode())
+
+
+def write_metrics(run_dir: Path, metrics: Mapping[str, Any]) -> dict[str, float]:
+    flat = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in sorted(metrics.items())}
+    atomic_write_bytes(run_dir / "metrics.json", (json.dumps(flat, indent=2) + "\n").encode())
+    return flat
+
+
+def resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """``last`` means this run directory's ``checkpoints/last.ckpt`` (resume after a crash)."""
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if not Path(ckpt_path).is_file():
+        raise CheckpointError(f"ckpt_path: no checkpoint file at {ckpt_path}")
+    return str(ckpt_path)
+
+
+def _finish_loggers(trainer: pl.Trainer | None) -> None:
+    """Close loggers that keep global state (W&B) so the next multirun job starts clean."""
+    if trainer is None:
+        return
+    for lg in trainer.loggers:
+        finalize = getattr(lg, "finalize", None)
+        if finalize is not None:
+            finalize("success")
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except ImportError:  # pragma: no cover - wandb is a dependency, but stay robust
+        pass
+
+
+def _test_metrics(trainer: pl.Trainer) -> dict[str, Any]:
+    return {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    validate_config(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    comps = build_components(cfg)
+    resume = resolve_ckpt(cfg.get("ckpt_path"), run_dir)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    trainer = None
+    try:
+        trainer = build_trainer(cfg, run_dir, comps.method)
+        if trainer.is_global_zero:
+            save_config(cfg, run_dir)
+        trainer.fit(comps.method, datamodule=comps.datamodule, ckpt_path=resume)
+        metrics: dict[str, float] = {}
+        if cfg.get("test_after_fit", True):
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            trainer.test(comps.method, datamodule=comps.datamodule, ckpt_path=best or None)
+            metrics = _test_metrics(trainer)
+        if trainer.is_global_zero:
+            metrics = write_metrics(run_dir, metrics)
+            log.info("metrics: %s", json.dumps(metrics))
+        return metrics
+    finally:
+        _finish_loggers(trainer)
+
+
+def evaluation_config(cfg: DictConfig) -> DictConfig:
+    """The saved training config with this command's overrides applied on top.
+
+    Group choices given on the command line (``task=semantic``) replace that whole section;
+    ``key=value`` overrides change just that key; everything else comes from the run that
+    produced the checkpoint.
+    """
+    if not cfg.get("ckpt_path"):
+        raise ConfigError("ckpt_path: evaluate.py needs ckpt_path=<checkpoint file>")
+    ckpt = Path(str(cfg.ckpt_path))
+    if not ckpt.is_file():
+        raise CheckpointError(f"ckpt_path: no checkpoint file at {ckpt}")
+    saved_path = run_dir_of(ckpt) / "config.yaml"
+    if not saved_path.is_file():
+        raise CheckpointError(f"ckpt_path: no config.yaml beside the checkpoint (looked for {saved_path})")
+    saved = OmegaConf.load(saved_path)
+    overrides = _cli_overrides()
+    groups = {"task", "model", "source", "trainer", "logger", "callbacks", "paths", "cubes"}
+    for text in overrides:
+        key, _, _ = text.lstrip("+~").partition("=")
+        if key in groups:
+            saved[key] = cfg[key]
+        elif key not in ("ckpt_path",) and not key.startswith("hydra."):
+            OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
+    saved.paths = cfg.paths
+    saved.ckpt_path = str(ckpt)
+    saved.logger = cfg.logger if any(o.startswith("logger") for o in overrides) else saved.get("logger")
+    return saved
+
+
+def _cli_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - outside Hydra
+        return []
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Rebuild the model from a checkpoint and its saved config; recompute test metrics."""
+    ecfg = evaluation_config(cfg)
+    validate_config(ecfg)
+    run_dir = Path(ecfg.paths.output_dir)
+    comps = build_components(ecfg)
+    state = load_checkpoint(ecfg.ckpt_path)
+    if "state_dict" not in state:
+        raise CheckpointError(f"ckpt_path: {ecfg.ckpt_path} has no state_dict")
+    try:
+        comps.method.load_state_dict(state["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"ckpt_path: {ecfg.ckpt_path} does not fit model {ecfg.model._target_} "
+            f"({str(err).splitlines()[0]})"
+        ) from None
+    ecfg.callbacks = {}
+    trainer = build_trainer(ecfg, run_dir, comps.method)
+    try:
+        if trainer.is_global_zero:
+            save_config(ecfg, run_dir)
+        trainer.test(comps.method, datamodule=comps.datamodule)
+        metrics = _test_metrics(trainer)
+        after = getattr(comps.method, "after_evaluate", None)
+        if after is not None:
+            metrics.update(after(comps.datamodule, run_dir) or {})
+        return write_metrics(run_dir, metrics) if trainer.is_global_zero else {}
+    finally:
+        _finish_loggers(trainer)
+
+
+def _preflight_train(cfg: DictConfig) -> None:
+    validate_config(cfg)
+    build_components(cfg)
+
+
+def _preflight_evaluate(cfg: DictConfig) -> None:
+    if not cfg.get("ckpt_path"):
+        raise ConfigError("ckpt_path: evaluate.py needs ckpt_path=<checkpoint file>")
+    if not Path(str(cfg.ckpt_path)).is_file():
+        raise CheckpointError(f"ckpt_path: no checkpoint file at {cfg.ckpt_path}")
+
+
+#: checks run by the CLI before Hydra creates a run directory (see mtneuro_lab.cli.preflight)
+preflight_checks = {"train": _preflight_train, "evaluate": _preflight_evaluate}
