@@ -88,6 +88,7 @@ def build_components(cfg: DictConfig) -> Components:
     check_compatible(method_cls, task, cfg)
     source = instantiate_filtered(
         cfg.source,
+        modality=getattr(task, "modality", "xray"),
         cubes=OmegaConf.to_container(cfg.cubes.sets, resolve=True),
         regions=list(catalog.regions),
         roi_ids=dict(catalog.roi_ids),

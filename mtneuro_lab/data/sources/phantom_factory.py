@@ -1,0 +1,25 @@
+"""``source=phantom`` for every task: the task's modality picks the generator.
+
+X-ray tasks (MTNeuro) get :class:`PhantomXraySource`; EM tasks (SNEMI3D, MitoEM) get the
+synthetic serial-EM volume. The run injects ``modality`` (from the task) and the cube catalog.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping, Sequence
+
+from mtneuro_lab.data.sources.base import VolumeSource
+
+
+def make_phantom(modality: Literal["xray", "em"] = "xray", seed: int = 0,
+                 z_extent: Sequence[int] = (100, 480),
+                 cubes: Mapping[str, Any] | None = None, regions: Sequence[str] | None = None,
+                 roi_ids: Mapping[str, int] | None = None,
+                 cache_dir: str = "~/.cache/mtneuro_lab") -> VolumeSource:
+    if modality == "em":
+        from mtneuro_lab.data.sources.phantom_em import PhantomEMSource
+
+        return PhantomEMSource(seed=seed, cache_dir=cache_dir)
+    from mtneuro_lab.data.sources.phantom import PhantomXraySource
+
+    return PhantomXraySource(cubes=cubes or {}, regions=tuple(regions or ("cortex", "striatum", "vp", "zi")),
+                             roi_ids=roi_ids, seed=seed, cache_dir=cache_dir, z_extent=z_extent)
