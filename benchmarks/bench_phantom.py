@@ -12,6 +12,7 @@ as 2D cell-profile areas per slice, plus a stereological 3D volume estimate for 
 
 Usage: ``python benchmarks/bench_phantom.py [MASKS_DIR]``
 """
+
 from __future__ import annotations
 
 import os
@@ -19,14 +20,14 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import sys
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-from scipy import ndimage  # noqa: E402
+import numpy as np
+from scipy import ndimage
 
-from mtneuro_lab.data.sources.phantom import PROFILES, generate_cube, seed_key  # noqa: E402
+from mtneuro_lab.data.sources.phantom import PROFILES, generate_cube, seed_key
 
 MASKS_DIR = Path("/work/shared/data/prasad2020_sparse_masks")
 REAL_FILE = {"cortex": "ctx", "striatum": "str", "vp": "trn", "zi": "zi"}
@@ -55,7 +56,11 @@ def real_cell_stats(masks_dir: Path, region: str) -> dict[str, float] | None:
     masks = np.load(path)["arr_0"]
     area = float(np.median(profile_areas(masks == 3)))
     radius = np.sqrt(area / (0.75 * np.pi))
-    return {"area": area, "volume": 4 / 3 * np.pi * radius**3, "cell_pct": 100 * float(np.mean(masks == 3))}
+    return {
+        "area": area,
+        "volume": 4 / 3 * np.pi * radius**3,
+        "cell_pct": 100 * float(np.mean(masks == 3)),
+    }
 
 
 def generate_all() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
@@ -74,8 +79,15 @@ def texture_features(image: np.ndarray) -> list[float]:
     jxx, jyy, jxy = (gx * gx).mean(), (gy * gy).mean(), (gx * gy).mean()
     coherence = np.hypot(jxx - jyy, 2 * jxy) / (jxx + jyy)
     fine, coarse = ndimage.gaussian_laplace(img, 2.0), ndimage.gaussian_laplace(img, 5.0)
-    return [coherence, (fine**2).mean(), (coarse**2).mean(), (img < -1).mean(), (img > 1).mean(),
-            (img**3).mean(), (img**4).mean()]
+    return [
+        coherence,
+        (fine**2).mean(),
+        (coarse**2).mean(),
+        (img < -1).mean(),
+        (img > 1).mean(),
+        (img**3).mean(),
+        (img**4).mean(),
+    ]
 
 
 def probe_accuracies(cubes: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
@@ -113,26 +125,37 @@ def main(masks_dir: Path = MASKS_DIR) -> None:
     print(f"| **total** | **{sum(seconds.values()):.2f}** (budget 30) | |\n")
 
     print("## Class fractions, % (phantom / paper target)\n")
-    print("| region | background | vessel | cell | axon | max abs diff |\n|---|---|---|---|---|---|")
+    print(
+        "| region | background | vessel | cell | axon | max abs diff |\n|---|---|---|---|---|---|"
+    )
     for region, cube in cubes.items():
-        pct = 100 * np.bincount(cube["pixel_labels"].ravel(), minlength=4) / cube["pixel_labels"].size
+        pct = (
+            100 * np.bincount(cube["pixel_labels"].ravel(), minlength=4) / cube["pixel_labels"].size
+        )
         cells = " | ".join(f"{p:.2f} / {t:.1f}" for p, t in zip(pct, TARGET[region]))
         print(f"| {region} | {cells} | {np.max(np.abs(pct - TARGET[region])):.2f} |")
 
     print("\n## Cell size (real manual masks vs phantom)\n")
-    print("| region (real file) | real median 2D profile area | phantom median 2D profile area "
-          "| ratio | real est. 3D volume | phantom median 3D volume | real cell % in masks |")
+    print(
+        "| region (real file) | real median 2D profile area | phantom median 2D profile area "
+        "| ratio | real est. 3D volume | phantom median 3D volume | real cell % in masks |"
+    )
     print("|---|---|---|---|---|---|---|")
     for region, cube in cubes.items():
         cells = cube["pixel_labels"] == 2
         area = float(np.median(profile_areas(cells, step=4)))
-        volume = float(np.median(np.bincount(ndimage.label(cells, np.ones((3, 3, 3)))[0].ravel())[1:]))
+        volume = float(
+            np.median(np.bincount(ndimage.label(cells, np.ones((3, 3, 3)))[0].ravel())[1:])
+        )
         real = real_cell_stats(masks_dir, region)
         if real is None:
             print(f"| {region} | n/a | {area:.0f} | n/a | n/a | {volume:.0f} | n/a |")
             continue
-        print(f"| {region} ({REAL_FILE[region]}) | {real['area']:.0f} | {area:.0f} | "
-              f"{area / real['area']:.2f} | {real['volume']:.0f} | {volume:.0f} | {real['cell_pct']:.1f} |")
+        print(
+            f"| {region} ({REAL_FILE[region]}) | {real['area']:.0f} | {area:.0f} | "
+            f"{area / real['area']:.2f} | {real['volume']:.0f} | {volume:.0f} | "
+            f"{real['cell_pct']:.1f} |"
+        )
 
     print("\n## Is brightness a shortcut? (train z 110-379, test z 420-469, chance 0.25)\n")
     print("| classifier | test accuracy |\n|---|---|")

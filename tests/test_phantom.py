@@ -1,4 +1,5 @@
-"""The phantom X-ray source: deterministic, faithful class fractions, exact cell counts, safe cache."""
+"""Phantom X-ray source: deterministic, paper class fractions, exact cell counts, safe cache."""
+
 from __future__ import annotations
 
 import cc3d
@@ -49,8 +50,9 @@ def box(region: str, set_cubes=SET_A) -> tuple[tuple[int, int], tuple[int, int]]
 def full_cubes() -> dict[str, dict[str, np.ndarray]]:
     """All four regions of set A at full paper height (z 100-480)."""
     return {
-        region: generate_cube(region, seed_key(0, region, *[SET_A[region][k][0] for k in "xy"]),
-                              (380, 256, 256))
+        region: generate_cube(
+            region, seed_key(0, region, *[SET_A[region][k][0] for k in "xy"]), (380, 256, 256)
+        )
         for region in PROFILES
     }
 
@@ -87,7 +89,9 @@ def test_same_seed_identical_different_seed_differs(tmp_path):
         np.testing.assert_array_equal(
             first.cutout(channel, x, y, SMALL_Z), again.cutout(channel, x, y, SMALL_Z)
         )
-    assert not np.array_equal(first.cutout("image", x, y, SMALL_Z), other.cutout("image", x, y, SMALL_Z))
+    assert not np.array_equal(
+        first.cutout("image", x, y, SMALL_Z), other.cutout("image", x, y, SMALL_Z)
+    )
     assert first.cell_count("A", "striatum") == again.cell_count("A", "striatum")
 
 

@@ -12,12 +12,13 @@ Pixel labels use BossDB's encoding: 0 background, 1 blood vessel, 2 cell, 3 myel
 Every cube is generated once, deterministically from ``(seed, region, x0, y0)`` and its shape,
 then cached on disk with :mod:`mtneuro_lab.data.cache` and served from memory maps.
 """
+
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import fft, ndimage
@@ -213,16 +214,16 @@ def _place_cells(
             sel = np.flatnonzero(kinds == k)
             free[sel] = ~blocked[centres[sel, None] + t.body].any(axis=1)
         candidates = np.flatnonzero(free)
-        halos = {}
+        halos = []
         for k, t in enumerate(templates):
             sel = candidates[kinds[candidates] == k]
             idx = centres[sel, None] + t.halo
             np.maximum.at(owner, idx, (sel + 1).astype(np.int32)[:, None])
-            halos[k] = (sel, idx)
+            halos.append((sel, idx))
         winners = []
-        for k, (sel, idx) in halos.items():
+        for sel, idx in halos:
             winners.append(sel[(owner[idx] == (sel + 1)[:, None]).all(axis=1)])
-        for _, idx in halos.values():
+        for _, idx in halos:
             owner[idx] = 0
         winners = np.sort(np.concatenate(winners))
         volumes = np.array([templates[kinds[w]].body.size for w in winners], dtype=np.int64)
@@ -342,11 +343,13 @@ def _render(
 def generate_cube(region: str, seed_key: int, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
     """Generate one phantom cube of ``shape`` (z, y, x) for ``region``.
 
-    Returns ``image`` (uint8), ``pixel_labels`` (uint8, BossDB encoding) and ``cell_count`` (0-d
-    int64 array: cells placed, each exactly one 26-connected component of class 2).
+    Returns ``image`` (uint8), ``pixel_labels`` (uint8, BossDB encoding) and ``cell_count`` (numpy
+    int64 scalar: cells placed, each exactly one 26-connected component of class 2).
     """
     if region not in PROFILES:
-        raise DataError(f"phantom: no tissue profile for region {region!r}; known: {sorted(PROFILES)}")
+        raise DataError(
+            f"phantom: no tissue profile for region {region!r}; known: {sorted(PROFILES)}"
+        )
     shape = tuple(int(s) for s in shape)
     profile = PROFILES[region]
     rng = np.random.default_rng(seed_key)
@@ -436,20 +439,28 @@ class PhantomXraySource(VolumeSource):
                 key = f"source.cubes.{set_name}.{region}"
                 region = str(region)
                 if region not in self.regions or region not in self.roi_ids:
-                    raise ConfigError(f"{key}: unknown region {region!r}; known: {list(self.regions)}")
+                    raise ConfigError(
+                        f"{key}: unknown region {region!r}; known: {list(self.regions)}"
+                    )
                 if region not in PROFILES:
                     raise ConfigError(f"{key}: the phantom has no tissue profile for {region!r}")
                 try:
-                    x, y = as_range(tuple(box["x"]), f"{key}.x"), as_range(tuple(box["y"]), f"{key}.y")
+                    x = as_range(tuple(box["x"]), f"{key}.x")
+                    y = as_range(tuple(box["y"]), f"{key}.y")
                 except (KeyError, TypeError) as err:
-                    raise ConfigError(f"{key}: expected {{x: [x0, x1], y: [y0, y1]}}, got {box!r}") from err
+                    raise ConfigError(
+                        f"{key}: expected {{x: [x0, x1], y: [y0, y1]}}, got {box!r}"
+                    ) from err
                 except DataError as err:
                     raise ConfigError(str(err)) from None
                 sets[str(set_name)][region] = _CubeBox(region, x, y)
         return sets
 
     def describe(self) -> str:
-        return f"PhantomXraySource(seed={self.seed}, {len(self.boxes)} cubes, z={list(self.z)}, cache={self.root})"
+        return (
+            f"PhantomXraySource(seed={self.seed}, {len(self.boxes)} cubes, z={list(self.z)}, "
+            f"cache={self.root})"
+        )
 
     def cube_dir(self, box: _CubeBox) -> Path:
         return self.root / f"{box.name}_z{self.z[0]}-{self.z[1]}"
@@ -457,11 +468,12 @@ class PhantomXraySource(VolumeSource):
     def _find(self, channel: str, x: Range, y: Range, z: Range) -> _CubeBox:
         if self.z[0] <= z[0] and z[1] <= self.z[1]:
             for box in self.boxes:
-                if box.x[0] <= x[0] and x[1] <= box.x[1] and box.y[0] <= y[0] and y[1] <= box.y[1]:
+                inside_x = box.x[0] <= x[0] and x[1] <= box.x[1]
+                if inside_x and box.y[0] <= y[0] and y[1] <= box.y[1]:
                     return box
         raise DataError(
-            f"phantom: {channel} cutout x={list(x)} y={list(y)} z={list(z)} is not inside any known "
-            f"cube (z extent {list(self.z)}); phantom data exists only for the configured cubes"
+            f"phantom: {channel} cutout x={list(x)} y={list(y)} z={list(z)} is not inside any "
+            f"known cube (z extent {list(self.z)}); phantom data exists only for configured cubes"
         )
 
     def _ensure_cached(self, box: _CubeBox) -> Path:
@@ -479,7 +491,9 @@ class PhantomXraySource(VolumeSource):
         }
         shape = (self.z[1] - self.z[0], box.y[1] - box.y[0], box.x[1] - box.x[0])
         if not (cache.has_array(paths["image"]) and cache.has_array(paths["pixel_labels"])):
-            cube = generate_cube(box.region, seed_key(self.seed, box.region, box.x[0], box.y[0]), shape)
+            cube = generate_cube(
+                box.region, seed_key(self.seed, box.region, box.x[0], box.y[0]), shape
+            )
             count = int(cube["cell_count"])
             cache.save_array(paths["image"], cube["image"], {**meta, "channel": "image"})
             cache.save_array(
