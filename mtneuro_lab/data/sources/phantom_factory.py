@@ -14,11 +14,13 @@ def make_phantom(modality: Literal["xray", "em"] = "xray", seed: int = 0,
                  z_extent: Sequence[int] = (100, 480),
                  cubes: Mapping[str, Any] | None = None, regions: Sequence[str] | None = None,
                  roi_ids: Mapping[str, int] | None = None,
-                 cache_dir: str = "~/.cache/mtneuro_lab") -> VolumeSource:
+                 cache_dir: str = "~/.cache/mtneuro_lab",
+                 em_shape: Sequence[int] = (100, 256, 256)) -> VolumeSource:
+    """``em_shape`` is the EM phantom's ``[z, y, x]`` (EM tasks only; ``z_extent`` is X-ray only)."""
     if modality == "em":
         from mtneuro_lab.data.sources.phantom_em import PhantomEMSource
 
-        return PhantomEMSource(seed=seed, cache_dir=cache_dir)
+        return PhantomEMSource(seed=seed, cache_dir=cache_dir, shape=em_shape)
     from mtneuro_lab.data.sources.phantom import PhantomXraySource
 
     return PhantomXraySource(cubes=cubes or {}, regions=tuple(regions or ("cortex", "striatum", "vp", "zi")),

@@ -1,0 +1,473 @@
+"""Serial-EM instance-segmentation tasks (SNEMI3D neurons, MitoEM mitochondria) and their datamodule.
+
+**Splits.** Each split is one volume, read whole in x/y from the source: a z range of a
+channel pair, ``{z: [start, stop) | null, image: <channel>, labels: <channel>}``. One volume
+split along z (``train: {z: [0, 70]}``, ``val: {z: [70, 80]}``, ...) and separate files per
+split (``test: {image: test_image, labels: test_labels}`` with a ``source=local`` that maps
+those channel names to files) are the same mechanism. ``z: null`` is the channel's whole
+depth. The same channel may not appear in two splits with overlapping z.
+
+**Batches** (the contract for EM methods, ``task_kinds = ("em",)``):
+
+* training: ``image`` float ``(B, 1, D, H, W)`` normalised; ``target`` float
+  ``(B, C, D, H, W)`` (:mod:`mtneuro_lab.data.targets`, ``C = task.num_classes``);
+  ``mask`` float like ``target`` (1 where the target is defined); ``instances`` int64
+  ``(B, D, H, W)``. ``(D, H, W)`` is ``task.crop``. Crops are drawn at random positions of
+  the training volume, flipped (x, y, optionally z) and rotated by multiples of 90 degrees
+  in-plane jointly with the labels, intensity-jittered, and their targets computed after the
+  augmentation from the labels with enough context that they are exact.
+* validation / test: one batch per split holding the whole volume: ``image``
+  ``(1, 1, Z, Y, X)``, ``instances`` int64 ``(1, Z, Y, X)`` ground truth, ``target``/``mask``
+  of the whole volume. Every DDP rank gets the whole volume. Methods run
+  :func:`mtneuro_lab.analysis.postprocess.sliding_window_predict` with
+  ``roi_size=task.crop``, then ``task.evaluate(prob[0], instances[0])`` and log each value
+  as ``<stage>/<name>`` (``test/arand``, ``test/voi_split``, ``test/voi_merge``,
+  ``test/ap50``, ``test/ap75``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from mtneuro_lab.analysis import postprocess as pp
+from mtneuro_lab.analysis.postprocess import PostprocessConfig
+from mtneuro_lab.data import augment, targets
+from mtneuro_lab.data.datamodules import VolumeDataModule
+from mtneuro_lab.data.sources.base import VolumeSource
+from mtneuro_lab.data.tasks import SPLITS, downsample_area, downsample_nearest
+from mtneuro_lab.errors import ConfigError, DataError
+from mtneuro_lab.metrics.em import evaluate_instances
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EMSplit:
+    """Where one split's volume comes from."""
+
+    image: str
+    labels: str
+    z: tuple[int, int] | None
+
+
+@dataclass
+class EMVolume:
+    """One split in memory: uint8 image, int32 instance ids, optional float16 signed distance."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    z: tuple[int, int]
+    distance: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.image.shape)  # type: ignore[return-value]
+
+
+def _parse_split(name: str, spec: Any, labels: str) -> EMSplit:
+    key = f"task.splits.{name}"
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{key}: expected {{z: [start, stop] or null, image: <channel>, labels: <channel>}}, "
+                          f"got {spec!r}")
+    unknown = set(spec) - {"z", "image", "labels"}
+    if unknown:
+        raise ConfigError(f"{key}: unknown key(s) {sorted(unknown)}; allowed: z, image, labels")
+    z = spec.get("z")
+    if z is not None:
+        try:
+            z = tuple(int(v) for v in z)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}.z: expected [start, stop) integers or null, got {z!r}") from None
+        if len(z) != 2 or z[0] < 0 or z[1] <= z[0]:
+            raise ConfigError(f"{key}.z: expected [start, stop) with 0 <= start < stop, got {list(spec['z'])}")
+    image = spec.get("image", "image")
+    lab = spec.get("labels", labels)
+    for field_name, value in (("image", image), ("labels", lab)):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}.{field_name}: expected a channel name, got {value!r}")
+    return EMSplit(str(image), str(lab), z)  # type: ignore[arg-type]
+
+
+class EMTask:
+    """An EM instance-segmentation task: split volumes, training crops, targets, post-processing.
+
+    ``labels`` names the instance channel (``labels`` neurons, ``mito`` mitochondria);
+    ``target`` picks affinity / bc / bcd; ``crop`` is the training crop ``[D, H, W]``;
+    ``voxel_size`` ``[z, y, x]`` nm of the stored data (null: the source's own, e.g. the
+    phantom's 30x6x6; only BCD distances use it) before ``downsample``, which mean-pools
+    images and subsamples labels in-plane; ``ignore_zero`` leaves ground-truth 0
+    out of ARAND/VOI (0 = unlabelled boundary, SNEMI3D) or scores it as background (MitoEM).
+    """
+
+    kind = "em"
+    modality = "em"
+
+    def __init__(
+        self,
+        name: str,
+        splits: Mapping[str, Mapping[str, Any]],
+        labels: str = "labels",
+        target: Literal["affinity", "bc", "bcd"] = "affinity",
+        offsets: Sequence[Sequence[int]] | None = None,
+        crop: Sequence[int] = (6, 96, 96),
+        voxel_size: Sequence[float] | None = None,
+        downsample: int = 1,
+        contour_width: int = 1,
+        distance_scale: float = 50.0,
+        flip_z: bool = True,
+        samples_per_epoch: int = 1024,
+        ignore_zero: bool = True,
+        eval_overlap: float = 0.5,
+        postprocess: PostprocessConfig | None = None,
+    ) -> None:
+        if target not in targets.TARGET_KINDS:
+            raise ConfigError(f"task.target: must be one of {', '.join(targets.TARGET_KINDS)}, got {target!r}")
+        if offsets and target != "affinity":
+            raise ConfigError(f"task.offsets: long-range offsets apply to target=affinity only, got target={target}")
+        self.offsets = targets.parse_offsets(offsets)
+        self.crop = self._ints(crop, "task.crop", 3, 1)
+        self.voxel_size = None if voxel_size is None else self._floats(voxel_size, "task.voxel_size")
+        if downsample not in (1, 2, 4):
+            raise ConfigError(f"task.downsample: must be one of 1, 2, 4, got {downsample}")
+        if contour_width < 1:
+            raise ConfigError(f"task.contour_width: must be >= 1, got {contour_width}")
+        if distance_scale <= 0:
+            raise ConfigError(f"task.distance_scale: must be > 0 (nm), got {distance_scale}")
+        if samples_per_epoch < 1:
+            raise ConfigError(f"task.samples_per_epoch: must be >= 1, got {samples_per_epoch}")
+        if not 0.0 <= eval_overlap < 1.0:
+            raise ConfigError(f"task.eval_overlap: must lie in [0, 1), got {eval_overlap}")
+        if not isinstance(splits, Mapping) or set(splits) != set(SPLITS):
+            got = sorted(splits) if isinstance(splits, Mapping) else splits
+            raise ConfigError(f"task.splits: need exactly train, val, test; got {got}")
+        self.name = name
+        self.label_channel = labels
+        self.target = target
+        self.downsample = int(downsample)
+        self.contour_width = int(contour_width)
+        self.distance_scale = float(distance_scale)
+        self.flip_z = bool(flip_z)
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.ignore_zero = bool(ignore_zero)
+        self.eval_overlap = float(eval_overlap)
+        if isinstance(postprocess, Mapping):
+            try:
+                postprocess = PostprocessConfig(**postprocess)
+            except TypeError as err:
+                raise ConfigError(f"task.postprocess: {err}") from None
+        self.postprocess = postprocess or PostprocessConfig()
+        self.splits = {k: _parse_split(k, splits[k], labels) for k in SPLITS}
+        self.margin = targets.target_margin(target, offsets, self.contour_width)
+        self._check_disjoint()
+        self.catalog = None
+
+    @staticmethod
+    def _ints(value: Sequence[int], key: str, n: int, low: int) -> tuple[int, ...]:
+        try:
+            out = tuple(int(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {n} integers, got {value!r}") from None
+        if len(out) != n or min(out) < low:
+            raise ConfigError(f"{key}: expected {n} integers >= {low}, got {list(value)}")
+        return out
+
+    @staticmethod
+    def _floats(value: Sequence[float], key: str) -> tuple[float, float, float]:
+        try:
+            out = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected [z, y, x] numbers, got {value!r}") from None
+        if len(out) != 3 or min(out) <= 0:
+            raise ConfigError(f"{key}: expected [z, y, x] positive numbers, got {list(value)}")
+        return out  # type: ignore[return-value]
+
+    def _check_disjoint(self) -> None:
+        names = list(SPLITS)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                sa, sb = self.splits[a], self.splits[b]
+                if sa.image != sb.image:
+                    continue
+                if sa.z is None or sb.z is None or max(sa.z[0], sb.z[0]) < min(sa.z[1], sb.z[1]):
+                    za = list(sa.z) if sa.z else "all"
+                    zb = list(sb.z) if sb.z else "all"
+                    raise ConfigError(f"task.splits: {a} z{za} and {b} z{zb} overlap in channel {sa.image!r}; "
+                                      "give them disjoint z ranges or different channels")
+
+    # -- the CubeTask-like interface the run uses --------------------------------------------
+    def bind(self, catalog: Any) -> "EMTask":
+        """EM tasks do not use the MTNeuro cube catalog; kept for the common run flow."""
+        self.catalog = catalog
+        return self
+
+    def check_extent(self, z_extent: tuple[int, int] | None) -> None:
+        """Fail before reading data when a split's z range lies outside the source or is too thin."""
+        for split, part in self.splits.items():
+            if z_extent is not None and part.z is not None and (part.z[0] < z_extent[0] or part.z[1] > z_extent[1]):
+                raise ConfigError(f"task.splits.{split}.z: {list(part.z)} lies outside the source's z range "
+                                  f"{list(z_extent)}")
+        train = self.splits["train"].z
+        if train is not None and train[1] - train[0] < self.crop[0] + 2 * self.margin[0]:
+            raise ConfigError(f"task.crop: depth {self.crop[0]} (+{2 * self.margin[0]} slices of target context) "
+                              f"does not fit the {train[1] - train[0]} training slices z{list(train)}")
+
+    def check_source(self, source: VolumeSource) -> None:
+        """Before any read: the source has a box, the split channels exist, z ranges fit."""
+        extent = getattr(source, "extent", None)
+        if extent is None:
+            raise ConfigError(f"task={self.name}: {type(source).__name__} has no extent; EM tasks read whole "
+                              "volumes from source=phantom or source=local")
+        available = tuple(getattr(source, "channels", ()))
+        for split, part in self.splits.items():
+            for field_name in ("image", "labels"):
+                channel = getattr(part, field_name)
+                if available and channel not in available:
+                    raise ConfigError(f"task.splits.{split}.{field_name}: channel {channel!r} is not provided by "
+                                      f"{type(source).__name__}; available: {', '.join(available)}")
+        self.check_extent(tuple(extent[2]))
+        if self.target == "bcd" and self.voxel_size is None and getattr(source, "voxel_size", None) is None:
+            raise ConfigError(f"task.voxel_size: {type(source).__name__} does not know its voxel size; set "
+                              "task.voxel_size=[z,y,x] (nm) for target=bcd")
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels the network must predict (one per target channel)."""
+        return len(self.class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        return targets.target_channels(self.target, self.offsets[3:])
+
+    def effective_voxel_size(self, source: VolumeSource | None = None) -> tuple[float, float, float]:
+        """Voxel size (nm) after in-plane downsampling; the source's when ``task.voxel_size`` is null."""
+        size = self.voxel_size or getattr(source, "voxel_size", None)
+        if size is None:
+            raise ConfigError("task.voxel_size: unknown for this source; set task.voxel_size=[z,y,x] (nm)")
+        z, y, x = (float(v) for v in size)
+        return z, y * self.downsample, x * self.downsample
+
+    @property
+    def datamodule_class(self) -> type:
+        """What the run builds for this task (instead of the cube-sample VolumeDataModule)."""
+        return EMDataModule
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        """The training crop ``(D, H, W)`` (the model's input shape)."""
+        return self.crop  # type: ignore[return-value]
+
+    # -- building ----------------------------------------------------------------------------
+    def build(self, split: str, source: VolumeSource) -> EMVolume:
+        """Read one split's whole volume (uint8 image, int32 ids), downsampled, + BCD distance."""
+        part = self.splits[split]
+        extent = getattr(source, "extent", None)
+        if extent is None:
+            raise ConfigError(f"task={self.name}: {type(source).__name__} has no extent; EM tasks read whole "
+                              "volumes from source=phantom or source=local")
+        x, y, z_all = extent
+        z = part.z or tuple(z_all)
+        image = np.array(source.cutout(part.image, x, y, z))  # a private, writable copy
+        if image.dtype != np.uint8:
+            raise DataError(f"task.splits.{split}.image: channel {part.image!r} has dtype {image.dtype}, expected uint8")
+        labels = np.array(source.cutout(part.labels, x, y, z))
+        if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != np.bool_:
+            raise DataError(f"task.splits.{split}.labels: channel {part.labels!r} has dtype {labels.dtype}, "
+                            "expected integer instance ids")
+        image = downsample_area(image, self.downsample)
+        labels = _as_int32(downsample_nearest(labels, self.downsample), f"{part.labels} ({split})")
+        volume = EMVolume(np.ascontiguousarray(image), labels, tuple(z))  # type: ignore[arg-type]
+        if self.target == "bcd":
+            volume.distance = targets.signed_distance(labels, self.effective_voxel_size(source), self.distance_scale,
+                                                      self.contour_width)
+        if split == "train":
+            need = (self.crop[0] + 2 * self.margin[0], self.crop[1] + 2 * self.margin[1],
+                    self.crop[2] + 2 * self.margin[1])
+            if any(n > s for n, s in zip(need, volume.shape)):
+                raise DataError(f"task.crop: {list(self.crop)} plus target context {list(need)} does not fit the "
+                                f"training volume {list(volume.shape)} (after downsample {self.downsample})")
+        return volume
+
+    # -- prediction -> metrics ----------------------------------------------------------------
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, C, ...)`` -> probabilities (tanh for the BCD distance channel)."""
+        return targets.activate(logits, self.target)
+
+    def segment(self, prob: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``(C, Z, Y, X)`` probabilities -> int64 instances (waterz or seeded watershed)."""
+        return pp.segment(prob, self.target, self.postprocess)
+
+    def score(self, seg: np.ndarray, gt: np.ndarray | torch.Tensor,
+              prob: np.ndarray | torch.Tensor | None = None) -> dict[str, float]:
+        """Metrics (no stage prefix); ``prob`` ranks instances for AP by mean confidence."""
+        scores = None
+        if prob is not None:
+            scores = pp.instance_scores(seg, pp.confidence_map(prob, self.target))
+        return evaluate_instances(seg, gt, ignore_zero=self.ignore_zero, scores=scores)
+
+    def evaluate(self, prob: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> dict[str, float]:
+        """``segment`` then ``score``: what a method logs as ``<stage>/<name>`` per volume."""
+        seg = self.segment(prob)
+        return self.score(seg, gt, prob)
+
+
+def _as_int32(labels: np.ndarray, what: str) -> np.ndarray:
+    """int32 ids (torch handles int32 everywhere); ids beyond int32 are renumbered consecutively."""
+    if labels.dtype == np.int32:
+        return np.ascontiguousarray(labels)
+    if labels.size and (labels.min() < 0):
+        raise DataError(f"{what}: instance ids must be >= 0, got {labels.min()}")
+    if not labels.size or labels.max() < 2**31:
+        return np.ascontiguousarray(labels.astype(np.int32))
+    ids, inverse = np.unique(labels, return_inverse=True)
+    offset = 0 if ids[0] == 0 else 1
+    return (inverse.reshape(labels.shape) + offset).astype(np.int32)
+
+
+def gather_crops(volume: torch.Tensor, origins: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``volume[z:z+d, y:y+h, x:x+w]`` for every origin ``(B, 3)`` at once (one gather)."""
+    d, h, w = (int(s) for s in size)
+    dev = volume.device
+    zi = (origins[:, 0, None] + torch.arange(d, device=dev)).view(-1, d, 1, 1)
+    yi = (origins[:, 1, None] + torch.arange(h, device=dev)).view(-1, 1, h, 1)
+    xi = (origins[:, 2, None] + torch.arange(w, device=dev)).view(-1, 1, 1, w)
+    return volume[zi, yi, xi]
+
+
+class EMCropLoader:
+    """Random training crops of one volume, as whole batches; DDP-aware and resumable.
+
+    An epoch is ``samples_per_epoch`` crops whose origins are drawn from a generator seeded by
+    ``(seed, epoch)``, split over ranks like :class:`~mtneuro_lab.data.datamodules.ArrayBatchLoader`.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], size: Sequence[int], samples_per_epoch: int,
+                 batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.tensors = dict(tensors)
+        self.size = tuple(int(s) for s in size)
+        self.shape = tuple(next(iter(self.tensors.values())).shape)
+        self.samples = samples_per_epoch
+        self.batch_size = batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        self._position = 0
+        self._resume_from = 0
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.samples, self.world_size)) // self.batch_size
+
+    def _origins(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        highs = [s - c + 1 for s, c in zip(self.shape, self.size)]
+        cols = [torch.randint(0, hi, (self.samples,), generator=g) for hi in highs]
+        return torch.stack(cols, dim=1)[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        origins = self._origins()
+        start, self._resume_from = self._resume_from, 0
+        for b in range(start, len(self)):
+            batch = origins[b * self.batch_size : (b + 1) * self.batch_size]
+            self._position = b + 1
+            yield {k: gather_crops(v, batch, self.size) for k, v in self.tensors.items()}
+        self._position = 0
+        self.epoch += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self._position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self._resume_from = int(state["position"])
+
+
+class EMVolumeLoader:
+    """One batch: the whole split volume (every rank evaluates all of it)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.tensors = dict(tensors)
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        yield {k: v[None] for k, v in self.tensors.items()}
+
+
+class EMDataModule(VolumeDataModule):
+    """Holds each split as one uint8/int32 volume; serves random crops for training, whole volumes
+    for evaluation; casts, augments and computes targets on the model's device."""
+
+    task: EMTask
+
+    def __init__(self, task: EMTask, source: VolumeSource, catalog: Any = None, **kwargs: Any) -> None:
+        super().__init__(task, source, catalog, **kwargs)  # type: ignore[arg-type]
+        self.volumes: dict[str, EMVolume] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        needed = {"fit": ("train", "val"), "validate": ("train", "val"), "test": ("train", "test"),
+                  "predict": ("train", "test")}.get(stage or "fit", SPLITS)
+        for split in needed:
+            if split not in self.volumes:
+                self.volumes[split] = self.task.build(split, self.source)
+        if self.normalize == "train_stats":
+            self.mean, self.std = self._train_stats(self.volumes["train"].image)
+        log.info("%s: %s", self.task.name, "; ".join(
+            f"{k} {'x'.join(map(str, v.shape))} z{list(v.z)} ({len(np.unique(v.labels[:: max(1, v.shape[0] // 8)]))}"
+            " ids in sampled slices)" for k, v in self.volumes.items()))
+
+    def _tensors(self, volume: EMVolume) -> dict[str, torch.Tensor]:
+        out = {"image": torch.from_numpy(volume.image), "labels": torch.from_numpy(volume.labels)}
+        if volume.distance is not None:
+            out["distance"] = torch.from_numpy(volume.distance)
+        return out
+
+    def _loader(self, split: str, train: bool) -> EMCropLoader | EMVolumeLoader:  # type: ignore[override]
+        if split not in self.volumes:
+            self.setup({"train": "fit", "val": "fit", "test": "test"}[split])
+        tensors = self._tensors(self.volumes[split])
+        if not train:
+            tensors["instances"] = tensors.pop("labels")
+            return EMVolumeLoader(tensors)
+        rank, world = self._world()
+        batch = self.per_rank_batch(self.batch_size)
+        if self.task.samples_per_epoch // world < batch:
+            raise ConfigError(f"data.batch_size: {self.batch_size} is larger than task.samples_per_epoch "
+                              f"({self.task.samples_per_epoch})")
+        mz, m = self.task.margin
+        d, h, w = self.task.crop
+        loader = EMCropLoader(tensors, (d + 2 * mz, h + 2 * m, w + 2 * m), self.task.samples_per_epoch, batch,
+                              seed=self.seed, rank=rank, world_size=world)
+        self._loaders[split] = loader  # type: ignore[assignment]
+        return loader
+
+    def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, Any]:
+        """uint8/int32 on device -> the batch contract of the module docstring."""
+        task = self.task
+        image = augment.to_float(batch["image"], self.mean, self.std)
+        distance = batch.get("distance")
+        if "labels" in batch:  # a training crop, with target context on every side
+            labels, margin = batch["labels"].unsqueeze(1), task.margin
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None and trainer.training:
+                spatial = [image, labels] + ([distance.unsqueeze(1)] if distance is not None else [])
+                if task.flip_z:
+                    spatial = augment.random_flip(spatial, -3)
+                spatial = augment.geometric(spatial, self.augment_cfg)
+                image = augment.intensity_jitter(spatial[0], self.augment_cfg.intensity_jitter)
+                labels = spatial[1]
+                distance = spatial[2].squeeze(1) if distance is not None else None
+            labels = labels.squeeze(1)
+        else:  # a whole volume: targets at its border are masked instead
+            labels, margin = batch["instances"], (0, 0)
+        labels = labels.long()
+        target, mask = targets.compute_targets(task.target, labels, task.offsets[3:], margin, task.contour_width,
+                                               distance)
+        mz, m = margin
+        z, y, x = labels.shape[-3:]
+        return {"image": image[..., mz : z - mz, m : y - m, m : x - m], "target": target, "mask": mask,
+                "instances": labels[..., mz : z - mz, m : y - m, m : x - m]}
+
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.task.sample_shape()

@@ -1,0 +1,145 @@
+"""Instance-segmentation metrics for serial EM: adapted Rand error, VOI split/merge, AP-50/75.
+
+:func:`evaluate_instances` returns names without a stage prefix (``arand``, ``voi_split``,
+``voi_merge``, ``ap50``, ``ap75`` ...); methods log them as ``test/<name>`` so they land in
+``metrics.json`` as ``test/arand`` etc.
+
+* **ARAND** and **VOI** come from scikit-image (``adapted_rand_error``,
+  ``variation_of_information``), from one shared contingency table. With ``ignore_zero``
+  (SNEMI3D/CREMI convention) ground-truth voxels labelled 0 (boundary/unlabelled) are left out;
+  predicted 0 counts as one more segment. ``voi_split = H(pred | gt)`` grows when a true object
+  is cut into pieces, ``voi_merge = H(gt | pred)`` when true objects are fused (nats).
+* **AP at IoU t** (COCO / MitoEM style, 3D): IoU of every (prediction, ground-truth) instance
+  pair from the contingency table (0 is background in both). Predictions are ranked by score
+  (highest first; without scores all tie and keep label order) and each is matched greedily to
+  the unmatched ground-truth instance of highest IoU >= t. AP is the area under the
+  precision-recall curve with precision made monotone (all-point interpolation). With tied
+  scores the curve has one point and AP = precision x recall.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from scipy import sparse
+
+from mtneuro_lab.errors import DataError
+
+AP_THRESHOLDS = (0.5, 0.75)
+
+
+def _as_labels(seg: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    arr = seg.detach().cpu().numpy() if isinstance(seg, torch.Tensor) else np.asarray(seg)
+    arr = np.squeeze(arr)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{name}: expected integer instance labels, got dtype {arr.dtype}")
+    if arr.size and arr.min() < 0:
+        raise DataError(f"{name}: instance labels must be >= 0, got {arr.min()}")
+    return arr
+
+
+def relabel(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive ids (0 stays 0) and the original id of each new one, so tables stay small."""
+    ids, inverse = np.unique(seg.reshape(-1), return_inverse=True)
+    if ids[0] != 0:
+        ids = np.concatenate([[0], ids])
+        inverse = inverse + 1
+    return inverse.reshape(seg.shape).astype(np.int64), ids
+
+
+def contingency(gt: np.ndarray, pred: np.ndarray) -> sparse.csr_array:
+    """Voxel counts ``table[g, p]`` of consecutive-id volumes (no label ignored)."""
+    ones = np.ones(gt.size, dtype=np.float64)
+    return sparse.csr_array((ones, (gt.reshape(-1), pred.reshape(-1))),
+                            shape=(int(gt.max()) + 1, int(pred.max()) + 1))
+
+
+def rand_voi(table: sparse.csr_array, ignore_zero: bool = True) -> dict[str, float]:
+    """ARAND (+ its precision/recall) and VOI split/merge from a contingency table."""
+    from skimage.metrics import adapted_rand_error, variation_of_information
+
+    if ignore_zero:  # drop the ground-truth-0 row
+        keep = np.ones(table.shape[0])
+        keep[0] = 0.0
+        table = sparse.csr_array(sparse.dia_array((keep, 0), shape=(table.shape[0],) * 2) @ table)
+        table.eliminate_zeros()
+    total = float(table.sum())
+    if total == 0:
+        raise DataError("ground truth has no labelled voxels to score (all 0 with ignore_zero)")
+    are, precision, recall = adapted_rand_error(table=table)
+    # returns (H(image1 | image0), H(image0 | image1)) with image0 = the table's rows (gt);
+    # skimage 0.26 checks image shapes even when a table is given: pass two dummies
+    dummy = np.zeros(1, dtype=np.int64)
+    h_pred_given_gt, h_gt_given_pred = variation_of_information(dummy, dummy, table=table / total)
+    return {"arand": float(are), "arand_precision": float(precision), "arand_recall": float(recall),
+            "voi_split": float(h_pred_given_gt), "voi_merge": float(h_gt_given_pred),
+            "voi": float(h_pred_given_gt + h_gt_given_pred)}
+
+
+def iou_matrix(table: sparse.csr_array) -> sparse.csr_array:
+    """Sparse IoU ``[g, p]`` of foreground instances (row/column 0, background, dropped)."""
+    gt_size = np.asarray(table.sum(axis=1)).ravel()
+    pred_size = np.asarray(table.sum(axis=0)).ravel()
+    inter = sparse.coo_array(table[1:, 1:])
+    union = gt_size[inter.row + 1] + pred_size[inter.col + 1] - inter.data
+    return sparse.csr_array((inter.data / union, (inter.row, inter.col)), shape=inter.shape)
+
+
+def average_precision(iou: sparse.csr_array, threshold: float,
+                      scores: Sequence[float] | np.ndarray | None = None) -> float:
+    """AP at one IoU threshold from ``iou[g, p]`` (see the module docstring)."""
+    n_gt, n_pred = iou.shape
+    if n_gt == 0:
+        return 1.0 if n_pred == 0 else 0.0
+    if n_pred == 0:
+        return 0.0
+    order = np.arange(n_pred) if scores is None else np.argsort(-np.asarray(scores, dtype=float), kind="stable")
+    by_pred = sparse.csc_array(iou)
+    matched_gt = np.zeros(n_gt, dtype=bool)
+    tp = np.zeros(n_pred, dtype=bool)
+    for rank, p in enumerate(order):
+        start, stop = by_pred.indptr[p], by_pred.indptr[p + 1]
+        rows, values = by_pred.indices[start:stop], by_pred.data[start:stop]
+        ok = (values >= threshold) & ~matched_gt[rows]
+        if ok.any():
+            best = rows[ok][np.argmax(values[ok])]
+            matched_gt[best] = True
+            tp[rank] = True
+    if scores is None:  # one operating point: every prediction is kept
+        precision, recall = tp.sum() / n_pred, tp.sum() / n_gt
+        return float(precision * recall)
+    cum_tp = np.cumsum(tp)
+    precision = cum_tp / np.arange(1, n_pred + 1)
+    recall = cum_tp / n_gt
+    precision = np.maximum.accumulate(precision[::-1])[::-1]  # monotone envelope
+    recall_steps = np.diff(np.concatenate([[0.0], recall]))
+    return float((precision * recall_steps).sum())
+
+
+def evaluate_instances(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor, ignore_zero: bool = True,
+                       scores: Mapping[int, float] | None = None,
+                       ap_thresholds: Sequence[float] = AP_THRESHOLDS) -> dict[str, float]:
+    """All EM metrics of a predicted instance segmentation against ground truth (same shape).
+
+    ``scores`` maps predicted ids to a confidence (e.g. mean foreground probability, see
+    :func:`mtneuro_lab.analysis.postprocess.instance_scores`) used to rank predictions for AP.
+    Returns ``arand``, ``arand_precision``, ``arand_recall``, ``voi_split``, ``voi_merge``,
+    ``voi``, ``ap50``, ``ap75`` (``ap<100 t>`` for other thresholds), ``n_pred``, ``n_gt``.
+    """
+    pred_arr, gt_arr = _as_labels(pred, "pred"), _as_labels(gt, "gt")
+    if pred_arr.shape != gt_arr.shape:
+        raise DataError(f"pred shape {pred_arr.shape} differs from gt shape {gt_arr.shape}")
+    gt_c, _ = relabel(gt_arr)
+    pred_c, pred_ids = relabel(pred_arr)
+    table = contingency(gt_c, pred_c)
+    out = rand_voi(table, ignore_zero)
+    iou = iou_matrix(table)
+    ranked = None
+    if scores is not None:
+        ranked = np.array([float(scores.get(int(i), 0.0)) for i in pred_ids[1:]])
+    for t in ap_thresholds:
+        out[f"ap{int(round(100 * t))}"] = average_precision(iou, t, ranked)
+    out["n_pred"] = float(iou.shape[1])
+    out["n_gt"] = float(iou.shape[0])
+    return out
