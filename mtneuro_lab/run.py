@@ -21,6 +21,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mtneuro_lab import perf
+from mtneuro_lab.callbacks import RNGStateCheckpoint
 from mtneuro_lab.checkpoints import AtomicCheckpointIO, load_checkpoint, run_dir_of
 from mtneuro_lab.config.schema import DataConfig, _merge_dataclass, import_target, validate_config
 from mtneuro_lab.data.cache import atomic_write_bytes
@@ -94,9 +96,10 @@ def build_components(cfg: DictConfig) -> Components:
         roi_ids=dict(catalog.roi_ids),
         cache_dir=str(cfg.paths.cache_dir),
     )
-    task.check_extent(getattr(source, "z_extent", None))
+    task.check_source(source)  # z range, and the x/y box of sources that have one (source=local)
     data: DataConfig = _merge_dataclass(DataConfig, cfg.data, "data")
-    datamodule = VolumeDataModule(
+    datamodule_cls = getattr(task, "datamodule_class", VolumeDataModule)  # EM tasks bring their own
+    datamodule = datamodule_cls(
         task, source, catalog, batch_size=data.batch_size, eval_batch_size=data.eval_batch_size,
         augment_cfg=data.augment, normalize=data.normalize, seed=int(cfg.seed), drop_last=data.drop_last,
     )
@@ -114,6 +117,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, method: pl.LightningModule) ->
         if name == "model_checkpoint" and sub.get("monitor", None) is None:
             extra = {"monitor": method.monitor[0], "mode": method.monitor[1]}
         callbacks.append(instantiate(sub, **extra))
+    callbacks.append(RNGStateCheckpoint())
     loggers = [instantiate(sub) for sub in (cfg.get("logger") or {}).values() if sub is not None]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                        plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
@@ -169,6 +173,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validate_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     comps = build_components(cfg)
+    perf.apply(cfg.get("perf"), comps.method, comps.datamodule)
     resume = resolve_ckpt(cfg.get("ckpt_path"), run_dir)
     pl.seed_everything(int(cfg.seed), workers=True)
     trainer = None
@@ -231,6 +236,10 @@ def _cli_overrides() -> list[str]:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the model from a checkpoint and its saved config; recompute test metrics."""
+    from mtneuro_lab.analysis import readout
+
+    if readout.is_semantic(cfg):  # Task 3: linear read-out of any Task 1 method, not trainer.test
+        return readout.run_semantic(cfg)
     ecfg = evaluation_config(cfg)
     validate_config(ecfg)
     run_dir = Path(ecfg.paths.output_dir)
@@ -245,6 +254,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"ckpt_path: {ecfg.ckpt_path} does not fit model {ecfg.model._target_} "
             f"({str(err).splitlines()[0]})"
         ) from None
+    perf.apply(ecfg.get("perf"), comps.method, comps.datamodule)
     ecfg.callbacks = {}
     trainer = build_trainer(ecfg, run_dir, comps.method)
     try:
@@ -260,16 +270,55 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         _finish_loggers(trainer)
 
 
+def check_checkpoint_fits(method: pl.LightningModule, path: str | Path, model_target: str) -> None:
+    """One line if the checkpoint at ``path`` cannot be the weights of ``method``.
+
+    Parameters the built method has but the checkpoint lacks, or that have another shape, mean
+    another model (or the same model for another task). Extra checkpoint entries are allowed
+    here: methods may add sub-networks during training (linear heads, EMA targets).
+    """
+    state = load_checkpoint(path)
+    saved = state.get("state_dict") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"ckpt_path: {path} has no state_dict (not a checkpoint of this project)")
+    own = method.state_dict()
+    missing = sorted(k for k in own if k not in saved)
+    reshaped = sorted(k for k in own if k in saved and tuple(saved[k].shape) != tuple(own[k].shape))
+    if not missing and not reshaped:
+        return
+    saved_cfg = run_dir_of(path) / "config.yaml"
+    origin = ""
+    if saved_cfg.is_file():
+        other = OmegaConf.select(OmegaConf.load(saved_cfg), "model._target_", default=None)
+        origin = f" (saved by {other})" if other else ""
+    what = (f"{len(missing)} of its parameters are missing, e.g. {missing[0]}" if missing
+            else f"{len(reshaped)} parameters have other shapes, e.g. {reshaped[0]}")
+    raise CheckpointError(f"ckpt_path: {path} is not a checkpoint of model {model_target}{origin}: {what}")
+
+
 def _preflight_train(cfg: DictConfig) -> None:
     validate_config(cfg)
-    build_components(cfg)
+    comps = build_components(cfg)
+    ckpt = cfg.get("ckpt_path")
+    if ckpt not in (None, "", "last"):
+        if not Path(str(ckpt)).is_file():
+            raise CheckpointError(f"ckpt_path: no checkpoint file at {ckpt}")
+        check_checkpoint_fits(comps.method, str(ckpt), str(cfg.model._target_))
 
 
 def _preflight_evaluate(cfg: DictConfig) -> None:
+    from mtneuro_lab.analysis import readout
+
+    if readout.is_semantic(cfg):
+        return readout.preflight(cfg)
     if not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path: evaluate.py needs ckpt_path=<checkpoint file>")
     if not Path(str(cfg.ckpt_path)).is_file():
         raise CheckpointError(f"ckpt_path: no checkpoint file at {cfg.ckpt_path}")
+    ecfg = evaluation_config(cfg)  # the run's saved config + this command's overrides
+    validate_config(ecfg)
+    comps = build_components(ecfg)
+    check_checkpoint_fits(comps.method, str(ecfg.ckpt_path), str(ecfg.model._target_))
 
 
 #: checks run by the CLI before Hydra creates a run directory (see mtneuro_lab.cli.preflight)

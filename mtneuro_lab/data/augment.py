@@ -74,17 +74,15 @@ def random_crop(tensors: list[torch.Tensor], size: tuple[int, int],
 
 
 def crop_at(t: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Crop ``t[b, ..., top[b]:top[b]+h, left[b]:left[b]+w]`` for every sample ``b`` at once."""
+    """Crop ``t[b, ..., top[b]:top[b]+h, left[b]:left[b]+w]`` for every sample ``b`` at once.
+
+    Indexes a sliding-window view (``unfold``, no copy) per sample, so only the crops are
+    copied, row by row, instead of gathering every pixel through an index tensor.
+    """
     ch, cw = size
-    device = t.device
-    rows = (top[:, None] + torch.arange(ch, device=device)).view(-1, 1, 1, ch, 1)
-    cols = (left[:, None] + torch.arange(cw, device=device)).view(-1, 1, 1, 1, cw)
-    lead = t.shape[1:-2]
-    flat = t.reshape(t.shape[0], 1, -1, *t.shape[-2:])  # (B, 1, L, H, W)
-    batch_idx = torch.arange(t.shape[0], device=device).view(-1, 1, 1, 1, 1)
-    chan_idx = torch.arange(flat.shape[2], device=device).view(1, 1, -1, 1, 1)
-    out = flat[batch_idx, 0, chan_idx, rows, cols]  # (B, 1, L, ch, cw)
-    return out.reshape(t.shape[0], *lead, ch, cw)
+    windows = t.unfold(-2, ch, 1).unfold(-2, cw, 1)  # (B, *lead, H-ch+1, W-cw+1, ch, cw) view
+    batch = torch.arange(t.shape[0], device=t.device)
+    return windows[batch, ..., top, left, :, :]  # (B, *lead, ch, cw)
 
 
 def corner_crops(t: torch.Tensor, size: tuple[int, int]) -> list[torch.Tensor]:
@@ -105,14 +103,39 @@ def intensity_jitter(x: torch.Tensor, strength: float, generator: torch.Generato
 
 def geometric(tensors: list[torch.Tensor], cfg: AugmentConfig,
               generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """Apply the configured flips and rotations jointly to aligned tensors."""
-    if cfg.hflip:
-        tensors = random_flip(tensors, -1, generator=generator)
-    if cfg.vflip:
-        tensors = random_flip(tensors, -2, generator=generator)
-    if cfg.rot90:
-        tensors = random_rot90(tensors, generator=generator)
-    return tensors
+    """Apply the configured flips and rotations jointly to aligned tensors.
+
+    Draws exactly what :func:`random_flip` (h, then v) and :func:`random_rot90` would draw in
+    turn, then moves each sample once by the composed transform (one of the 8 symmetries of
+    the square) instead of once per operation.
+    """
+    batch, device = tensors[0].shape[0], tensors[0].device
+    none = torch.zeros(batch, dtype=torch.long, device=device)
+    h = (torch.rand(batch, device=device, generator=generator) < 0.5).long() if cfg.hflip else none
+    v = (torch.rand(batch, device=device, generator=generator) < 0.5).long() if cfg.vflip else none
+    square = tensors[0].shape[-1] == tensors[0].shape[-2]
+    k = torch.randint(0, 4, (batch,), device=device, generator=generator) if cfg.rot90 and square else none
+    # rot90^k . vflip^v . hflip^h == rot90^(k + 2v) . hflip^(h xor v)   (vflip = rot180 . hflip)
+    return apply_dihedral(tensors, h ^ v, (k + 2 * v) % 4)
+
+
+def apply_dihedral(tensors: list[torch.Tensor], flip: torch.Tensor, turns: torch.Tensor) -> list[torch.Tensor]:
+    """Per sample ``b``: ``rot90(hflip(t[b]) if flip[b] else t[b], turns[b])``, by groups."""
+    code = flip * 4 + turns
+    present = [c for c in torch.unique(code).tolist() if c != 0]
+    if not present:
+        return tensors
+    out = [t.clone() for t in tensors]
+    for c in present:
+        idx = (code == c).nonzero().squeeze(1)
+        for o, t in zip(out, tensors):
+            sub = t.index_select(0, idx)
+            if c >= 4:
+                sub = sub.flip(-1)
+            if c % 4:
+                sub = torch.rot90(sub, c % 4, dims=(-2, -1))
+            o.index_copy_(0, idx, sub)
+    return out
 
 
 def mixup(x: torch.Tensor, y_onehot: torch.Tensor, alpha: float,

@@ -7,6 +7,12 @@ device the model runs on (see :mod:`mtneuro_lab.data.augment`).
 
 Ranges are half-open ``[start, stop)`` everywhere: ROI-C1's paper ranges z_train 110-379,
 z_val 380-409, z_test 420-470 are ``[110, 380)``, ``[380, 410)``, ``[420, 470)``.
+
+A split entry names either a cube set (``{set: A, z: [..], regions: [..]}``) or, for a plain
+file that is not a paper cube, an in-plane box in source coordinates (``{box: {x: [..], y:
+[..]}, z: [..], regions: [name]}``; the region defaults to the catalog's first). Entries whose
+x/y windows intersect are the same tissue: their z ranges must not overlap across splits and
+test keeps ``test_buffer`` slices away from train/val.
 """
 from __future__ import annotations
 
@@ -52,11 +58,28 @@ class SplitArrays:
 
 @dataclass(frozen=True)
 class SplitPart:
-    """One entry of a split: a cube set (all or some regions) over a z range."""
+    """One entry of a split: a cube set (all or some regions), or an x/y box, over a z range."""
 
     set_name: str
     z: tuple[int, int]
     regions: tuple[str, ...] | None = None
+    box: tuple[tuple[int, int], tuple[int, int]] | None = None  # (x, y) when not a cube set
+
+
+def _parse_box(value: Any, key: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``{x: [x0, x1], y: [y0, y1]}`` -> ((x0, x1), (y0, y1)), half-open, validated."""
+    if not isinstance(value, Mapping) or set(value) != {"x", "y"}:
+        raise ConfigError(f"{key}: expected {{x: [x0, x1], y: [y0, y1]}}, got {value!r}")
+    out = []
+    for axis in ("x", "y"):
+        try:
+            lo, hi = (int(v) for v in value[axis])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}.{axis}: expected [start, stop), got {value[axis]!r}") from None
+        if lo < 0 or hi <= lo:
+            raise ConfigError(f"{key}.{axis}: expected [start, stop) with 0 <= start < stop, got [{lo}, {hi}]")
+        out.append((lo, hi))
+    return out[0], out[1]
 
 
 def parse_split(name: str, entries: Iterable[Mapping[str, Any]], catalog: CubeCatalog) -> list[SplitPart]:
@@ -64,17 +87,18 @@ def parse_split(name: str, entries: Iterable[Mapping[str, Any]], catalog: CubeCa
     for i, entry in enumerate(entries):
         key = f"task.splits.{name}[{i}]"
         entry = dict(entry)
-        unknown = set(entry) - {"set", "z", "regions"}
+        unknown = set(entry) - {"set", "box", "z", "regions"}
         if unknown:
-            raise ConfigError(f"{key}: unknown key(s) {sorted(unknown)}; allowed: set, z, regions")
-        if "set" not in entry or "z" not in entry:
-            raise ConfigError(f"{key}: needs 'set' and 'z'")
+            raise ConfigError(f"{key}: unknown key(s) {sorted(unknown)}; allowed: set, box, z, regions")
+        if ("set" in entry) == ("box" in entry) or "z" not in entry:
+            raise ConfigError(f"{key}: needs 'z' and exactly one of 'set' (a cube set) or 'box' ({{x, y}})")
+        if "box" in entry:
+            parts.append(_parse_box_part(entry, key, catalog))
+            continue
         set_name = str(entry["set"])
         if set_name not in catalog.sets:
             raise ConfigError(f"{key}.set: unknown cube set {set_name!r}; known: {sorted(catalog.sets)}")
-        z = tuple(int(v) for v in entry["z"])
-        if len(z) != 2 or z[0] < 0 or z[1] <= z[0]:
-            raise ConfigError(f"{key}.z: expected [start, stop) with 0 <= start < stop, got {list(entry['z'])}")
+        z = _parse_z(entry["z"], key)
         regions = entry.get("regions")
         if regions is not None:
             regions = tuple(str(r) for r in regions)
@@ -82,6 +106,27 @@ def parse_split(name: str, entries: Iterable[Mapping[str, Any]], catalog: CubeCa
                 catalog.cube(set_name, r)
         parts.append(SplitPart(set_name, z, regions))  # type: ignore[arg-type]
     return parts
+
+
+def _parse_z(value: Any, key: str) -> tuple[int, int]:
+    try:
+        z = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}.z: expected [start, stop), got {value!r}") from None
+    if len(z) != 2 or z[0] < 0 or z[1] <= z[0]:
+        raise ConfigError(f"{key}.z: expected [start, stop) with 0 <= start < stop, got {list(value)}")
+    return z  # type: ignore[return-value]
+
+
+def _parse_box_part(entry: Mapping[str, Any], key: str, catalog: CubeCatalog) -> SplitPart:
+    x, y = _parse_box(entry["box"], f"{key}.box")
+    regions = entry.get("regions")
+    if regions is not None:
+        regions = tuple(str(r) for r in regions)
+        if len(regions) != 1 or regions[0] not in catalog.regions:
+            raise ConfigError(f"{key}.regions: a box entry takes one region of {list(catalog.regions)}, "
+                              f"got {list(regions)}")
+    return SplitPart(f"box_x{x[0]}_y{y[0]}", _parse_z(entry["z"], key), regions, (x, y))
 
 
 def downsample_area(stack: np.ndarray, factor: int) -> np.ndarray:
@@ -159,33 +204,42 @@ class CubeTask:
         out = []
         for part in self.splits[split]:
             for region in self.regions_of(part):
-                out.append((self.catalog.cube(part.set_name, region), part.z))
+                if part.box is not None:
+                    out.append((Cube(part.set_name, region, *part.box), part.z))
+                else:
+                    out.append((self.catalog.cube(part.set_name, region), part.z))
         return out
 
     def regions_of(self, part: SplitPart) -> tuple[str, ...]:
         assert self.catalog is not None
-        chosen = part.regions or tuple(self.catalog.sets[part.set_name])
+        if part.box is not None:
+            chosen = part.regions or self.catalog.regions[:1]
+        else:
+            chosen = part.regions or tuple(self.catalog.sets[part.set_name])
         if self.region_filter is not None:
             chosen = tuple(r for r in chosen if r in self.region_filter)
         return tuple(r for r in self.catalog.regions if r in chosen)
 
     def _check_disjoint(self) -> None:
-        """Same physical cube in two splits: ranges must not overlap; test keeps a buffer."""
-        def where(split: str) -> list[tuple[tuple[str, int, int], tuple[int, int]]]:
-            return [((c.region, c.x[0], c.y[0]), z) for c, z in self._slabs(split)]
+        """Same tissue (intersecting x/y windows) in two splits: z ranges must not overlap, and
+        test keeps a buffer. Different cubes (e.g. A's and D's cortex: same x, other y) are free."""
+        def intersects(a: Cube, b: Cube) -> bool:
+            return a.x[0] < b.x[1] and b.x[0] < a.x[1] and a.y[0] < b.y[1] and b.y[0] < a.y[1]
 
         pairs = [("train", "val", 0), ("train", "test", self.test_buffer), ("val", "test", self.test_buffer)]
         for a, b, gap in pairs:
-            for cube_a, za in where(a):
-                for cube_b, zb in where(b):
-                    if cube_a != cube_b:
+            for cube_a, za in self._slabs(a):
+                for cube_b, zb in self._slabs(b):
+                    if not intersects(cube_a, cube_b):
                         continue
                     distance = max(zb[0] - za[1], za[0] - zb[1])
                     if distance < gap:
                         what = "overlap" if distance < 0 else f"are only {distance} slices apart"
                         raise ConfigError(
                             f"task.splits: {a} z{list(za)} and {b} z{list(zb)} {what} in cube "
-                            f"{cube_a[0]} x{cube_a[1]} y{cube_a[2]}; need a gap of >= {gap} slices"
+                            f"{cube_a.region} x{cube_a.x[0]} y{cube_a.y[0]}"
+                            + ("" if cube_a == cube_b else f" (overlapping {cube_b.key} x{cube_b.x[0]} y{cube_b.y[0]})")
+                            + f"; need a gap of >= {gap} slices"
                         )
 
     def check_extent(self, z_extent: tuple[int, int] | None) -> None:
@@ -198,6 +252,25 @@ class CubeTask:
                     raise ConfigError(
                         f"task.splits.{split}: z{list(part.z)} lies outside the source's z range "
                         f"{list(z_extent)}"
+                    )
+
+    def check_source(self, source: VolumeSource) -> None:
+        """Fail before any read if a split needs slices (z) or windows (x/y) the source lacks.
+
+        Sources with a bounded box expose ``extent = (x, y, z)`` ranges (``source=local``);
+        others may expose only ``z_extent``.
+        """
+        extent = getattr(source, "extent", None)
+        self.check_extent(getattr(source, "z_extent", None) or (extent[2] if extent is not None else None))
+        if extent is None:
+            return
+        (sx, sy, _) = extent
+        for split in self.splits:
+            for cube, _z in self._slabs(split):
+                if cube.x[0] < sx[0] or cube.x[1] > sx[1] or cube.y[0] < sy[0] or cube.y[1] > sy[1]:
+                    raise ConfigError(
+                        f"task.splits.{split}: {cube.key} x{list(cube.x)} y{list(cube.y)} lies outside the "
+                        f"source's box x{list(sx)} y{list(sy)} (for source=local set source.origin)"
                     )
 
     # -- building --------------------------------------------------------------------------
@@ -243,6 +316,15 @@ class RegionClassificationTask(CubeTask):
         assert self.catalog is not None
         return list(self.catalog.regions)
 
+    def bind(self, catalog: CubeCatalog) -> RegionClassificationTask:
+        """As :meth:`CubeTask.bind`, plus: every tile of every split has one in-plane shape."""
+        super().bind(catalog)
+        shapes = {(c.y[1] - c.y[0], c.x[1] - c.x[0]): (s, c.key) for s in SPLITS for c, _ in self._slabs(s)}
+        if len(shapes) > 1:
+            described = ", ".join(f"{s}/{k} {h}x{w}" for (h, w), (s, k) in shapes.items())
+            raise ConfigError(f"task.splits: tiles must share one in-plane shape, got {described}")
+        return self
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -285,21 +367,19 @@ class RegionClassificationTask(CubeTask):
 
     def _majority_labels(self, source: VolumeSource, cube: Cube, z: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         assert self.catalog is not None
-        roi = np.asarray(source.cutout("roi_labels", cube.x, cube.y, z))
+        roi = source.cutout("roi_labels", cube.x, cube.y, z)
         id_to_class = {v: self.catalog.region_index(k) for k, v in self.catalog.roi_ids.items()
                        if k in self.catalog.regions}
-        flat = roi.reshape(roi.shape[0], -1).astype(np.int64)
-        labels = np.empty(roi.shape[0], dtype=np.int64)
-        ok = np.zeros(roi.shape[0], dtype=bool)
-        for i, row in enumerate(flat):
-            values, counts = np.unique(row, return_counts=True)
-            majority = int(values[np.argmax(counts)])
-            if majority in id_to_class:
-                labels[i] = id_to_class[majority]
-                ok[i] = True
-            else:
-                labels[i] = -1
-        return labels, ok
+        majority = np.empty(roi.shape[0], dtype=np.int64)
+        for s in range(0, roi.shape[0], 16):  # bounded memory: 16 tiles at a time
+            flat = np.asarray(roi[s : s + 16]).reshape(-1, roi.shape[1] * roi.shape[2])
+            values, inverse = np.unique(flat, return_inverse=True)
+            rows = np.repeat(np.arange(flat.shape[0]) * len(values), flat.shape[1])
+            counts = np.bincount(rows + inverse.ravel(), minlength=flat.shape[0] * len(values))
+            counts = counts.reshape(flat.shape[0], len(values))
+            majority[s : s + 16] = values[counts.argmax(axis=1)]  # ties: the smallest value
+        labels = np.array([id_to_class.get(int(m), -1) for m in majority], dtype=np.int64)
+        return labels, labels >= 0
 
 
 def describe_counts(task: CubeTask, arrays: Mapping[str, SplitArrays]) -> str:

@@ -1,0 +1,222 @@
+"""Data path: throughput of batched on-device augmentation, and memory of holding ROI-C3.
+
+1. Throughput. Our path (``ArrayBatchLoader`` over a uint8 tensor, then per batch: random
+   128x128 crop from 256x256 tiles, horizontal/vertical flips, rot90, cast + normalise, all as
+   batched tensor ops) against a per-item torchvision ``Dataset``/``DataLoader`` doing the same
+   work item by item (``transforms.v2``). Same tiles, same batch size, same number of samples,
+   measured alternately in one run (median of ``--repeats``), one thread each, so the printed
+   ratio does not depend on how busy the shared machine is.
+2. Memory. A fresh subprocess builds every ROI-C3 split at downsample 1 (full 256x256 tiles)
+   through the real task + datamodule code (``setup`` and all three loaders) from a cheap
+   synthetic source that returns freshly allocated uint8 cutouts (like a download would), and
+   reports peak RSS (``VmHWM``, reset after imports) above the interpreter's baseline divided
+   by the splits' uint8 image bytes.
+
+Usage: ``python -m benchmarks.bench_data [--tiles N] [--batch B] [--repeats R] [--skip-memory]``.
+``main()`` returns the figures as a dict (for ``make bench``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TILE, CROP = 256, 128
+
+
+# -- 1. throughput ----------------------------------------------------------------------------
+def _ours(tiles: torch.Tensor, batch: int, mean: float, std: float) -> Callable[[], int]:
+    import torch
+
+    from mtneuro_lab.data import augment
+    from mtneuro_lab.data.augment import AugmentConfig
+    from mtneuro_lab.data.datamodules import ArrayBatchLoader
+
+    loader = ArrayBatchLoader({"image": tiles, "target": torch.zeros(len(tiles), dtype=torch.long)},
+                              batch, shuffle=True, drop_last=True)
+    cfg = AugmentConfig(hflip=True, vflip=True, rot90=True)
+
+    def epoch() -> int:
+        seen = 0
+        for b in loader:
+            (x,) = augment.random_crop([b["image"].unsqueeze(1)], (CROP, CROP))  # crop uint8 first
+            (x,) = augment.geometric([x], cfg)
+            x = augment.to_float(x.squeeze(1), mean, std)
+            seen += x.shape[0]
+        return seen
+
+    return epoch
+
+
+class _RandomRot90:
+    """Per-item rot90 by a random multiple of 90 degrees (torchvision has no such transform)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        return torch.rot90(x, int(torch.randint(0, 4, ())), dims=(-2, -1))
+
+
+def _torchvision(tiles: torch.Tensor, batch: int, mean: float, std: float) -> Callable[[], int]:
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision.transforms import v2
+
+    transform = v2.Compose([v2.RandomCrop(CROP), v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
+                            _RandomRot90(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([mean], [std])])
+
+    class Tiles(Dataset):
+        def __len__(self) -> int:
+            return len(tiles)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return transform(tiles[i].unsqueeze(0))
+
+    loader = DataLoader(Tiles(), batch_size=batch, shuffle=True, drop_last=True, num_workers=0)
+
+    def epoch() -> int:
+        return sum(x.shape[0] for x in loader)
+
+    return epoch
+
+
+def throughput(n_tiles: int = 1024, batch: int = 64, repeats: int = 3) -> dict[str, float]:
+    """Batches/s of both pipelines over the same tiles, timed alternately in this process."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    tiles = torch.from_numpy(rng.integers(0, 256, (n_tiles, TILE, TILE), dtype=np.uint8))
+    mean, std = 0.5, 0.25
+    runs = {"ours": _ours(tiles, batch, mean, std), "torchvision": _torchvision(tiles, batch, mean, std)}
+    for run in runs.values():  # warm-up (allocator, lazy imports)
+        run()
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    samples: dict[str, int] = {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            samples[name] = run()
+            seconds[name].append(time.perf_counter() - start)
+    assert samples["ours"] == samples["torchvision"], samples
+    med = {name: statistics.median(s) for name, s in seconds.items()}
+    n_batches = samples["ours"] // batch
+    return {
+        "tiles": n_tiles, "batch": batch, "batches_per_epoch": n_batches,
+        "ours_batches_per_s": n_batches / med["ours"],
+        "torchvision_batches_per_s": n_batches / med["torchvision"],
+        "speedup": med["torchvision"] / med["ours"],
+    }
+
+
+# -- 2. memory --------------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _memory_child(task_name: str, downsample: int) -> dict[str, Any]:
+    """Runs in a fresh interpreter: build every split of ``task_name``; report peak RSS."""
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from mtneuro_lab.cli import CONF_DIR, register_resolvers
+    from mtneuro_lab.data.cubes import catalog_from_config
+    from mtneuro_lab.data.datamodules import VolumeDataModule
+    from mtneuro_lab.data.sources.base import VolumeSource
+
+    class FreshArraySource(VolumeSource):
+        """Every cutout is a newly allocated uint8 array (as a download or decode would be)."""
+
+        def cutout(self, channel, x, y, z):
+            out = np.empty((z[1] - z[0], y[1] - y[0], x[1] - x[0]), dtype=np.uint8)
+            out[:] = (np.arange(z[0], z[1]) % 251).astype(np.uint8)[:, None, None]
+            return out
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"task={task_name}", f"task.downsample={downsample}"])
+    catalog = catalog_from_config(cfg.cubes)
+    task = instantiate(cfg.task, _convert_="all").bind(catalog)
+    dm = VolumeDataModule(task, FreshArraySource(), catalog, batch_size=256)
+    try:  # reset the high-water mark so import transients do not count
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
+    baseline_kb = _status_kb("VmRSS")
+    dm.setup("fit")
+    dm.setup("test")
+    loaders = [dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()]
+    peak_kb = _status_kb("VmHWM")
+    image_bytes = sum(a.images.nbytes for a in dm.arrays.values())
+    return {
+        "task": task_name, "downsample": downsample, "hwm_reset": reset,
+        "samples": {k: len(a) for k, a in dm.arrays.items()},
+        "image_bytes": image_bytes, "split_bytes": sum(a.nbytes for a in dm.arrays.values()),
+        "baseline_bytes": baseline_kb * 1024, "peak_bytes": peak_kb * 1024,
+        "batches": sum(len(lo) for lo in loaders),
+    }
+
+
+def memory(task_name: str = "roi_c3", downsample: int = 1) -> dict[str, Any]:
+    """Peak RSS above baseline of building ``task_name`` in a fresh subprocess, over uint8 bytes."""
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.bench_data import "
+            f"_memory_child; print(json.dumps(_memory_child({task_name!r}, {downsample})))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env,
+                          check=False)
+    if proc.returncode:
+        raise RuntimeError(f"memory child failed: {proc.stderr[-2000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["above_baseline_bytes"] = out["peak_bytes"] - out["baseline_bytes"]
+    out["ratio"] = out["above_baseline_bytes"] / out["image_bytes"]
+    return out
+
+
+# -- report -----------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiles", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args(argv)
+
+    figures: dict[str, Any] = {"throughput": throughput(args.tiles, args.batch, args.repeats)}
+    t = figures["throughput"]
+    print(f"## Augmented {CROP}x{CROP} tiles from {TILE}x{TILE}: {t['tiles']} tiles, batch {t['batch']}, "
+          f"one thread, median of {args.repeats}\n")
+    print("| pipeline | batches/s |\n|---|---|")
+    print(f"| ArrayBatchLoader + batched augment | {t['ours_batches_per_s']:.1f} |")
+    print(f"| torchvision Dataset/DataLoader, per item | {t['torchvision_batches_per_s']:.1f} |")
+    print(f"| **speed-up** | **{t['speedup']:.1f}x** |\n")
+    if not args.skip_memory:
+        figures["memory"] = m = memory()
+        gb = 1e9
+        print(f"## Holding ROI-C3 at downsample 1 ({sum(m['samples'].values())} tiles: {m['samples']})\n")
+        print("| uint8 image bytes | peak RSS above baseline | ratio |\n|---|---|---|")
+        print(f"| {m['image_bytes'] / gb:.3f} GB | {m['above_baseline_bytes'] / gb:.3f} GB | "
+              f"**{m['ratio']:.2f}x** |")
+        if not m["hwm_reset"]:
+            print("\n(VmHWM could not be reset; the peak includes import transients)")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
