@@ -172,10 +172,11 @@ def _test_metrics(trainer: pl.Trainer) -> dict[str, Any]:
 def train(cfg: DictConfig) -> dict[str, float]:
     validate_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
+    # seed before building: weight initialisation must depend on the seed alone
+    pl.seed_everything(int(cfg.seed), workers=True)
     comps = build_components(cfg)
     perf.apply(cfg.get("perf"), comps.method, comps.datamodule)
     resume = resolve_ckpt(cfg.get("ckpt_path"), run_dir)
-    pl.seed_everything(int(cfg.seed), workers=True)
     trainer = None
     try:
         trainer = build_trainer(cfg, run_dir, comps.method)

@@ -41,8 +41,13 @@ def compose(overrides: Iterable[str] = (), return_hydra_config: bool = False) ->
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides),
-                             return_hydra_config=return_hydra_config)
+        cfg = hydra_compose(config_name="config", overrides=list(overrides),
+                            return_hydra_config=return_hydra_config)
+    if return_hydra_config:  # let ${hydra:...} interpolations resolve, as in a real run
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(cfg)
+    return cfg
 
 
 def run_cli(script: str, *overrides: str, run_dir: Path | None = None, fast: bool = True,

@@ -101,6 +101,13 @@ def _type_ok(value: Any, hint: Any, key: str) -> None:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return
+        options = [a for a in args if a is not type(None)]
+        if options and all(typing.get_origin(a) is Literal for a in options):  # e.g. trainer.precision
+            choices = [c for a in options for c in typing.get_args(a)]
+            if value not in choices:
+                shown = ", ".join(dict.fromkeys(map(str, choices)))  # 16 and "16" read the same
+                raise ConfigError(f"{key}: must be one of {shown}, got {value!r}")
+            return
         errors = []
         for arg in args:
             if arg is type(None):
@@ -166,12 +173,12 @@ def check_target_section(section: Any, key: str, injected: frozenset[str] = froz
 INJECTED = {
     "model": frozenset({"num_classes", "class_names", "input_shape"}),
     "task": frozenset(),
-    "source": frozenset({"cubes", "regions", "roi_ids", "cache_dir"}),
+    "source": frozenset({"cubes", "regions", "roi_ids", "cache_dir", "modality"}),
 }
 
 TOP_LEVEL = {"task", "model", "source", "trainer", "logger", "callbacks", "paths", "data", "cubes",
              "seed", "ckpt_path", "test_after_fit", "resume", "tags", "experiment_name", "extras",
-             "sweep", "hydra"}
+             "sweep", "hydra", "perf"}
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -182,6 +189,11 @@ def validate_config(cfg: DictConfig) -> None:
     if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool) or cfg.seed < 0:
         raise ConfigError(f"seed: must be a non-negative integer, got {cfg.get('seed')!r}")
     _merge_dataclass(DataConfig, cfg.data, "data")
+    _check_top_level_types(cfg)
+    if cfg.get("perf") is not None:
+        from mtneuro_lab.perf import PerfConfig
+
+        _merge_dataclass(PerfConfig, cfg.perf, "perf")
     for section in ("task", "model", "source", "trainer"):
         if section not in cfg or cfg[section] is None:
             raise ConfigError(f"{section}: missing config group")
@@ -189,3 +201,47 @@ def validate_config(cfg: DictConfig) -> None:
     for group in ("logger", "callbacks"):
         for name, sub in (cfg.get(group) or {}).items():
             check_target_section(sub, f"{group}.{name}")
+    check_trainer_values(cfg.trainer)
+
+
+def _check_top_level_types(cfg: DictConfig) -> None:
+    """Plain top-level keys that no schema section covers."""
+    if not isinstance(cfg.get("test_after_fit", True), bool):
+        raise ConfigError(f"test_after_fit: expected true or false, got {cfg.get('test_after_fit')!r}")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is not None and not isinstance(ckpt, str):
+        raise ConfigError(f"ckpt_path: expected a checkpoint file, `last` or null, got {ckpt!r}")
+
+
+#: Lightning Trainer integer arguments and their smallest allowed value (-1 = unlimited)
+TRAINER_MINIMUM = {"max_epochs": -1, "min_epochs": 0, "max_steps": -1, "min_steps": 0, "num_nodes": 1,
+                   "accumulate_grad_batches": 1, "check_val_every_n_epoch": 1, "log_every_n_steps": 0,
+                   "num_sanity_val_steps": -1, "reload_dataloaders_every_n_epochs": 0}
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
+
+
+def check_trainer_values(section: Any) -> None:
+    """Ranges of Lightning Trainer arguments, which its signature types alone do not catch.
+
+    Lightning itself would reject these only inside ``Trainer(...)``, after the run directory
+    exists, and with a multi-line message.
+    """
+    if not isinstance(section, (DictConfig, Mapping)) or "Trainer" not in str(section.get("_target_", "")):
+        return
+    for name, minimum in TRAINER_MINIMUM.items():
+        value = section.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value < minimum:
+            raise ConfigError(f"trainer.{name}: must be >= {minimum}{' (-1 = no limit)' if minimum < 0 else ''}, "
+                              f"got {value}")
+    accel = section.get("accelerator")
+    if isinstance(accel, str) and accel not in ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator: must be one of {', '.join(ACCELERATORS)}, got {accel!r}")
+    devices = section.get("devices")
+    ok = (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= -1
+                                and devices != 0)
+          or (isinstance(devices, str) and devices.replace(",", "").replace("-", "").strip().isdigit())
+          or (isinstance(devices, (list, ListConfig)) and len(devices) > 0
+              and all(isinstance(d, int) and d >= 0 for d in devices)))
+    if devices is not None and not ok:
+        raise ConfigError(f"trainer.devices: must be auto, -1 (all), a count >= 1 or a list of device ids, "
+                          f"got {devices!r}")

@@ -12,7 +12,7 @@ optimisation. ``eval_batch_size`` (default: ``batch_size``) is global too.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import pytorch_lightning as pl
@@ -31,12 +31,19 @@ log = logging.getLogger(__name__)
 class ArrayBatchLoader:
     """Iterates over batches of an in-memory split; DDP-aware, resumable mid-epoch.
 
-    Shuffling uses a generator seeded by ``(seed, epoch)`` so the order does not depend on
-    how many batches were drawn before, which makes resumption exact.
+    The order of epoch ``e`` is a permutation seeded by ``(seed, e)``, where ``e`` comes from
+    ``epoch_fn`` (the trainer's current epoch), so it depends neither on how many batches were
+    drawn before nor on whether an epoch was cut short by ``limit_train_batches``.
+
+    Resumption: Lightning prefetches one batch ahead, so "batches yielded" overstates progress.
+    The datamodule calls :meth:`mark_consumed` when a batch actually reaches the model, and
+    :meth:`state_dict` reports consumed batches; a checkpoint taken after batch ``k`` resumes
+    at batch ``k + 1`` of the same permutation.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], batch_size: int, shuffle: bool,
-                 drop_last: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+                 drop_last: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 epoch_fn: Callable[[], int] | None = None) -> None:
         self.tensors = dict(tensors)
         self.n = len(next(iter(self.tensors.values())))
         self.batch_size = batch_size
@@ -45,13 +52,15 @@ class ArrayBatchLoader:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.epoch = 0
-        self._position = 0  # batches already yielded in the current epoch
-        self._resume_from = 0
+        self.epoch_fn = epoch_fn
+        self._own_epoch = 0  # used when no epoch_fn is given
+        self._iter_epoch = 0
+        self._consumed = 0
+        self._resume: dict[str, int] | None = None
 
-    def _indices(self) -> torch.Tensor:
+    def _indices(self, epoch: int) -> torch.Tensor:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
@@ -64,24 +73,29 @@ class ArrayBatchLoader:
         return -(-per_rank // self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        order = self._indices()
-        start = self._resume_from
-        self._resume_from = 0
+        epoch = self.epoch_fn() if self.epoch_fn is not None else self._own_epoch
+        start = 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            start = self._resume["position"]
+        self._resume = None
+        self._iter_epoch, self._consumed = epoch, start
+        order = self._indices(epoch).to(next(iter(self.tensors.values())).device)  # perf.data_on_device
         for b in range(start, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            self._position = b + 1
-            yield {k: v[idx] for k, v in self.tensors.items()}
-        self._position = 0
-        if self.shuffle:
-            self.epoch += 1
+            # index_select, not v[idx]: ~10x faster for uint8 tiles (one contiguous row copy each)
+            yield {k: v.index_select(0, idx) for k, v in self.tensors.items()}
+        if self.epoch_fn is None and self.shuffle:
+            self._own_epoch += 1
+
+    def mark_consumed(self) -> None:
+        self._consumed += 1
 
     # Lightning calls these for stateful dataloaders: exact mid-epoch resumption.
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self._position}
+        return {"epoch": self._iter_epoch, "position": self._consumed}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self._resume_from = int(state["position"])
+        self._resume = {"epoch": int(state["epoch"]), "position": int(state["position"])}
 
 
 class VolumeDataModule(pl.LightningDataModule):
@@ -106,6 +120,10 @@ class VolumeDataModule(pl.LightningDataModule):
         self.arrays: dict[str, SplitArrays] = {}
         self.mean, self.std = 0.5, 0.25
         self._loaders: dict[str, ArrayBatchLoader] = {}
+        # perf.channels_last / perf.data_on_device, set by mtneuro_lab.perf.apply
+        self.channels_last = False
+        self.data_on_device = False
+        self._device_tensors: dict[str, dict[str, torch.Tensor]] = {}
 
     # -- building ---------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -120,8 +138,18 @@ class VolumeDataModule(pl.LightningDataModule):
 
     @staticmethod
     def _train_stats(images: np.ndarray) -> tuple[float, float]:
-        sample = images[:: max(1, len(images) // 256)].astype(np.float32) / 255.0
-        return float(sample.mean()), float(max(sample.std(), 1e-3))
+        """Mean/std of ~256 evenly spaced training samples, accumulated in chunks of 16 so no
+        float copy of the sample is ever held (the split itself stays the only big array)."""
+        sample = images[:: max(1, len(images) // 256)]
+        total = total_sq = 0.0
+        for s in range(0, len(sample), 16):
+            block = sample[s : s + 16].astype(np.float64) / 255.0
+            total += float(block.sum())
+            total_sq += float(np.square(block).sum())
+        count = sample.size
+        mean = total / count
+        std = max(total_sq / count - mean * mean, 0.0) ** 0.5
+        return float(mean), float(max(std, 1e-3))
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -154,10 +182,30 @@ class VolumeDataModule(pl.LightningDataModule):
             raise ConfigError(
                 f"data.batch_size: {self.batch_size} is larger than the {len(arr)} training samples"
             )
+        if self.data_on_device:
+            tensors = self._on_device(split, tensors)
         loader = ArrayBatchLoader(tensors, batch, shuffle=train, drop_last=train and self.drop_last,
-                                  seed=self.seed, rank=rank, world_size=world)
+                                  seed=self.seed, rank=rank, world_size=world, epoch_fn=self._current_epoch)
+        if train and getattr(self, "_pending_train_state", None):
+            loader.load_state_dict(self._pending_train_state)
+            self._pending_train_state = None
         self._loaders[split] = loader
         return loader
+
+    def _on_device(self, split: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The split copied once to the trainer's device (perf.data_on_device): batches are then
+        gathered there, with no host-to-device copy per step."""
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        cached = self._device_tensors.get(split)
+        if cached is None or next(iter(cached.values())).device != device:
+            cached = {k: v.to(device) for k, v in tensors.items()}
+            self._device_tensors[split] = cached
+        return cached
+
+    def _current_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
 
     def train_dataloader(self) -> ArrayBatchLoader:
         return self._loader("train", train=True)
@@ -177,6 +225,8 @@ class VolumeDataModule(pl.LightningDataModule):
         batch["image"] = augment.to_float(batch["image"], self.mean, self.std)
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.training:
+            if "train" in self._loaders:
+                self._loaders["train"].mark_consumed()
             spatial = [batch["image"]]
             mask_target = batch["target"].ndim > 1
             if mask_target:
@@ -187,6 +237,9 @@ class VolumeDataModule(pl.LightningDataModule):
                 batch["target"] = spatial[1].squeeze(1)
         if batch["target"].ndim > 1:
             batch["target"] = batch["target"].long()
+        if self.channels_last and batch["image"].ndim in (4, 5):  # perf.channels_last
+            fmt = torch.channels_last if batch["image"].ndim == 4 else torch.channels_last_3d
+            batch["image"] = batch["image"].contiguous(memory_format=fmt)
         return batch
 
     # -- facts the methods need -------------------------------------------------------------
@@ -202,8 +255,19 @@ class VolumeDataModule(pl.LightningDataModule):
         """Spatial shape of one sample without building any split (from the task's geometry)."""
         return self.task.sample_shape()
 
-    def state_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "std": self.std}
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: normalisation and the training loader's position.
 
-    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        The loader position travels here rather than through Lightning's stateful-dataloader
+        path because that path loads states only when the train dataloader is created after
+        the checkpoint's loop state is restored, and ``trainer.estimated_stepping_batches``
+        (used by every LR schedule) creates it earlier. Datamodule state is restored first.
+        """
+        state: dict[str, Any] = {"mean": self.mean, "std": self.std}
+        if "train" in self._loaders:
+            state["train_loader"] = self._loaders["train"].state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.mean, self.std = float(state["mean"]), float(state["std"])
+        self._pending_train_state = state.get("train_loader")

@@ -456,6 +456,11 @@ class PhantomXraySource(VolumeSource):
                 sets[str(set_name)][region] = _CubeBox(region, x, y)
         return sets
 
+    @property
+    def z_extent(self) -> Range:
+        """The slices every phantom cube spans: tasks check their z splits against it up front."""
+        return self.z
+
     def describe(self) -> str:
         return (
             f"PhantomXraySource(seed={self.seed}, {len(self.boxes)} cubes, z={list(self.z)}, "

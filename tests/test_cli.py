@@ -1,0 +1,74 @@
+"""The CLI contract end to end: train, metrics.json, evaluate round trip, one-line errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import read_metrics, run_cli
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    proc = run_cli("train.py", "trainer.limit_test_batches=3", "data.eval_batch_size=32", run_dir=run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_run_directory_contract(trained_run: Path) -> None:
+    assert (trained_run / "config.yaml").is_file()
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    metrics = read_metrics(trained_run)
+    assert "test/acc" in metrics and 0.0 <= metrics["test/acc"] <= 1.0
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert all(k.startswith("test/") for k in metrics)
+    assert not list(trained_run.rglob(".tmp-*")), "temporary files left behind"
+
+
+def test_evaluate_round_trip_gives_the_same_metrics(trained_run: Path, tmp_path: Path) -> None:
+    best = [p for p in (trained_run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
+    assert len(best) == 1
+    eval_dir = tmp_path / "eval"
+    proc = run_cli("evaluate.py", f"ckpt_path={best[0]}", run_dir=eval_dir, fast=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_metrics, eval_metrics = read_metrics(trained_run), read_metrics(eval_dir)
+    assert eval_metrics["test/acc"] == pytest.approx(train_metrics["test/acc"], abs=1e-6)
+    assert set(train_metrics) <= set(eval_metrics)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("model=foo", "model=foo"),
+        ("task=roi_c9", "task=roi_c9"),
+        ("model.optimizer.lr=-0.1", "model.optimizer.lr"),
+        ("task.downsample=3", "task.downsample"),
+        ("task.splits.val=[{set: A, z: [370, 400]}]", "task.splits"),
+        ("task.splits.test=[{set: A, z: [412, 470]}]", "task.splits"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("model.dropuot=0.1", "model.dropuot"),
+        ("trainer.max_epoch=3", "trainer.max_epoch"),
+        ("seed=-1", "seed"),
+    ],
+)
+def test_bad_overrides_fail_before_any_work(override: str, key: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli("train.py", override, run_dir=run_dir)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and key in lines[0], lines[0]
+    assert not run_dir.exists(), "a failed preflight must not create the run directory"
+
+
+def test_evaluate_without_checkpoint_is_one_line(tmp_path: Path) -> None:
+    proc = run_cli("evaluate.py", f"ckpt_path={tmp_path / 'missing.ckpt'}", run_dir=tmp_path / "e", fast=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "ckpt_path" in proc.stderr
+
+
+def test_print_config_needs_no_data(tmp_path: Path) -> None:
+    proc = run_cli("train.py", "--cfg", "job", fast=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "roi_c1" in proc.stdout and "batch_size" in proc.stdout

@@ -1,0 +1,77 @@
+"""Exact resume: a run killed with SIGKILL mid-epoch and resumed ends like an uninterrupted one."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, read_metrics, run_cli
+
+RESUME_ARGS = (
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=8",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.deterministic=true",
+    "trainer.enable_progress_bar=false",
+    "callbacks.last_checkpoint.every_n_train_steps=3",
+    "data.batch_size=8",
+    "task.downsample=4",
+    "logger=none",
+)
+
+CASES = {
+    "supervised": ("task=roi_c1", "model=supervised", "model.mixup_prob=0.5"),
+}
+
+
+def _kill_after_checkpoints(args: list[str], last: Path, writes: int, timeout: float = 600) -> int:
+    """Start a run, SIGKILL it right after ``last`` has been (re)written ``writes`` times."""
+    env = {**os.environ, "PYTHONHASHSEED": "0", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen, mtime, deadline = 0, None, time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if last.is_file():
+                current = last.stat().st_mtime_ns
+                if current != mtime:
+                    seen, mtime = seen + 1, current
+                    if seen >= writes:
+                        proc.send_signal(signal.SIGKILL)
+                        break
+            time.sleep(0.01)
+        return proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(name: str, tmp_path: Path) -> None:
+    args = (*RESUME_ARGS, *CASES[name])
+    reference = tmp_path / "reference"
+    proc = run_cli("train.py", *args, run_dir=reference, fast=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    crashed = tmp_path / "crashed"
+    last = crashed / "checkpoints" / "last.ckpt"
+    code = _kill_after_checkpoints([*args, f"hydra.run.dir={crashed}"], last, writes=1)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (crashed / "metrics.json").exists()
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 3, "expected the mid-epoch checkpoint (step 3 of 8)"
+    assert not list((crashed / "checkpoints").glob(".tmp-*")), "half-written checkpoint left"
+
+    proc = run_cli("train.py", *args, "ckpt_path=last", run_dir=crashed, fast=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected, resumed = read_metrics(reference), read_metrics(crashed)
+    assert resumed.keys() == expected.keys()
+    for key, value in expected.items():
+        assert resumed[key] == pytest.approx(value, abs=1e-6), key
