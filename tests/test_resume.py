@@ -28,7 +28,12 @@ RESUME_ARGS = (
 
 CASES = {
     "supervised": ("task=roi_c1", "model=supervised", "model.mixup_prob=0.5"),
+    # EMA target network + online probe + in-fit linear evaluation epoch
+    "byol": ("task=roi_c1", "model=byol", "model.linear_eval.epochs=1", "trainer.limit_train_batches=4",
+             "callbacks.last_checkpoint.every_n_train_steps=2"),
+    "unet2d": ("task=seg2d_3class", "model=unet2d", "model.encoder_name=resnet18"),
 }
+SLOW = {"byol", "unet2d"}
 
 
 def _kill_after_checkpoints(args: list[str], last: Path, writes: int, timeout: float = 600) -> int:
@@ -53,7 +58,8 @@ def _kill_after_checkpoints(args: list[str], last: Path, writes: int, timeout: f
             proc.kill()
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(CASES)])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(name: str, tmp_path: Path) -> None:
     args = (*RESUME_ARGS, *CASES[name])
     reference = tmp_path / "reference"
@@ -66,7 +72,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(name: str, tmp_path
     assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (crashed / "metrics.json").exists()
     state = torch.load(last, map_location="cpu", weights_only=True)
-    assert state["global_step"] == 3, "expected the mid-epoch checkpoint (step 3 of 8)"
+    assert 0 < state["global_step"] < 8, "expected a mid-epoch checkpoint"
     assert not list((crashed / "checkpoints").glob(".tmp-*")), "half-written checkpoint left"
 
     proc = run_cli("train.py", *args, "ckpt_path=last", run_dir=crashed, fast=False)

@@ -1,0 +1,1 @@
+"""Analysis wing: Task 3 features and read-outs, overlays, post-processing, report tables."""
