@@ -21,11 +21,12 @@ env: $(STAMP)
 run: $(STAMP)
 	$(PY) train.py experiment=quickstart $(ARGS)
 
+# two xdist workers: most tests are CLI subprocesses whose start-up is single-threaded
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 $(ARGS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow $(ARGS)
+	$(PY) -m pytest -q -n 2 -m slow $(ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)

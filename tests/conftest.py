@@ -19,6 +19,13 @@ from omegaconf import DictConfig
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+#: under pytest-xdist (`make test` runs 2 workers on 2 cores) every process uses one thread
+_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if os.environ.get("PYTEST_XDIST_WORKER") else {}
+if _THREADS:
+    import torch
+
+    torch.set_num_threads(1)
+
 #: overrides that make any CLI run small and quiet
 FAST = (
     "trainer.max_epochs=1",
@@ -63,7 +70,7 @@ def run_cli(script: str, *overrides: str, run_dir: Path | None = None, fast: boo
     if run_dir is not None:
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         args.append(f"{key}={run_dir}")
-    full_env = {**os.environ, "PYTHONHASHSEED": "0", "WANDB_MODE": "disabled", **(env or {})}
+    full_env = {**os.environ, "PYTHONHASHSEED": "0", "WANDB_MODE": "disabled", **_THREADS, **(env or {})}
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 

@@ -71,12 +71,18 @@ def scaled_lr(cfg: OptimizerConfig, global_batch: int) -> float:
 
 
 def build_optimizer(params: Iterable, cfg: OptimizerConfig, global_batch: int) -> torch.optim.Optimizer:
+    """Parameter groups may carry ``lr_scale`` (e.g. layer-wise decay): their rate is ``lr * lr_scale``."""
     lr = scaled_lr(cfg, global_batch)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    elif cfg.name == "adam":
+        opt = torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    for group in opt.param_groups:
+        if "lr_scale" in group:
+            group["lr"] = lr * float(group["lr_scale"])
+    return opt
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int,
