@@ -70,8 +70,13 @@ def run_cli(script: str, *overrides: str, run_dir: Path | None = None, fast: boo
     if run_dir is not None:
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         args.append(f"{key}={run_dir}")
-    full_env = {**os.environ, "PYTHONHASHSEED": "0", "WANDB_MODE": "disabled", **_THREADS, **(env or {})}
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=cli_env(env))
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of every CLI subprocess of the tests (same thread count everywhere)."""
+    return {**os.environ, "PYTHONHASHSEED": "0", "WANDB_MODE": "disabled", **_THREADS, **(extra or {})}
 
 
 def read_metrics(run_dir: Path) -> dict[str, float]:

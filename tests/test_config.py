@@ -1,7 +1,6 @@
 """Every YAML under conf/ and sweeps/ composes and passes schema validation."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf

@@ -1,7 +1,6 @@
 """Exact resume: a run killed with SIGKILL mid-epoch and resumed ends like an uninterrupted one."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics, run_cli
+from conftest import ROOT, cli_env, read_metrics, run_cli
 
 RESUME_ARGS = (
     "trainer.max_epochs=2",
@@ -38,8 +37,7 @@ SLOW = {"byol", "unet2d"}
 
 def _kill_after_checkpoints(args: list[str], last: Path, writes: int, timeout: float = 600) -> int:
     """Start a run, SIGKILL it right after ``last`` has been (re)written ``writes`` times."""
-    env = {**os.environ, "PYTHONHASHSEED": "0", "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen, mtime, deadline = 0, None, time.monotonic() + timeout
     try:

@@ -89,7 +89,7 @@ def test_bad_model_value_fails_in_one_line_before_training(tmp_path) -> None:
     ("myow_m", "model.views.hflip=sometimes", "model.views.hflip"),
     ("byol", "model.linear_eval.lr=0", "model.linear_eval.lr"),
     ("pca", "model.kind=ica", "model.kind"),
-    ("nmf", "model.n_components=5000", "model.n_components"),
+    ("nmf", "model.n_components=0", "model.n_components"),
     ("mixup", "model.mixup_prob=1.5", "model.mixup_prob"),
 ])
 def test_bad_model_values_raise_config_errors_naming_the_key(model: str, override: str, key: str) -> None:

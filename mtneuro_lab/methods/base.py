@@ -9,6 +9,7 @@ from dataclasses import asdict, is_dataclass
 from typing import Any, Mapping, Sequence, TypeVar
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -73,3 +74,39 @@ class BaseMethod(pl.LightningModule):
         """Config facts worth logging as hyper-parameters."""
         return {"optimizer": asdict(self.optim_cfg) if is_dataclass(self.optim_cfg) else {},
                 "scheduler": asdict(self.sched_cfg) if is_dataclass(self.sched_cfg) else {}}
+
+
+class ScoredMethod(BaseMethod):
+    """A method whose validation/test score logits against ``batch["target"]``.
+
+    Subclasses provide ``forward``, ``loss(logits, target)`` and ``self.metrics`` (an object with
+    ``update(stage, logits, target)``, ``has_data(stage)`` and ``compute(stage)``, pooled over
+    the whole stage); this class supplies the evaluation steps and the per-epoch logging.
+    """
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
+        logits = self(batch["image"])
+        self.log(f"{stage}/loss", self.loss(logits, batch["target"]), batch_size=len(logits), sync_dist=True)
+        self.metrics.update(stage, logits, batch["target"])
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _log_epoch(self, stage: str) -> None:
+        if self.metrics.has_data(stage):
+            self.log_dict(self.metrics.compute(stage), prog_bar=stage == "val")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")

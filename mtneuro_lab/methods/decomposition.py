@@ -23,7 +23,7 @@ from sklearn.decomposition import NMF, PCA
 from torch import nn
 
 from mtneuro_lab.errors import ConfigError, DataError
-from mtneuro_lab.methods.base import BaseMethod
+from mtneuro_lab.methods.base import ScoredMethod
 from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
 from mtneuro_lab.metrics.classification import ClassificationMetrics
 
@@ -46,7 +46,7 @@ def nmf_transform(x: torch.Tensor, components: torch.Tensor, iterations: int) ->
     return w
 
 
-class DecompositionClassifier(BaseMethod):
+class DecompositionClassifier(ScoredMethod):
     monitor = ("val/acc", "max")
     task_kinds = ("classification",)
 
@@ -147,31 +147,16 @@ class DecompositionClassifier(BaseMethod):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
-        loss = F.cross_entropy(logits, batch["target"])
+        loss = self.loss(logits, batch["target"])
         self.metrics.update("train", logits.detach(), batch["target"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target)
 
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
         if not bool(self.fitted):
             raise DataError(f"model={self.kind}: the decomposition is not fitted (train first, or pass a "
                             "checkpoint of a trained run)")
-        logits = self(batch["image"])
-        self.log(f"{stage}/loss", F.cross_entropy(logits, batch["target"]), batch_size=len(logits), sync_dist=True)
-        self.metrics.update(stage, logits, batch["target"])
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("val", batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("test", batch)
-
-    def on_train_epoch_end(self) -> None:
-        if self.metrics["train"]["acc"].update_called:
-            self.log_dict(self.metrics.compute("train"))
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.metrics.compute("val"), prog_bar=True)
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict(self.metrics.compute("test"))
+        super()._eval_step(stage, batch)

@@ -18,7 +18,7 @@ from torch import nn
 
 from mtneuro_lab.data import augment
 from mtneuro_lab.errors import ConfigError
-from mtneuro_lab.methods.base import BaseMethod
+from mtneuro_lab.methods.base import ScoredMethod
 from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
 from mtneuro_lab.metrics.segmentation import SegmentationMetrics
 from mtneuro_lab.nets.segmentation import (SMP_MIN_SIZE, Net3DArch, SmpArch, check_divisible, net3d,
@@ -27,7 +27,7 @@ from mtneuro_lab.nets.segmentation import (SMP_MIN_SIZE, Net3DArch, SmpArch, che
 Loss = Literal["ce", "dice", "ce_dice"]
 
 
-class SegmentationMethod(BaseMethod):
+class SegmentationMethod(ScoredMethod):
     """Trains ``net`` (``(B, 1, *spatial)`` -> ``(B, C, *spatial)`` logits) on class masks."""
 
     task_kinds = ("segmentation",)
@@ -78,30 +78,6 @@ class SegmentationMethod(BaseMethod):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         self.metrics.update("train", logits.detach(), batch["target"])
         return loss
-
-    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
-        logits = self(batch["image"])
-        self.log(f"{stage}/loss", self.loss(logits, batch["target"]), batch_size=len(logits), sync_dist=True)
-        self.metrics.update(stage, logits, batch["target"])
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("val", batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("test", batch)
-
-    def _log_epoch(self, stage: str) -> None:
-        if self.metrics.has_data(stage):
-            self.log_dict(self.metrics.compute(stage), prog_bar=stage == "val")
-
-    def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
 
     # -- evaluate.py: overlays and confusion matrix ---------------------------------------------
     @torch.no_grad()

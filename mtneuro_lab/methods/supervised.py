@@ -13,13 +13,13 @@ from torch import nn
 
 from mtneuro_lab.data import augment
 from mtneuro_lab.errors import ConfigError
-from mtneuro_lab.methods.base import BaseMethod
+from mtneuro_lab.methods.base import ScoredMethod
 from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
 from mtneuro_lab.metrics.classification import ClassificationMetrics
 from mtneuro_lab.nets.resnet import ResNet18Encoder, Stem
 
 
-class SupervisedClassifier(BaseMethod):
+class SupervisedClassifier(ScoredMethod):
     monitor = ("val/acc", "max")
 
     def __init__(self, num_classes: int, class_names: Sequence[str], input_shape: Sequence[int],
@@ -52,32 +52,10 @@ class SupervisedClassifier(BaseMethod):
             loss = torch.sum(-soft * F.log_softmax(logits, dim=1), dim=1).mean()
         else:
             logits = self(x)
-            loss = F.cross_entropy(logits, y)
+            loss = self.loss(logits, y)
             self.metrics.update("train", logits.detach(), y)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
         return loss
 
-    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
-        logits = self(batch["image"])
-        loss = F.cross_entropy(logits, batch["target"])
-        self.log(f"{stage}/loss", loss, batch_size=len(logits), sync_dist=True)
-        self.metrics.update(stage, logits, batch["target"])
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("val", batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("test", batch)
-
-    def _log_epoch(self, stage: str) -> None:
-        self.log_dict(self.metrics.compute(stage), prog_bar=stage != "test")
-
-    def on_train_epoch_end(self) -> None:
-        if self.metrics["train"]["acc"].update_called:
-            self._log_epoch("train")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target)

@@ -28,6 +28,9 @@ class ClassificationMetrics(nn.Module):
     def __getitem__(self, stage: str) -> nn.ModuleDict:
         return self.stages[f"{stage}_"]
 
+    def has_data(self, stage: str) -> bool:
+        return bool(self[stage]["acc"].update_called)
+
     def update(self, stage: str, logits: torch.Tensor, target: torch.Tensor) -> None:
         preds = logits.argmax(dim=1)
         for metric in self[stage].values():
