@@ -38,7 +38,7 @@ from mtneuro_lab.analysis.postprocess import PostprocessConfig
 from mtneuro_lab.data import augment, targets
 from mtneuro_lab.data.datamodules import VolumeDataModule
 from mtneuro_lab.data.sources.base import VolumeSource
-from mtneuro_lab.data.tasks import SPLITS, downsample_area, downsample_nearest
+from mtneuro_lab.data.tasks import SPLITS, downsample_area, downsample_nearest, parse_z
 from mtneuro_lab.errors import ConfigError, DataError
 from mtneuro_lab.metrics.em import evaluate_instances
 
@@ -78,12 +78,7 @@ def _parse_split(name: str, spec: Any, labels: str) -> EMSplit:
         raise ConfigError(f"{key}: unknown key(s) {sorted(unknown)}; allowed: z, image, labels")
     z = spec.get("z")
     if z is not None:
-        try:
-            z = tuple(int(v) for v in z)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}.z: expected [start, stop) integers or null, got {z!r}") from None
-        if len(z) != 2 or z[0] < 0 or z[1] <= z[0]:
-            raise ConfigError(f"{key}.z: expected [start, stop) with 0 <= start < stop, got {list(spec['z'])}")
+        z = parse_z(z, key)
     image = spec.get("image", "image")
     lab = spec.get("labels", labels)
     for field_name, value in (("image", image), ("labels", lab)):

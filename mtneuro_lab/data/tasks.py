@@ -98,7 +98,7 @@ def parse_split(name: str, entries: Iterable[Mapping[str, Any]], catalog: CubeCa
         set_name = str(entry["set"])
         if set_name not in catalog.sets:
             raise ConfigError(f"{key}.set: unknown cube set {set_name!r}; known: {sorted(catalog.sets)}")
-        z = _parse_z(entry["z"], key)
+        z = parse_z(entry["z"], key)
         regions = entry.get("regions")
         if regions is not None:
             regions = tuple(str(r) for r in regions)
@@ -108,7 +108,7 @@ def parse_split(name: str, entries: Iterable[Mapping[str, Any]], catalog: CubeCa
     return parts
 
 
-def _parse_z(value: Any, key: str) -> tuple[int, int]:
+def parse_z(value: Any, key: str) -> tuple[int, int]:
     try:
         z = tuple(int(v) for v in value)
     except (TypeError, ValueError):
@@ -126,7 +126,7 @@ def _parse_box_part(entry: Mapping[str, Any], key: str, catalog: CubeCatalog) ->
         if len(regions) != 1 or regions[0] not in catalog.regions:
             raise ConfigError(f"{key}.regions: a box entry takes one region of {list(catalog.regions)}, "
                               f"got {list(regions)}")
-    return SplitPart(f"box_x{x[0]}_y{y[0]}", _parse_z(entry["z"], key), regions, (x, y))
+    return SplitPart(f"box_x{x[0]}_y{y[0]}", parse_z(entry["z"], key), regions, (x, y))
 
 
 def downsample_area(stack: np.ndarray, factor: int) -> np.ndarray:
