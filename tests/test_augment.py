@@ -115,3 +115,94 @@ def test_fused_on_cuda_matches_cpu_index() -> None:
     images = torch.randint(0, 256, (6, 32, 32), dtype=torch.uint8)
     x, _ = augment.gather_crop_augment(images.cuda(), torch.arange(6).cuda(), (16, 16), AugmentConfig(), 0.5, 0.25)
     assert x.device.type == "cuda" and x.shape == (6, 1, 16, 16)
+
+
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 3)])
+def test_leading_planes_share_one_transform(lead) -> None:
+    """(N, *lead, H, W) splits (channels, z stacks): every plane of a sample moves alike, as
+    random_crop + geometric on the gathered batch would move it."""
+    g = torch.Generator().manual_seed(1)
+    split = torch.randint(0, 256, (9, *lead, 12, 12), dtype=torch.uint8, generator=g)
+    samples = torch.tensor([4, 0, 8, 4, 2, 7])
+    for seed in range(4):
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        seq = augment.geometric(augment.random_crop([split.index_select(0, samples)], (8, 8), generator=g1),
+                                AugmentConfig(), generator=g1)[0]
+        got, _ = augment.gather_augmented(split, samples, (8, 8), AugmentConfig(), generator=g2)
+        assert got.shape == (6, *lead, 8, 8)
+        assert torch.equal(got, seq)
+
+
+def test_workspace_reuse_gives_the_same_result_for_any_batch() -> None:
+    images = torch.randint(0, 256, (30, 16, 16), dtype=torch.uint8)
+    ws = augment.Workspace()
+    for batch in (12, 5, 20, 12):
+        samples = torch.arange(batch)
+        with_ws, _ = augment.gather_crop_augment(images, samples, (10, 10), AugmentConfig(), 0.5, 0.25,
+                                                 generator=torch.Generator().manual_seed(batch), workspace=ws)
+        fresh, _ = augment.gather_crop_augment(images, samples, (10, 10), AugmentConfig(), 0.5, 0.25,
+                                               generator=torch.Generator().manual_seed(batch))
+        assert torch.equal(with_ws, fresh)
+    assert ws._buffers["index"].numel() == 20 * 10 * 10  # grown once to the largest batch, then reused
+
+
+def test_float_split_and_identity_config() -> None:
+    """The SSL views gather float batches; with nothing to move the gather is a plain copy."""
+    x = torch.randn(5, 1, 8, 8)
+    off = AugmentConfig(hflip=False, vflip=False, rot90=False)
+    same, _ = augment.gather_augmented(x, torch.arange(5), (8, 8), off)
+    assert torch.equal(same, x) and same.data_ptr() != x.data_ptr()
+    rotated, _ = augment.gather_augmented(x, torch.arange(5), (8, 8), AugmentConfig(hflip=False, vflip=False),
+                                          generator=torch.Generator().manual_seed(0))
+    k = torch.randint(0, 4, (5,), generator=torch.Generator().manual_seed(0))
+    for b in range(5):
+        assert torch.equal(rotated[b], torch.rot90(x[b], int(k[b]), dims=(-2, -1)))
+
+
+@pytest.mark.parametrize("cfg", CFGS)
+@pytest.mark.parametrize("shape", [(40, 16, 16), (40, 3, 12, 12), (40, 10, 14)])
+def test_grouped_path_is_the_reference_reordered(cfg, shape) -> None:
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    mask = torch.randint(0, 5, shape, dtype=torch.uint8, generator=g)
+    mean, std = 0.43, 0.21
+    for seed in range(3):
+        ref = augment.geometric([images.unsqueeze(1), mask.unsqueeze(1)], cfg, generator=torch.Generator().manual_seed(seed))
+        got, (got_mask,), order = augment.dihedral_to_float_grouped(
+            images, cfg, mean, std, generator=torch.Generator().manual_seed(seed), aligned=(mask,))
+        assert sorted(order.tolist()) == list(range(40))
+        assert got.shape == (40, 1, *shape[1:]) and got_mask.dtype == torch.uint8
+        assert torch.equal(got_mask, ref[1][:, 0][order])
+        torch.testing.assert_close(got, augment.to_float(ref[0][:, 0], mean, std)[order], rtol=0, atol=2e-6)
+
+
+def test_dihedral_view_table_matches_torch_rot90() -> None:
+    x = torch.arange(2 * 5 * 5).view(2, 5, 5)
+    for code, (dims, transpose) in augment._DIHEDRAL_VIEWS.items():
+        want = torch.rot90(x.flip(-1) if code >= 4 else x, code % 4, dims=(-2, -1))
+        got = x.flip(dims) if dims else x
+        assert torch.equal(got.transpose(-2, -1) if transpose else got, want), code
+
+
+@pytest.mark.parametrize("mask_target", [False, True])
+def test_training_batch_keeps_every_per_sample_tensor_aligned(mask_target) -> None:
+    """The CPU path reorders the batch by transform: labels, regions and ids must follow."""
+    from mtneuro_lab.data.datamodules import augment_training_batch
+
+    n = 32
+    ids = torch.randperm(n)
+    images = (ids * 7 % 256).to(torch.uint8)[:, None, None].expand(n, 8, 8).contiguous()
+    images[:, 0, 0] = 0  # a marker pixel so the tile is not symmetric
+    target = ids[:, None, None].expand(n, 8, 8).contiguous() if mask_target else ids % 4
+    batch = {"image": images, "target": target, "region": ids % 4, "index": ids}
+    out = augment_training_batch(batch, AugmentConfig(), 0.0, 1.0)
+    assert sorted(out["index"].tolist()) == sorted(ids.tolist())
+    value = (out["image"] * 255).round().long()[:, 0].amax(dim=(-2, -1))
+    assert torch.equal(value, out["index"] * 7 % 256)
+    assert torch.equal(out["region"], out["index"] % 4)
+    if mask_target:
+        assert torch.equal(out["target"].amax(dim=(-2, -1)), out["index"])
+    else:
+        assert torch.equal(out["target"], out["index"] % 4)
+    corners = (out["image"][:, 0] == 0).nonzero()[:, 1:].tolist()
+    assert {tuple(c) for c in corners} > {(0, 0)}  # the marker moved for some tiles: augmented

@@ -98,6 +98,35 @@ class ArrayBatchLoader:
         self._resume = {"epoch": int(state["epoch"]), "position": int(state["position"])}
 
 
+def augment_training_batch(batch: dict[str, torch.Tensor], cfg: AugmentConfig, mean: float, std: float,
+                           workspace: augment.Workspace | None = None) -> dict[str, torch.Tensor]:
+    """A training batch of uint8 tiles ``(B, [D,] H, W)`` (and masks of that shape) -> float
+    ``(B, 1, [D,] H, W)`` with per-tile random flips and rot90, cast and normalised, then the
+    optional intensity jitter.
+
+    On a CPU the batch comes back grouped by transform (:func:`augment.dihedral_to_float_grouped`,
+    the cheapest there) and every per-sample tensor of the batch (labels, regions, sample ids)
+    is permuted alike; on other devices one sync-free fused gather keeps the order
+    (:func:`augment.gather_crop_augment`). Order within a shuffled batch carries no meaning.
+    """
+    images = batch["image"].contiguous()
+    masks = [batch["target"].contiguous()] if batch["target"].ndim > 1 else []
+    size = images.shape[0]
+    if images.device.type == "cpu":
+        image, masks, order = augment.dihedral_to_float_grouped(images, cfg, mean, std, aligned=masks)
+        out = {k: v.index_select(0, order.to(v.device)) if isinstance(v, torch.Tensor) and v.ndim and
+               v.shape[0] == size else v for k, v in batch.items()}
+    else:
+        samples = torch.arange(size, device=images.device)
+        image, masks = augment.gather_crop_augment(images, samples, tuple(images.shape[-2:]), cfg, mean, std,
+                                                   aligned=masks, workspace=workspace)
+        out = dict(batch)
+    out["image"] = augment.intensity_jitter(image, cfg.intensity_jitter)
+    if masks:
+        out["target"] = masks[0]
+    return out
+
+
 class VolumeDataModule(pl.LightningDataModule):
     """Builds a task's splits from a source once and serves them as device-side batches."""
 
@@ -124,6 +153,7 @@ class VolumeDataModule(pl.LightningDataModule):
         self.channels_last = False
         self.data_on_device = False
         self._device_tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self._workspace = augment.Workspace()  # the training gather's index, reused per batch
 
     # -- building ---------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -221,20 +251,16 @@ class VolumeDataModule(pl.LightningDataModule):
 
     # -- device-side processing -----------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, Any]:
+        """uint8 tiles on the model's device -> normalised float; in training, flips and rot90
+        of every tile (and of its mask) happen inside the same single gather as the cast."""
         batch = dict(batch)
-        batch["image"] = augment.to_float(batch["image"], self.mean, self.std)
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.training:
             if "train" in self._loaders:
                 self._loaders["train"].mark_consumed()
-            spatial = [batch["image"]]
-            mask_target = batch["target"].ndim > 1
-            if mask_target:
-                spatial.append(batch["target"].unsqueeze(1))
-            spatial = augment.geometric(spatial, self.augment_cfg)
-            batch["image"] = augment.intensity_jitter(spatial[0], self.augment_cfg.intensity_jitter)
-            if mask_target:
-                batch["target"] = spatial[1].squeeze(1)
+            batch = augment_training_batch(batch, self.augment_cfg, self.mean, self.std, self._workspace)
+        else:
+            batch["image"] = augment.to_float(batch["image"], self.mean, self.std)
         if batch["target"].ndim > 1:
             batch["target"] = batch["target"].long()
         if self.channels_last and batch["image"].ndim in (4, 5):  # perf.channels_last

@@ -126,6 +126,7 @@ class SSLMethod(BaseMethod):
             raise ConfigError(f"model.views.crop_fraction: crops of {self.crop_size} px from {h}x{w} tiles "
                               "are too small for ResNet-18 (need >= 8 px)")
         self.ema_start, self.ema_end = float(ema_start), float(ema_end)
+        self._view_workspace = augment.Workspace()  # the views' gather index, reused per batch
         # the stem follows the size the encoder actually sees (crops), see nets/resnet.py
         self.encoder = ResNet18Encoder(in_channels=1, stem=stem, tile_size=min(self.crop_size))
         dim = self.encoder.out_dim
@@ -226,9 +227,11 @@ class SSLMethod(BaseMethod):
     def make_view(self, x: torch.Tensor) -> torch.Tensor:
         """One random crop (``crop_fraction`` of the tile) plus the configured per-view extras."""
         cfg = self.views_cfg
-        (view,) = augment.random_crop([x], self.crop_size)
-        if cfg.hflip or cfg.vflip or cfg.rot90:
-            (view,) = augment.geometric([view], AugmentConfig(hflip=cfg.hflip, vflip=cfg.vflip, rot90=cfg.rot90))
+        geometry = AugmentConfig(hflip=cfg.hflip, vflip=cfg.vflip, rot90=cfg.rot90)
+        samples = torch.arange(x.shape[0], device=x.device)
+        # crop + flips + rot90 of every sample as ONE gather (same draws as random_crop, geometric)
+        view, _ = augment.gather_augmented(x.contiguous(), samples, self.crop_size, geometry,
+                                           workspace=self._view_workspace)
         return augment.intensity_jitter(view, cfg.intensity_jitter)
 
     # -- training --------------------------------------------------------------------------------
