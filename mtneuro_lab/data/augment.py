@@ -27,8 +27,12 @@ def to_float(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """uint8 ``(B, *spatial)`` -> normalised float ``(B, 1, *spatial)``: ``(x/255 - mean)/std``
     computed as ONE in-place pass ``-mean/std + x/(255 std)`` after the cast (the fastest
     variant measured; equal to the three-pass form up to float rounding)."""
-    x = images.unsqueeze(1).to(torch.float32)
-    shift = torch.tensor(-mean / std, dtype=torch.float32, device=x.device)
+    return normalise_(images.unsqueeze(1).to(torch.float32), mean, std)
+
+
+def normalise_(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """In place on float ``x`` holding 0..255 values: ``(x/255 - mean)/std`` as one pass."""
+    shift = torch.tensor(-mean / std, dtype=x.dtype, device=x.device)
     return torch.add(shift, x, alpha=1.0 / (255.0 * std), out=x)
 
 
@@ -334,7 +338,6 @@ def dihedral_to_float_grouped(images: torch.Tensor, cfg: AugmentConfig, mean: fl
     order = torch.argsort(code, stable=True)
     out = torch.empty((batch, 1, *images.shape[1:]), dtype=torch.float32, device=images.device)
     aligned_out = [torch.empty_like(a) for a in aligned]
-    shift = torch.tensor(-mean / std, dtype=torch.float32, device=out.device)
     start = 0
     for c, n in enumerate(torch.bincount(code, minlength=8).tolist()):
         if not n:
@@ -346,7 +349,6 @@ def dihedral_to_float_grouped(images: torch.Tensor, cfg: AugmentConfig, mean: fl
             if dims:
                 group = group.flip(dims)
             dst[start:start + n].copy_(group.transpose(-2, -1) if transpose else group)
-        block = out[start:start + n]  # normalised while it is still in cache
-        torch.add(shift, block, alpha=1.0 / (255.0 * std), out=block)
+        normalise_(out[start:start + n], mean, std)  # while the block is still in cache
         start += n
     return out, aligned_out, order

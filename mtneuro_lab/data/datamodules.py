@@ -114,8 +114,9 @@ def augment_training_batch(batch: dict[str, torch.Tensor], cfg: AugmentConfig, m
     size = images.shape[0]
     if images.device.type == "cpu":
         image, masks, order = augment.dihedral_to_float_grouped(images, cfg, mean, std, aligned=masks)
-        out = {k: v.index_select(0, order.to(v.device)) if isinstance(v, torch.Tensor) and v.ndim and
-               v.shape[0] == size else v for k, v in batch.items()}
+        done = {"image", "target"} if masks else {"image"}  # already in the grouped order
+        out = {k: v.index_select(0, order.to(v.device)) if k not in done and isinstance(v, torch.Tensor)
+               and v.ndim and v.shape[0] == size else v for k, v in batch.items()}
     else:
         samples = torch.arange(size, device=images.device)
         image, masks = augment.gather_crop_augment(images, samples, tuple(images.shape[-2:]), cfg, mean, std,
