@@ -21,8 +21,8 @@ env: $(STAMP)
 run: $(STAMP)
 	$(PY) train.py experiment=quickstart $(ARGS)
 
-# two xdist workers: most tests are CLI subprocesses whose start-up is single-threaded
-test: $(STAMP)
+# lint (a second) first; two xdist workers: most tests are CLI subprocesses whose start-up is single-threaded
+test: $(STAMP) lint
 	$(PY) -m pytest -q -n 2 $(ARGS)
 
 test-slow: $(STAMP)
@@ -35,7 +35,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run_all $(ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check mtneuro_lab tests benchmarks
+	$(PY) -m ruff check mtneuro_lab tests benchmarks train.py evaluate.py
 
 clean:
 	rm -rf outputs .cache .pytest_cache

@@ -16,7 +16,8 @@ config) vs ``python -c "import torch, pytorch_lightning"``, alternated. Target: 
 
 ``MTNEURO_BENCH_QUICK=1`` shortens both. ``MTNEURO_BENCH_OVERRIDES="trainer=gpu perf.channels_last=true"``
 adds overrides to the step-time config; the plain loop then uses the same ``perf.*`` options and
-bf16 autocast when ``trainer.precision`` is ``bf16-mixed`` (see docs/gpu.md). ``main()`` returns the figures and a ``checks`` list.
+bf16 autocast when ``trainer.precision`` is ``bf16-mixed`` (see docs/gpu.md).
+``main()`` returns the figures and a ``checks`` list.
 """
 from __future__ import annotations
 

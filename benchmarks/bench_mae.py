@@ -158,8 +158,9 @@ def print_finetune(res: dict[str, Any]) -> None:
     """Markdown: per-seed test/arand, means of every metric, the check."""
     seeds = res["budget"]["seeds"]
     print("## Phantom EM: fine-tuning from the MAE encoder vs from scratch\n")
-    print(f"budget: {json.dumps(res['budget'])}; pretrain test/loss {res['pretrain'].get('test/loss', float('nan')):.4f}"
-          f" ({res['pretrain']['wall_s']:.0f} s)\n")
+    pre = res["pretrain"]
+    print(f"budget: {json.dumps(res['budget'])}; pretrain test/loss {pre.get('test/loss', float('nan')):.4f}"
+          f" ({pre['wall_s']:.0f} s)\n")
     print("| init | test/arand per seed (" + " / ".join(map(str, seeds)) + ") | "
           + " | ".join(f"mean {k}" for k in METRIC_KEYS) + " |")
     print("|---" * (len(METRIC_KEYS) + 2) + "|")
@@ -183,7 +184,8 @@ def main(parts: Sequence[str] = ("speed", "finetune"), seeds: Sequence[int] = (1
         print("|---|---|---|---|---|---|---|---|")
         for r in out["speed"]:
             print(f"| {r['preset']} | {'x'.join(map(str, r['crop']))} | {r['batch']} | {r['tokens']} | "
-                  f"{r['cpu_s_mask0.9']:.2f} | {r['cpu_s_mask0.0']:.2f} | **{r['ratio']:.3f}** | {r['wall_ratio']:.3f} |")
+                  f"{r['cpu_s_mask0.9']:.2f} | {r['cpu_s_mask0.0']:.2f} | **{r['ratio']:.3f}** | "
+                  f"{r['wall_ratio']:.3f} |")
         print()
         batch8 = out["speed"][1]
         out["speed_checks"] = {"checks": [{"name": "MAE step time mask 0.9 / 0.0 (base, batch 8)",

@@ -133,7 +133,8 @@ def print_table(figures: dict[str, dict]) -> None:
     for name, m in figures.items():
         if name.startswith("memory/"):
             continue
-        per_class = ", ".join(f"{k[9:]} {v:.3f}" for k, v in m.items() if k.startswith("test/iou_") and k != "test/iou_mean")
+        per_class = ", ".join(f"{k[9:]} {v:.3f}" for k, v in m.items()
+                              if k.startswith("test/iou_") and k != "test/iou_mean")
         print(f"| {name} | {m['test/iou_mean']:.3f} | {m['test/f1_mean']:.3f} | {per_class} | {m['wall_s']:.0f} |")
     for name, m in figures.items():
         if "iou_mean_per_image" in m:

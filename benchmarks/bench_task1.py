@@ -104,7 +104,8 @@ def accuracy(out_dir: Path, epochs: int = 10, linear_epochs: int = 10, batch_siz
         run_dir = out_dir / model
         metrics_file = run_dir / "metrics.json"
         if not metrics_file.is_file():
-            args = [sys.executable, str(ROOT / "train.py"), *_overrides(model, epochs, linear_epochs, batch_size, limit_train_batches, stem),
+            args = [sys.executable, str(ROOT / "train.py"),
+                    *_overrides(model, epochs, linear_epochs, batch_size, limit_train_batches, stem),
                     f"hydra.run.dir={run_dir}"]
             start = time.perf_counter()
             proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)

@@ -58,7 +58,7 @@ def main(shape: tuple[int, int, int] = SHAPE, cache_dir: str | None = None) -> d
     pred = _degrade(aff, rng)
     t0, c0 = time.perf_counter(), time.process_time()
     seg = segment(pred, "affinity", PostprocessConfig(threshold=0.5, min_size=50))
-    t1, c1 = time.perf_counter(), time.process_time()
+    t1 = time.perf_counter()
     scores = instance_scores(seg, pred.mean(axis=0))
     metrics = evaluate_instances(seg, neurons, ignore_zero=True, scores=scores)
     t2, c2 = time.perf_counter(), time.process_time()
@@ -70,7 +70,7 @@ def main(shape: tuple[int, int, int] = SHAPE, cache_dir: str | None = None) -> d
     pred = _degrade(bc, rng)
     t0, c0 = time.perf_counter(), time.process_time()
     seg = segment(pred, "bc", PostprocessConfig(min_size=64))
-    t1, c1 = time.perf_counter(), time.process_time()
+    t1 = time.perf_counter()
     metrics = evaluate_instances(seg, mito, ignore_zero=False, scores=instance_scores(seg, pred[0]))
     t2, c2 = time.perf_counter(), time.process_time()
     out.update({"bc_watershed_s": t1 - t0, "bc_metrics_s": t2 - t1, "bc_total_s": t2 - t0,

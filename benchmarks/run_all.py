@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks.run_all [--only framework,data] [--quick] [--timeout 3600] [--output docs/benchmarks.md]
+    python -m benchmarks.run_all [--only framework,data] [--quick] [--timeout 7200] [--output docs/benchmarks.md]
 
 Each benchmark module runs in its own subprocess (isolation: its thread settings, memory and
 crashes stay its own) with a per-benchmark timeout. ``--quick`` sets ``MTNEURO_BENCH_QUICK=1``
@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--only", default="", help="comma-separated names (framework or bench_framework)")
     parser.add_argument("--quick", action="store_true", help="set MTNEURO_BENCH_QUICK=1 for the benchmarks")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per benchmark")
+    parser.add_argument("--timeout", type=float, default=7200.0,
+                        help="seconds per benchmark (bench_mae, the longest, takes ~75 min on 2 cores)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)

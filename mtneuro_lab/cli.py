@@ -15,8 +15,8 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 

@@ -14,14 +14,26 @@ import io
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
-from mtneuro_lab.analysis.tables import (IGNORED_PREFIXES, Group, RunRecord, best_group, fmt, flatten,
-                                         group_runs, label_columns, long_table, markdown_table,
-                                         metric_names, pivot_table)
+from mtneuro_lab.analysis.tables import (
+    IGNORED_PREFIXES,
+    Group,
+    RunRecord,
+    best_group,
+    flatten,
+    fmt,
+    group_runs,
+    label_columns,
+    long_table,
+    markdown_table,
+    metric_names,
+    pivot_table,
+)
 from mtneuro_lab.data.cache import atomic_write_bytes
 from mtneuro_lab.errors import ConfigError
 

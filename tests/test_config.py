@@ -1,11 +1,10 @@
 """Every YAML under conf/ and sweeps/ composes and passes schema validation."""
 from __future__ import annotations
 
-
 import pytest
+from conftest import ROOT, compose
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.errors import ConfigError
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra.utils import instantiate
-
 from conftest import compose, run_cli
+from hydra.utils import instantiate
 
 
 @pytest.mark.parametrize("trainer", ["auto", "cpu", "ddp_cpu"])

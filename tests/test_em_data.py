@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import compose, run_cli
 from omegaconf import open_dict
 
-from conftest import compose, run_cli
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.data import targets
 from mtneuro_lab.data.em import EMDataModule, EMTask

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, cli_env, read_metrics, run_cli
 
 RESUME_ARGS = (

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import compose, read_metrics, run_cli
+
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.data.cubes import catalog_from_config
 from mtneuro_lab.data.seg_tasks import SegmentationTask

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import OmegaConf, open_dict
-
 from conftest import ROOT, compose, read_metrics, run_cli
+from omegaconf import OmegaConf, open_dict
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps" / "sweep").glob("*.yaml"))
 GROUPS = {p.name for p in (ROOT / "conf").iterdir() if p.is_dir()}
@@ -110,13 +109,13 @@ def test_job_dirs_are_stable_and_distinct() -> None:
 def test_slurm_launcher_renders_a_submission_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real submitit launcher submits to a fake ``sbatch`` that keeps the script."""
     import submitit
+    from hydra._internal.callbacks import Callbacks
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
     from hydra.core.plugins import Plugins
     from hydra.core.utils import JobReturn
     from hydra.types import HydraContext
 
-    from hydra._internal.callbacks import Callbacks
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.utils import create_config_search_path
     from mtneuro_lab.cli import CONF_DIR
 
     bindir = tmp_path / "bin"

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import compose, read_metrics, run_cli
 from sklearn.decomposition import NMF, PCA
 
-from conftest import compose, read_metrics, run_cli
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.errors import ConfigError
 from mtneuro_lab.methods import decomposition
@@ -155,7 +155,8 @@ def test_decomposition_never_sees_test_data(monkeypatch, kind: str) -> None:
     trainer.test(comps.method, datamodule=comps.datamodule)
     (fitted,) = seen
     assert len(fitted) == 300
-    to_rows = lambda a: {r.tobytes() for r in (a.reshape(len(a), -1).astype(np.float32) / 255)}
+    def to_rows(a: np.ndarray) -> set[bytes]:
+        return {r.tobytes() for r in (a.reshape(len(a), -1).astype(np.float32) / 255)}
     train_rows = to_rows(comps.datamodule.arrays["train"].images)
     test_rows = to_rows(comps.datamodule.arrays["test"].images)
     fitted_rows = {r.astype(np.float32).tobytes() for r in fitted}

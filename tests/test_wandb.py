@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import compose, run_cli
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
-
-from conftest import compose, run_cli
 
 
 def _wandb(overrides: list[str]) -> dict:

@@ -6,8 +6,9 @@ notebooks share one definition of "a group", "a missing seed" and "mean ± std".
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 #: flat config keys (prefixes) that never make two runs different experiments
 IGNORED_PREFIXES = ("seed", "paths", "hydra", "ckpt_path", "logger", "callbacks", "extras", "sweep",

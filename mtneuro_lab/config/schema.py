@@ -17,8 +17,9 @@ import importlib
 import inspect
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Literal, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
@@ -34,7 +35,7 @@ class DataConfig:
     """``data.*``: how batches are formed. ``batch_size`` is GLOBAL (split over DDP ranks)."""
 
     batch_size: int = 64
-    eval_batch_size: Optional[int] = None
+    eval_batch_size: int | None = None
     normalize: str = "train_stats"
     drop_last: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -6,8 +6,9 @@ every composed config and saved with each run); this module turns that config in
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from mtneuro_lab.errors import ConfigError
 

@@ -12,7 +12,8 @@ optimisation. ``eval_batch_size`` (default: ``batch_size``) is global too.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl

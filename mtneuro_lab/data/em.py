@@ -27,8 +27,9 @@ depth. The same channel may not appear in two splits with overlapping z.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -194,7 +195,7 @@ class EMTask:
                                       "give them disjoint z ranges or different channels")
 
     # -- the CubeTask-like interface the run uses --------------------------------------------
-    def bind(self, catalog: Any) -> "EMTask":
+    def bind(self, catalog: Any) -> EMTask:
         """EM tasks do not use the MTNeuro cube catalog; kept for the common run flow."""
         self.catalog = catalog
         return self
@@ -266,7 +267,8 @@ class EMTask:
         z = part.z or tuple(z_all)
         image = np.array(source.cutout(part.image, x, y, z))  # a private, writable copy
         if image.dtype != np.uint8:
-            raise DataError(f"task.splits.{split}.image: channel {part.image!r} has dtype {image.dtype}, expected uint8")
+            raise DataError(f"task.splits.{split}.image: channel {part.image!r} has dtype {image.dtype}, "
+                            f"expected uint8")
         labels = np.array(source.cutout(part.labels, x, y, z))
         if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != np.bool_:
             raise DataError(f"task.splits.{split}.labels: channel {part.labels!r} has dtype {labels.dtype}, "

@@ -15,7 +15,8 @@ Images are downsampled in-plane by area averaging, label masks by nearest sampli
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from mtneuro_lab.data.cubes import Cube, CubeCatalog
 from mtneuro_lab.data.sources.base import VolumeSource
 from mtneuro_lab.data.tasks import SPLITS, CubeTask, SplitArrays, downsample_area, downsample_nearest
 from mtneuro_lab.errors import ConfigError, DataError
+
 
 class SegmentationTask(CubeTask):
     """Pixel (2D, ``dims=2``) or voxel (3D, ``dims=3``) classification of a label channel."""
@@ -84,7 +86,7 @@ class SegmentationTask(CubeTask):
         plane = super().sample_shape()
         return plane if self.dims == 2 else (self.volume_z, *plane)
 
-    def bind(self, catalog: CubeCatalog) -> "SegmentationTask":
+    def bind(self, catalog: CubeCatalog) -> SegmentationTask:
         """As :meth:`CubeTask.bind`, plus: one in-plane shape, and every range holds a stack."""
         super().bind(catalog)
         shapes = {(c.y[1] - c.y[0], c.x[1] - c.x[0]) for s in SPLITS for c, _ in self._slabs(s)}

@@ -49,7 +49,8 @@ class SemanticFeatureTask(RegionClassificationTask):
     ``tile``. ``folds``/``cv``: k-fold cross-validation of the read-out, ``shuffled`` KFold (rows
     of neighbouring slices can fall in different folds) or ``blocked`` (contiguous z blocks,
     the stricter number). ``alpha``: 0 = ordinary least squares (the paper), > 0 = ridge penalty
-    (on standardised embeddings), for when samples are few next to the embedding size. ``umap``: also draw UMAPs of the embeddings.
+    (on standardised embeddings), for when samples are few next to the embedding size.
+    ``umap``: also draw UMAPs of the embeddings.
     """
 
     kind = "semantic"

@@ -22,7 +22,8 @@ Conventions (those of waterz and pytorch_connectomics):
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch

@@ -17,8 +17,9 @@ test keeps ``test_buffer`` slices away from train/val.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -185,7 +186,7 @@ class CubeTask:
         self.splits: dict[str, list[SplitPart]] = {}
 
     # -- binding and validation ------------------------------------------------------------
-    def bind(self, catalog: CubeCatalog) -> "CubeTask":
+    def bind(self, catalog: CubeCatalog) -> CubeTask:
         """Resolve cube-set names against ``catalog`` and check the splits never leak."""
         self.catalog = catalog
         if self.region_filter is not None:

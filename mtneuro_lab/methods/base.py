@@ -5,8 +5,9 @@ Methods receive from the run (not from their own config) what depends on the tas
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 import torch

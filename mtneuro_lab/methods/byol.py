@@ -6,8 +6,9 @@ views, EMA schedule, online probe and linear evaluation come from :class:`SSLMet
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead

@@ -14,7 +14,8 @@ does not depend on its batch-mates.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch

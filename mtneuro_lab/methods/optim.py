@@ -8,8 +8,8 @@ setting) it is ``lr`` unchanged. ``global_batch`` is ``data.batch_size`` (the gl
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 

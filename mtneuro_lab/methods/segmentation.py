@@ -8,8 +8,9 @@ entry points only build the net: :class:`SMPSegmentation` (2D, segmentation-mode
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -21,8 +22,16 @@ from mtneuro_lab.errors import ConfigError
 from mtneuro_lab.methods.base import ScoredMethod
 from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
 from mtneuro_lab.metrics.segmentation import SegmentationMetrics
-from mtneuro_lab.nets.segmentation import (SMP_MIN_SIZE, Net3DArch, SmpArch, check_divisible, net3d,
-                                           net3d_reduction, smp_net, smp_reduction)
+from mtneuro_lab.nets.segmentation import (
+    SMP_MIN_SIZE,
+    Net3DArch,
+    SmpArch,
+    check_divisible,
+    net3d,
+    net3d_reduction,
+    smp_net,
+    smp_reduction,
+)
 
 Loss = Literal["ce", "dice", "ce_dice"]
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,7 @@ from mtneuro_lab.data import augment
 from mtneuro_lab.data.augment import AugmentConfig
 from mtneuro_lab.errors import ConfigError
 from mtneuro_lab.methods.base import BaseMethod, as_dataclass
-from mtneuro_lab.methods.optim import (OptimizerConfig, SchedulerConfig, build_optimizer,
-                                       build_scheduler)
+from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler
 from mtneuro_lab.metrics.classification import ClassificationMetrics
 from mtneuro_lab.nets.resnet import ResNet18Encoder, Stem
 
@@ -174,7 +174,7 @@ class SSLMethod(BaseMethod):
     def in_linear_phase(self) -> bool:
         return self.ssl_epochs is not None and self._trainer is not None and self.current_epoch >= self.ssl_epochs
 
-    def train(self, mode: bool = True) -> "SSLMethod":
+    def train(self, mode: bool = True) -> SSLMethod:
         """Keep the frozen encoder in eval mode whatever Lightning switches (fixed BN statistics)."""
         super().train(mode)
         if mode and self._frozen:

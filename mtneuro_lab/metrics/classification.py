@@ -1,7 +1,7 @@
 """Classification metrics per stage, logged as ``<stage>/acc`` and ``<stage>/acc_<class>``."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -11,7 +11,7 @@ reported as NaN and left out of the unweighted class means (``f1_mean``/``iou_me
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

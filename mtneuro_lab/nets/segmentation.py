@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import socket
-from typing import Iterator, Literal, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Literal
 from urllib.parse import urlparse
 
 import torch

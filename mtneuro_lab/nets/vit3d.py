@@ -36,7 +36,8 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 
 
 # -- geometry ---------------------------------------------------------------------------------
-def token_grid(input_shape: Sequence[int], patch_size: Sequence[int], key: str = "model.patch_size") -> tuple[int, int, int]:
+def token_grid(input_shape: Sequence[int], patch_size: Sequence[int],
+               key: str = "model.patch_size") -> tuple[int, int, int]:
     """Tokens per axis; one-line ConfigError when the crop is not divisible by the patch."""
     if isinstance(patch_size, (str, bytes)) or not isinstance(patch_size, Sequence):
         raise ConfigError(f"{key}: expected three positive integers [pd, ph, pw], got {patch_size!r}")

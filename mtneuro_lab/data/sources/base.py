@@ -7,7 +7,7 @@ task config works unchanged with ``source=phantom``, ``source=bossdb`` or ``sour
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

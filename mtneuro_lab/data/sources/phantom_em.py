@@ -14,8 +14,8 @@ cached with :mod:`mtneuro_lab.data.cache` (atomic, checksummed), then served fro
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage

@@ -5,7 +5,8 @@ synthetic serial-EM volume. The run injects ``modality`` (from the task) and the
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from mtneuro_lab.data.sources.base import VolumeSource
 
