@@ -29,8 +29,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -40,6 +38,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.cli_runs import run_cli
 from mtneuro_lab.methods.mae_pretrain import MAEPretrain
 from mtneuro_lab.methods.optim import OptimizerConfig, build_optimizer
 
@@ -59,14 +58,16 @@ FINETUNE_STEPS = 300
 BATCH = 4
 COMMON = ("task=snemi3d", "source=phantom", f"task.crop={CROP}", f"model.preset={PRESET}",
           f"model.patch_size={PATCH}", "logger=none", "trainer=cpu", "trainer.enable_progress_bar=false",
-          "trainer.limit_val_batches=0", "task.eval_overlap=0.25", "trainer.max_epochs=-1",
-          "callbacks=none")
-PRETRAIN = ("model=mae_pretrain", "seed=1", f"data.batch_size={PRETRAIN_BATCH}",
+          "task.eval_overlap=0.25", "trainer.max_epochs=-1", "callbacks=none")
+# no validation during training: every arm tests its last weights, and the run validates those
+# once more at the end (metrics.json val/*), which is what chooses the better scratch arm
+PRETRAIN = ("model=mae_pretrain", "seed=1", "trainer.limit_val_batches=0", f"data.batch_size={PRETRAIN_BATCH}",
             f"trainer.max_steps={PRETRAIN_STEPS}",
             "model.optimizer.lr=1.5e-3", "model.optimizer.lr_scaling=none", "model.decoder_dim=128",
             "model.decoder_heads=8", "model.mask_ratio=0.75", "model.norm_pix_loss=false",
             "model.scheduler.warmup_epochs=0.5")
 FINETUNE = ("model=mae_finetune", f"data.batch_size={BATCH}", f"trainer.max_steps={FINETUNE_STEPS}",
+            f"trainer.check_val_every_n_epoch={10 ** 6}",
             "model.optimizer.lr=1e-3", "model.optimizer.lr_scaling=none", "model.feature_size=16",
             "model.scheduler.warmup_epochs=0.1")
 
@@ -102,16 +103,7 @@ def step_time_ratio(preset: str = "base", crop: tuple[int, int, int] = (6, 96, 9
 
 def _train(run_dir: Path, *overrides: str) -> dict[str, float]:
     """One CLI run on one thread; its ``metrics.json`` plus ``wall_s``."""
-    args = [sys.executable, str(ROOT / "train.py"), *COMMON, *overrides, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "PYTHONHASHSEED": "0", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1"}
-    start = time.perf_counter()
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"train.py {' '.join(overrides)} failed:\n{proc.stderr[-3000:]}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics["wall_s"] = time.perf_counter() - start
-    return metrics
+    return run_cli(run_dir, [*COMMON, *overrides], threads=1)
 
 
 METRIC_KEYS = ("test/arand", "test/voi_split", "test/voi_merge", "test/ap50", "test/ap75")
@@ -123,8 +115,9 @@ def finetune_comparison(workdir: Path, seeds: Sequence[int] = (1, 2, 3, 4, 5), j
     """Pretrain once, then fine-tune every arm for every seed; per-seed and mean ``test/*``.
 
     Scratch runs with the recipe's layer-wise LR decay (0.75) and without it (1.0, which suits
-    a randomly initialised encoder better); the check is against the better of the two means so
-    that the pretrained encoder gets no help from a handicapped baseline.
+    a randomly initialised encoder better); the check is against the better of the two, chosen
+    by mean validation loss (never by a test metric), so that the pretrained encoder gets no
+    help from a handicapped baseline.
     """
     def finetune(arm: str, seed: int, *extra: str) -> dict[str, float]:
         return _train(workdir / f"ft_{arm}_s{seed}", *FINETUNE, f"seed={seed}", *extra)
@@ -144,8 +137,11 @@ def finetune_comparison(workdir: Path, seeds: Sequence[int] = (1, 2, 3, 4, 5), j
     per_seed = {arm: {s: runs[arm, s] for s in seeds} for arm in arms}
     mean = {arm: {k: statistics.fmean(m[k] for m in per_seed[arm].values()) for k in METRIC_KEYS}
             for arm in arms}
-    best_scratch = min(FINETUNE_ARMS, key=lambda a: mean[a]["test/arand"])
+    # the better scratch arm by validation (mean val/loss of the tested weights), never by test
+    val_loss = {arm: statistics.fmean(m["val/loss"] for m in per_seed[arm].values()) for arm in FINETUNE_ARMS}
+    best_scratch = min(FINETUNE_ARMS, key=val_loss.__getitem__)
     return {"pretrain": pre, "per_seed": per_seed, "mean": mean, "best_scratch": best_scratch,
+            "scratch_val_loss": val_loss,
             "arand_mae_minus_scratch": mean["mae"]["test/arand"] - mean[best_scratch]["test/arand"],
             "seeds_mae_ahead": sum(runs["mae", s]["test/arand"] < runs[best_scratch, s]["test/arand"]
                                    for s in seeds),
@@ -167,6 +163,8 @@ def print_finetune(res: dict[str, Any]) -> None:
     for arm, by_seed in res["per_seed"].items():
         print(f"| {arm} | " + " / ".join(f"{m['test/arand']:.4f}" for m in by_seed.values()) + " | "
               + " | ".join(f"{res['mean'][arm][k]:.4f}" for k in METRIC_KEYS) + " |")
+    print(f"\nthe better scratch arm by mean val/loss: {res['best_scratch']} "
+          f"({', '.join(f'{a} {v:.4f}' for a, v in res['scratch_val_loss'].items())})")
     print(f"\nmean test/arand, MAE minus the better scratch arm ({res['best_scratch']}): "
           f"{res['arand_mae_minus_scratch']:+.4f}; MAE ahead on {res['seeds_mae_ahead']} of {len(seeds)} seeds")
 

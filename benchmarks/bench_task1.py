@@ -1,8 +1,10 @@
-"""Task 1 model figures: (a) test accuracy on the phantom ROI-C1, (b) BYOL / supervised step time.
+"""Task 1 model figures: (a) test accuracy on the phantom ROI-C1/C2, (b) BYOL / supervised step time.
 
-(a) HEAVY (minutes to hours on a shared CPU): trains supervised, BYOL, MYOW-m and PCA through
-    ``train.py`` on ROI-C1 (phantom, downsample 4) with a short CPU budget and prints a Markdown
-    table of ``test/acc`` with the difference to PCA's linear read-out.
+(a) HEAVY (about an hour on 2 cores): trains BYOL, MYOW-m, supervised, PCA and texture through
+    ``train.py`` on ROI-C1 and ROI-C2 (phantom, downsample 4) for seeds 1 and 2 with a short CPU
+    budget, ``--jobs`` runs at once, and writes a Markdown table (mean ± std over seeds of
+    ``test/acc`` and of the validation value that chose each checkpoint, the gaps to PCA, to
+    texture and to the stronger of the two) into docs/task1.md.
 (b) Seconds: one training step (forward, backward, optimiser step; for BYOL also views and the
     EMA update) of BYOL and of the supervised model on the SAME batch, interleaved in one
     process; prints the ratio of the medians (timings on a shared machine are noisy, ratios
@@ -15,12 +17,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +30,15 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cli_runs import run_many  # noqa: E402
+from benchmarks.doc_blocks import write_block  # noqa: E402
 from mtneuro_lab.methods.byol import BYOL  # noqa: E402
 from mtneuro_lab.methods.optim import OptimizerConfig, build_optimizer  # noqa: E402
 from mtneuro_lab.methods.supervised import SupervisedClassifier  # noqa: E402
 
 CLASSES = ["cortex", "striatum", "vp", "zi"]
-MODELS = ("supervised", "byol", "myow_m", "pca")
+#: longest first: the SSL runs start before the cheap ones
+MODELS = ("byol", "myow_m", "supervised", "pca", "texture")
 
 
 # -- (b) step time ---------------------------------------------------------------------------
@@ -58,6 +63,7 @@ def _byol_step(model: BYOL, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
 
 def step_time(batch_size: int = 32, tile: int = 64, repeats: int = 5, seed: int = 0) -> dict[str, float]:
     """Median seconds per training step of both models on one batch, and their ratio."""
+    begin = time.perf_counter()
     torch.manual_seed(seed)
     x = torch.randn(batch_size, 1, tile, tile)
     y = torch.randint(0, len(CLASSES), (batch_size,))
@@ -78,16 +84,21 @@ def step_time(batch_size: int = 32, tile: int = 64, repeats: int = 5, seed: int 
             if i:
                 times[name].append(time.perf_counter() - start)
     sup_s, byol_s = statistics.median(times["supervised"]), statistics.median(times["byol"])
+    wall = time.perf_counter() - begin
     return {"batch_size": batch_size, "tile": tile, "supervised_step_s": sup_s, "byol_step_s": byol_s,
+            "wall_s": wall,
             "byol_over_supervised": byol_s / sup_s}
 
 
 # -- (a) accuracy ----------------------------------------------------------------------------
-def _overrides(model: str, epochs: int, linear_epochs: int, batch_size: int,
+BASELINES = ("pca", "texture")
+
+
+def _overrides(task: str, model: str, seed: int, epochs: int, linear_epochs: int, batch_size: int,
                limit_train_batches: int | None, stem: str) -> list[str]:
-    common = [f"model={model}", "task=roi_c1", "source=phantom", "task.downsample=4", f"data.batch_size={batch_size}",
+    common = [f"model={model}", f"task={task}", "source=phantom", "task.downsample=4", f"data.batch_size={batch_size}",
               f"trainer.max_epochs={epochs}", "logger=none", "trainer.enable_progress_bar=false",
-              "trainer.accelerator=cpu", "seed=1"]
+              "trainer.accelerator=cpu", f"seed={seed}"]
     if limit_train_batches:
         common.append(f"trainer.limit_train_batches={limit_train_batches}")
     if model in ("byol", "myow", "myow_m"):
@@ -95,48 +106,79 @@ def _overrides(model: str, epochs: int, linear_epochs: int, batch_size: int,
     return common
 
 
-def accuracy(out_dir: Path, epochs: int = 10, linear_epochs: int = 10, batch_size: int = 64,
-             limit_train_batches: int | None = None, stem: str = "auto",
-             models: tuple[str, ...] = MODELS) -> dict[str, float]:
-    """Train each model through the CLI; returns ``{model: test/acc}``."""
-    results: dict[str, float] = {}
-    for model in models:
-        run_dir = out_dir / model
-        metrics_file = run_dir / "metrics.json"
-        if not metrics_file.is_file():
-            args = [sys.executable, str(ROOT / "train.py"),
-                    *_overrides(model, epochs, linear_epochs, batch_size, limit_train_batches, stem),
-                    f"hydra.run.dir={run_dir}"]
-            start = time.perf_counter()
-            proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-            if proc.returncode:
-                raise RuntimeError(f"{model} failed:\n{proc.stderr[-3000:]}")
-            print(f"{model}: {time.perf_counter() - start:.0f} s", flush=True)
-        results[model] = json.loads(metrics_file.read_text())["test/acc"]
-    return results
+def accuracy(out_dir: Path, tasks: Sequence[str] = ("roi_c1", "roi_c2"), seeds: Sequence[int] = (1, 2),
+             models: Sequence[str] = MODELS, epochs: int = 10, linear_epochs: int = 5, batch_size: int = 64,
+             limit_train_batches: int | None = None, stem: str = "small", jobs: int = 2,
+             keep_going: bool = True) -> list[dict[str, Any]]:
+    """Train every (task, model, seed) through the CLI, ``jobs`` at once, seeds in order (all
+    models of the first seed before the second); one row per finished run."""
+    runs = {(task, model, seed): (out_dir / task / model / f"seed{seed}",
+                                  _overrides(task, model, seed, epochs, linear_epochs, batch_size,
+                                             limit_train_batches, stem))
+            for seed in seeds for task in tasks for model in models}
+    results = run_many(runs, jobs=jobs, keep_going=keep_going)
+    return [{"task": t, "model": m, "seed": s, **results[t, m, s]} for (t, m, s) in runs if (t, m, s) in results]
 
 
-def accuracy_table(results: dict[str, float], reference: str = "pca") -> str:
-    lines = ["| model | test/acc | vs PCA |", "|---|---|---|"]
-    for model, acc in results.items():
-        diff = "" if model == reference else f"{acc - results[reference]:+.3f}"
-        lines.append(f"| {model} | {acc:.3f} | {diff} |")
+def _mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def accuracy_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per task and model, mean ± std over seeds of ``test/acc`` and of the validation
+    metric that chose each run's checkpoint, and the gap to each baseline and to the stronger one."""
+    lines = ["| task | model | seeds | chosen by (validation, mean) | best epoch | test/acc | vs PCA | vs texture "
+             "| vs stronger baseline | wall min/run |", "|---|---|---|---|---|---|---|---|---|---|"]
+    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault((r["task"], r["model"]), []).append(r)
+    for task in dict.fromkeys(r["task"] for r in rows):
+        base = {b: statistics.fmean(r["test/acc"] for r in by[task, b]) for b in BASELINES if (task, b) in by}
+        strongest = max(base, key=base.__getitem__) if base else None
+        for (t, model), group in by.items():
+            if t != task:
+                continue
+            acc = [r["test/acc"] for r in group]
+            mean = statistics.fmean(acc)
+            metric = group[0].get("selection/metric", "?")
+            chosen = _mean_std([float(r["selection/value"]) for r in group if "selection/value" in r])
+            epochs = "/".join(str(r.get("best_epoch", "?")) for r in group)
+            diffs = [("" if b == model or b not in base else f"{mean - base[b]:+.3f}") for b in BASELINES]
+            stronger = "" if strongest in (None, model) or model in BASELINES else \
+                f"{mean - base[strongest]:+.3f} ({strongest})"
+            wall = statistics.fmean(r["wall_s"] for r in group) / 60 if all(
+                r.get("wall_s") == r.get("wall_s") for r in group) else float("nan")
+            lines.append(f"| {task} | {model} | {', '.join(str(r['seed']) for r in group)} | {metric} {chosen} | "
+                         f"{epochs} | {_mean_std(acc)} | {diffs[0]} | {diffs[1]} | {stronger} | {wall:.1f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("all", "step", "accuracy"), default="all")
+    parser.add_argument("--tasks", nargs="+", default=["roi_c1", "roi_c2"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--linear-epochs", type=int, default=10)
+    parser.add_argument("--linear-epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_task1")
+    parser.add_argument("--jobs", type=int, default=2, help="CLI runs at once (torch threads = cores // jobs)")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_task1",
+                        help="run directories <out>/<task>/<model>/seed<N> (finished runs are reused)")
     parser.add_argument("--limit-train-batches", type=int, default=None,
                         help="training batches per epoch (CPU budget); default: the whole split")
-    parser.add_argument("--ssl-stem", default="auto", choices=("auto", "imagenet", "small", "tiny"),
+    parser.add_argument("--ssl-stem", default="small", choices=("auto", "imagenet", "small", "tiny"),
                         help="ResNet stem of the SSL encoders (small = 4x cheaper on 32 px crops)")
     parser.add_argument("--step-batch", type=int, default=32)
+    parser.add_argument("--doc", default=str(ROOT / "docs" / "task1.md"),
+                        help="write the accuracy table into this doc's bench:task1_accuracy block ('' = don't)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs: must be >= 1, got {args.jobs}")
     figures: dict[str, object] = {}
     if args.part in ("all", "step"):
         figures["step_time"] = step_time(batch_size=args.step_batch)
@@ -144,11 +186,27 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print(f"step time, batch {st['batch_size']} of {st['tile']}x{st['tile']}: supervised "
               f"{st['supervised_step_s']:.3f} s, BYOL {st['byol_step_s']:.3f} s, "
               f"ratio {st['byol_over_supervised']:.2f}x", flush=True)
+        if args.doc:
+            table = ("| | s / step |\n|---|---|\n"
+                     f"| supervised | {st['supervised_step_s']:.3f} |\n| BYOL | {st['byol_step_s']:.3f} |\n"
+                     f"| **ratio** | **{st['byol_over_supervised']:.2f}x** (bound: 3.5x) |")
+            write_block(Path(args.doc), "task1_step", table, st["wall_s"],
+                        {"batch": f"{st['batch_size']} tiles of {st['tile']}x{st['tile']}"})
     if args.part in ("all", "accuracy"):
-        results = accuracy(args.out, args.epochs, args.linear_epochs, args.batch_size,
-                           args.limit_train_batches, args.ssl_stem)
-        figures["accuracy"] = results
-        print(accuracy_table(results))
+        start = time.perf_counter()
+        rows = accuracy(args.out, args.tasks, args.seeds, args.models, args.epochs, args.linear_epochs,
+                        args.batch_size, args.limit_train_batches, args.ssl_stem, args.jobs)
+        figures["accuracy"] = rows
+        table = accuracy_table(rows)
+        print(table)
+        budget = (f"phantom, task.downsample=4 (64x64 tiles), data.batch_size={args.batch_size}, "
+                  f"trainer.max_epochs={args.epochs}"
+                  + (f", limit_train_batches={args.limit_train_batches}" if args.limit_train_batches else "")
+                  + f"; SSL: model.stem={args.ssl_stem}, model.linear_eval.epochs={args.linear_epochs}; "
+                  f"{args.jobs} runs at once")
+        if args.doc:
+            write_block(Path(args.doc), "task1_accuracy", table, time.perf_counter() - start,
+                        {"budget (non-default CPU recipe)": budget})
     return figures
 
 

@@ -53,8 +53,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"ckpt_path: cannot load {path} safely ({first})") from None
+        raise CheckpointError(f"ckpt_path: cannot load {path} safely ({one_line(err)})") from None
+
+
+def checkpoint_position(path: str | os.PathLike) -> dict[str, int]:
+    """``best_epoch`` and ``best_step`` of a checkpoint (memory-mapped: tensors are not read)."""
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - same contract as load_checkpoint
+        raise CheckpointError(f"ckpt_path: cannot load {path} safely ({one_line(err)})") from None
+    return {"best_epoch": int(state.get("epoch", -1)), "best_step": int(state.get("global_step", -1))}
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def run_dir_of(ckpt: str | os.PathLike) -> Path:

@@ -95,7 +95,8 @@ def preflight(overrides: list[str], validate: Callable[[DictConfig], None]) -> N
     from hydra import compose, initialize_config_dir
 
     register_resolvers()
-    plain = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
+    # Hydra's own keys are left to Hydra, except the sweeper's (its direction is checked here)
+    plain = [o for o in overrides if not o.lstrip("+~").startswith("hydra.") or o.startswith("hydra.sweeper.")]
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=plain, return_hydra_config=True)
@@ -119,6 +120,22 @@ def _fail(message: str) -> None:
 
 def needs_preflight(argv: list[str]) -> bool:
     return not any(a.split("=", 1)[0] in _NO_PREFLIGHT_FLAGS for a in argv)
+
+
+def is_multirun_launch(argv: list[str]) -> bool:
+    """``-m``/``--multirun`` without a flag that only prints (``--cfg``, ``--help``, ...)."""
+    flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+    return bool(flags & {"-m", "--multirun"}) and not (flags - {"-m", "--multirun"}) & _NO_PREFLIGHT_FLAGS
+
+
+def split_sweep_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(plain overrides, swept keys): Hydra's own parser tells ``a=1,2``/``choice(..)`` sweeps."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    plain = [text for text, o in zip(overrides, parsed) if not o.is_sweep_override()]
+    swept = [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
+    return plain, swept
 
 
 def _is_multirun() -> bool:
@@ -246,11 +263,13 @@ def run_job(flow: Callable[[DictConfig], object], cfg: DictConfig) -> object:
 
 
 def _objective(cfg: DictConfig, result: object) -> object:
-    """With ``sweep.objective`` (Optuna sweeps) a job returns that metric; a failed job returns
-    the worst value, so the study records a bad trial and goes on instead of stopping."""
+    """With ``sweep.objective`` (Optuna sweeps) a job returns that validation metric
+    (``selection``: the value that chose its checkpoint, ``selection/value``); a failed job
+    returns the worst value, so the study records a bad trial and goes on instead of stopping."""
     key = OmegaConf.select(cfg, "sweep.objective")
     if key is None:
         return result
+    key = "selection/value" if str(key) == "selection" else str(key)
     if isinstance(result, dict) and key in result:
         return float(result[key])
     from hydra.core.hydra_config import HydraConfig
@@ -269,6 +288,17 @@ def main(flow_name: str) -> None:
         from mtneuro_lab import run
 
         preflight([a for a in argv if not a.startswith("-")], run.preflight_checks[flow_name])
+    elif flow_name == "train" and is_multirun_launch(argv):
+        # before any job: what selects trials (sweep.objective) on the config without swept values
+        from mtneuro_lab import run
+
+        try:
+            plain, swept = split_sweep_overrides([a for a in argv if not a.startswith("-")])
+        except Exception as err:  # noqa: BLE001 - Hydra reports bad override syntax itself
+            log.debug("override parsing left to Hydra: %s", err)
+        else:
+            method_swept = any(k.split(".", 1)[0] in ("model", "task") for k in swept)
+            preflight(plain, run.preflight_checks["sweep_names" if method_swept else "sweep"])
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _app(cfg: DictConfig) -> object:

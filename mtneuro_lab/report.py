@@ -33,6 +33,7 @@ from mtneuro_lab.analysis.tables import (
     markdown_table,
     metric_names,
     pivot_table,
+    selection_of,
 )
 from mtneuro_lab.data.cache import atomic_write_bytes
 from mtneuro_lab.errors import ConfigError
@@ -96,12 +97,17 @@ def read_run(job_dir: Path) -> RunRecord | None:
     if config is None:
         return None
     metrics: dict[str, float] = {}
+    info: dict[str, str] = {}
     error = ""
     if metrics_path.is_file():
         status = "done"
         try:
-            metrics = {k: float(v) for k, v in json.loads(metrics_path.read_text()).items()}
-        except (ValueError, TypeError) as err:
+            for k, v in json.loads(metrics_path.read_text()).items():
+                if isinstance(v, str):
+                    info[k] = v
+                else:
+                    metrics[k] = float(v)
+        except (ValueError, TypeError, AttributeError) as err:
             status, error = "failed", f"unreadable metrics.json ({err})"
     elif failed_path.is_file():
         status = "failed"
@@ -115,7 +121,7 @@ def read_run(job_dir: Path) -> RunRecord | None:
     seed = config.get("seed")
     return RunRecord(
         path=str(job_dir), status=status, seed=int(seed) if isinstance(seed, int) else None,
-        config=flatten(config), label=describe(job_dir), metrics=metrics, error=error,
+        config=flatten(config), label=describe(job_dir), metrics=metrics, info=info, error=error,
         table=str(sweep.get("name") or "runs"),
         expected_seeds=tuple(int(s) for s in (sweep.get("seeds") or [])),
         layout=dict(sweep.get("report") or {}),
@@ -226,6 +232,9 @@ def build_report(dirs: Sequence[Path], out: Path, metric: str | None = None,
             md += [f"**{main_metric}**", "", markdown_table(header, body), ""]
         header, body = long_table(groups, metrics)
         md += [markdown_table(header, body), ""]
+        chosen = selection_lines(groups, layout)
+        if chosen:
+            md += ["Selection:", "", *chosen, ""]
         notes = [f"- {', '.join(f'{k}={v}' for k, v in g.label.items())}: {n}"
                  for g in groups for n in g.notes()]
         if notes:
@@ -250,18 +259,92 @@ def build_report(dirs: Sequence[Path], out: Path, metric: str | None = None,
             "pngs": pngs, "groups": tables}
 
 
-def best_setting(dirs: Sequence[Path], metric: str, maximize: bool, ignore: Sequence[str] = ()) -> str:
-    """The best experiment by the mean of ``metric``, as the overrides that reproduce it."""
+def refuse_test_metric(metric: str, key: str = "--best") -> None:
+    if metric.startswith("test/"):
+        raise ConfigError(f"{key}: {metric} selects on the test split; use a val/ metric")
+
+
+def _direction(groups: Sequence[Group], metric: str, minimize: bool | None) -> bool:
+    """True = higher is better: ``--minimize`` if given, else the runs' own selection mode."""
+    if minimize is not None:
+        return not minimize
+    chosen = selection_of(groups)
+    if chosen is not None and chosen[0] == metric:
+        return chosen[1] == "max"
+    return not metric.endswith("loss")
+
+
+def choose(groups: Sequence[Group], metric: str | None, minimize: bool | None = None) -> tuple[Group, str, bool]:
+    """The best experiment of one table on validation: ``(group, metric, maximize)``.
+
+    ``metric=None`` uses the metric that chose the runs' checkpoints (``selection/metric``).
+    """
+    if metric is None:
+        chosen = selection_of(groups)
+        if chosen is None:
+            raise ConfigError("--best: the runs record no common selection metric (metrics.json "
+                              "selection/metric); name a val/ metric: --best val/<metric>")
+        metric = chosen[0]
+    refuse_test_metric(metric)
+    maximize = _direction(groups, metric, minimize)
+    g = best_group(groups, metric, maximize)
+    if g is None:
+        raise ConfigError(f"--best: no finished run has metric {metric!r}")
+    return g, metric, maximize
+
+
+def summarise_test_metrics(g: Group, first: str | None = None, limit: int = 8) -> str:
+    """``test/acc = 0.93 ± 0.01, ...``: the chosen cell's test metrics (``first`` leads)."""
+    names = [m for m in metric_names([g]) if m.startswith("test/")]
+    if first in names:
+        names.remove(first)
+        names.insert(0, first)
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(f"{m} = {fmt(*g.stat(m)[:2])}" for m in names[:limit]) + more
+
+
+def best_setting(dirs: Sequence[Path], metric: str | None = None, minimize: bool | None = None,
+                 ignore: Sequence[str] = ()) -> str:
+    """The best experiment by the mean of a validation metric, as the overrides that reproduce
+    it, with its test metrics beside it (read, never used to choose)."""
+    if metric is not None:
+        refuse_test_metric(metric)
     tables = group_runs(collect(dirs), ignore)
     lines = []
     for name, groups in tables.items():
-        g = best_group(groups, metric, maximize)
-        if g is None:
-            raise ConfigError(f"--best: no finished run of table {name} has metric {metric!r}")
-        mean, std, n = g.stat(metric)
+        try:
+            g, used, maximize = choose(groups, metric, minimize)
+        except ConfigError as err:
+            raise ConfigError(f"{err} (table {name})") from None
+        mean, std, n = g.stat(used)
         overrides = " ".join(f"{k}={v}" for k, v in describe(Path(g.done[0].path)).items())
-        lines.append(f"{name}: best {metric} = {fmt(mean, std)} (n={n}) with: {overrides}")
+        layout_metric = _layout(groups).get("metric")
+        lines.append(f"{name}: best {used} ({'max' if maximize else 'min'}) = {fmt(mean, std)} (n={n}) with: "
+                     f"{overrides}\n  test metrics of that setting: {summarise_test_metrics(g, layout_metric)}")
     return "\n".join(lines)
+
+
+def selection_lines(groups: Sequence[Group], layout: dict[str, Any]) -> list[str]:
+    """The report's 'Selection' notes: the choice on validation, and a paper's test-split choice
+    (``sweep.report.paper_choice``) labelled as such, for comparison only."""
+    if len(groups) < 2:
+        return []
+    out = []
+    try:
+        g, metric, maximize = choose(groups, None)
+    except ConfigError:
+        return []
+    label = ", ".join(f"{k}={v}" for k, v in g.label.items())
+    out.append(f"- Chosen on validation ({metric}, {'max' if maximize else 'min'} of the mean over seeds): "
+               f"**{label}**; its test metrics: {summarise_test_metrics(g, layout.get('metric'))}.")
+    paper = layout.get("paper_choice")
+    if paper:
+        pg = best_group(groups, str(paper), not str(paper).endswith("loss"))
+        if pg is not None:
+            plabel = ", ".join(f"{k}={v}" for k, v in pg.label.items())
+            out.append(f"- The paper's way (best mean {paper}: chooses on the test split, so its test figure is "
+                       f"optimistic; shown for comparison only): {plabel} ({fmt(*pg.stat(str(paper))[:2])}).")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -271,14 +354,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metric", default=None, help="metric of the pivot table and plot (default: the sweep's)")
     parser.add_argument("--ignore", action="append", default=[],
                         help="config key (prefix) that does not split experiments; repeatable")
-    parser.add_argument("--best", metavar="METRIC", default=None,
-                        help="print the best experiment by this metric's mean and exit")
-    parser.add_argument("--minimize", action="store_true", help="with --best: lower is better")
+    parser.add_argument("--best", metavar="VAL_METRIC", nargs="?", const="", default=None,
+                        help="print the best experiment by a validation metric's mean (default: the metric "
+                             "that chose the runs' checkpoints) with its test metrics, and exit; "
+                             "test/ metrics are refused")
+    direction = parser.add_mutually_exclusive_group()
+    direction.add_argument("--minimize", dest="minimize", action="store_const", const=True, default=None,
+                           help="with --best: lower is better (default: the runs' selection mode)")
+    direction.add_argument("--maximize", dest="minimize", action="store_const", const=False)
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     try:
-        if args.best:
-            print(best_setting(args.dirs, args.best, not args.minimize, args.ignore))
+        if args.best is not None:
+            print(best_setting(args.dirs, args.best or None, args.minimize, args.ignore))
             return 0
         out = args.out or args.dirs[0] / "report"
         summary = build_report(args.dirs, out, args.metric, args.ignore, plots=not args.no_plots)

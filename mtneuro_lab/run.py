@@ -20,10 +20,11 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from mtneuro_lab import perf
 from mtneuro_lab.callbacks import RNGStateCheckpoint
-from mtneuro_lab.checkpoints import AtomicCheckpointIO, load_checkpoint, run_dir_of
+from mtneuro_lab.checkpoints import AtomicCheckpointIO, checkpoint_position, load_checkpoint, run_dir_of
 from mtneuro_lab.config.schema import DataConfig, _merge_dataclass, import_target, validate_config
 from mtneuro_lab.data.cache import atomic_write_bytes
 from mtneuro_lab.data.cubes import CubeCatalog, catalog_from_config
@@ -130,8 +131,20 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)).encode())
 
 
-def write_metrics(run_dir: Path, metrics: Mapping[str, Any]) -> dict[str, float]:
-    flat = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in sorted(metrics.items())}
+def _flat_value(value: Any) -> float | int | str:
+    """Numbers as floats (steps and epochs as ints), names (``selection/metric``) as strings."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return float(value)
+
+
+def write_metrics(run_dir: Path, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics.json``: flat, sorted, written atomically; what reports and sweeps read."""
+    flat = {k: _flat_value(v) for k, v in sorted(metrics.items())}
     atomic_write_bytes(run_dir / "metrics.json", (json.dumps(flat, indent=2) + "\n").encode())
     return flat
 
@@ -165,8 +178,50 @@ def _finish_loggers(trainer: pl.Trainer | None) -> None:
         pass
 
 
+def _stage_metrics(trainer: pl.Trainer, stage: str) -> dict[str, Any]:
+    return {k: v for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+
+
 def _test_metrics(trainer: pl.Trainer) -> dict[str, Any]:
-    return {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    return _stage_metrics(trainer, "test")
+
+
+def selection_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
+    """The checkpoint callback that chooses the tested checkpoint (the first one with a monitor)."""
+    return next((cb for cb in trainer.checkpoint_callbacks
+                 if isinstance(cb, ModelCheckpoint) and cb.monitor is not None), None)
+
+
+def check_selection_metric(method: pl.LightningModule, metric: str, key: str) -> None:
+    """One line if ``metric`` cannot choose anything: a test metric, or one the method never logs."""
+    if metric.startswith("test/"):
+        raise ConfigError(f"{key}: {metric} selects on the test split; use a val/ metric")
+    logged = method.validation_metrics()
+    if metric not in logged:
+        raise ConfigError(f"{key}: {metric} is not logged by {type(method).__name__}; "
+                          f"choose one of {', '.join(sorted(logged))}")
+
+
+def _selection_record(trainer: pl.Trainer, method: pl.LightningModule, datamodule: Any) -> tuple[str, dict[str, Any]]:
+    """The best checkpoint and what chose it: ``selection/*``, ``best_epoch``/``best_step`` and
+    the ``val/*`` metrics of exactly that checkpoint (validated again after loading it).
+
+    Without a monitored checkpoint (``callbacks.model_checkpoint=null``) the last weights are
+    tested and the last validation's metrics recorded, named ``selection/metric: last``.
+    """
+    callback = selection_callback(trainer)
+    best = callback.best_model_path if callback is not None else ""
+    if not best:
+        position = {"best_epoch": trainer.current_epoch, "best_step": trainer.global_step}
+        trainer.validate(method, datamodule=datamodule, verbose=False)  # the weights that are tested
+        return "", {**_stage_metrics(trainer, "val"), "selection/metric": "last", **position}
+    position = checkpoint_position(best)
+    trainer.validate(method, datamodule=datamodule, ckpt_path=best, verbose=False)
+    score = callback.best_model_score
+    record = {**_stage_metrics(trainer, "val"), "selection/metric": str(callback.monitor),
+              "selection/mode": str(callback.mode),
+              "selection/value": float(score) if score is not None else float("nan"), **position}
+    return best, record
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -175,19 +230,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # seed before building: weight initialisation must depend on the seed alone
     pl.seed_everything(int(cfg.seed), workers=True)
     comps = build_components(cfg)
+    check_selection(cfg, comps.method)
     perf.apply(cfg.get("perf"), comps.method, comps.datamodule)
     resume = resolve_ckpt(cfg.get("ckpt_path"), run_dir)
+    contacts = getattr(comps.task, "contacts", None)  # cube tasks: val/test windows touching training ones
+    if contacts is not None:
+        comps.task.log_contacts()
     trainer = None
     try:
         trainer = build_trainer(cfg, run_dir, comps.method)
         if trainer.is_global_zero:
             save_config(cfg, run_dir)
         trainer.fit(comps.method, datamodule=comps.datamodule, ckpt_path=resume)
-        metrics: dict[str, float] = {}
+        # choose on validation, then touch the test split once, with the chosen checkpoint
+        best, metrics = _selection_record(trainer, comps.method, comps.datamodule)
+        if contacts is not None:
+            metrics["split/touching"] = len(contacts)
         if cfg.get("test_after_fit", True):
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(comps.method, datamodule=comps.datamodule, ckpt_path=best or None)
-            metrics = _test_metrics(trainer)
+            metrics.update(_test_metrics(trainer))
         if trainer.is_global_zero:
             metrics = write_metrics(run_dir, metrics)
             log.info("metrics: %s", json.dumps(metrics))
@@ -300,11 +361,69 @@ def check_checkpoint_fits(method: pl.LightningModule, path: str | Path, model_ta
 def _preflight_train(cfg: DictConfig) -> None:
     validate_config(cfg)
     comps = build_components(cfg)
+    check_selection(cfg, comps.method)
     ckpt = cfg.get("ckpt_path")
     if ckpt not in (None, "", "last"):
         if not Path(str(ckpt)).is_file():
             raise CheckpointError(f"ckpt_path: no checkpoint file at {ckpt}")
         check_checkpoint_fits(comps.method, str(ckpt), str(cfg.model._target_))
+
+
+def _sweeper_direction() -> str | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        direction = OmegaConf.select(HydraConfig.get(), "sweeper.direction", default=None)
+    except Exception:  # noqa: BLE001 - outside a Hydra app (tests, notebooks)
+        return None
+    return None if direction is None else str(direction).lower()
+
+
+def check_selection(cfg: DictConfig, method: pl.LightningModule | None) -> None:
+    """What chooses checkpoints and sweep trials is a validation metric the method logs.
+
+    ``sweep.objective: selection`` means the method's own selection metric (what chose its
+    checkpoint); its direction must match the sweeper's. ``method=None`` checks names only.
+    """
+    monitor = OmegaConf.select(cfg, "callbacks.model_checkpoint.monitor", default=None)
+    default_metric, default_mode = getattr(method, "monitor", (None, None))
+    if monitor is not None:
+        if method is not None:
+            check_selection_metric(method, str(monitor), "callbacks.model_checkpoint.monitor")
+        default_metric = str(monitor)
+        default_mode = OmegaConf.select(cfg, "callbacks.model_checkpoint.mode", default=default_mode)
+    objective = OmegaConf.select(cfg, "sweep.objective", default=None)
+    if objective is None:
+        return
+    objective = str(objective)
+    if objective.startswith("test/"):
+        raise ConfigError(f"sweep.objective: {objective} selects on the test split; use a val/ metric")
+    if objective != "selection" and not objective.startswith("val/"):
+        raise ConfigError(f"sweep.objective: must be `selection` (the method's own validation metric) or a "
+                          f"val/ metric, got {objective}")
+    if method is None:
+        return
+    if objective == "selection":
+        objective, mode = str(default_metric), str(default_mode)
+    else:
+        check_selection_metric(method, objective, "sweep.objective")
+        mode = str(default_mode) if objective == default_metric else None
+    direction = _sweeper_direction()
+    if mode and direction and not direction.startswith(mode):
+        raise ConfigError(f"hydra.sweeper.direction: {direction}, but the objective {objective} is "
+                          f"{'maximised' if mode == 'max' else 'minimised'}; set hydra.sweeper.direction="
+                          f"{'maximize' if mode == 'max' else 'minimize'}")
+
+
+def _preflight_sweep(cfg: DictConfig) -> None:
+    """Before a multirun's first job: the selection checks on the config without swept values."""
+    validate_config(cfg)
+    check_selection(cfg, build_components(cfg).method)
+
+
+def _preflight_sweep_names(cfg: DictConfig) -> None:
+    """Multirun whose model or task is swept: only what needs no method (test/ objectives)."""
+    check_selection(cfg, None)
 
 
 def _preflight_evaluate(cfg: DictConfig) -> None:
@@ -323,4 +442,5 @@ def _preflight_evaluate(cfg: DictConfig) -> None:
 
 
 #: checks run by the CLI before Hydra creates a run directory (see mtneuro_lab.cli.preflight)
-preflight_checks = {"train": _preflight_train, "evaluate": _preflight_evaluate}
+preflight_checks = {"train": _preflight_train, "evaluate": _preflight_evaluate, "sweep": _preflight_sweep,
+                    "sweep_names": _preflight_sweep_names}

@@ -30,7 +30,9 @@ def make_job(root: Path, name: str, *, task: str, model: str, seed: int, lr: flo
     (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
         {"hydra": {"runtime": {"choices": {"task": task, "model": model, "trainer": "auto"}}}}))
     if acc is not None:
-        (job / "metrics.json").write_text(json.dumps({"test/acc": acc, "test/loss": 1 - acc}))
+        (job / "metrics.json").write_text(json.dumps({
+            "test/acc": acc, "test/loss": 1 - acc, "val/acc": acc + 0.01, "selection/metric": "val/acc",
+            "selection/mode": "max", "selection/value": acc + 0.01, "best_epoch": 3, "best_step": 40}))
     if error is not None:
         (job / "failed.json").write_text(json.dumps({"error": error, "type": "RuntimeError"}))
     return job
@@ -117,9 +119,11 @@ def test_several_directories_make_one_table(tmp_path: Path) -> None:
 
 
 def test_best_setting_names_the_overrides(sweep: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main([str(sweep), "--best", "test/acc"]) == 0
-    line = capsys.readouterr().out.strip()
-    assert "0.820" in line and "model=supervised" in line and "task=roi_c1" in line
+    assert main([str(sweep), "--best"]) == 0
+    line, tests = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith("table1: best val/acc (max) = 0.830 ± 0.016 (n=5)")
+    assert "model=supervised" in line and "task=roi_c1" in line
+    assert tests.strip().startswith("test metrics of that setting: test/acc = 0.820 ± 0.016")
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

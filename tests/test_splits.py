@@ -17,6 +17,7 @@ from mtneuro_lab.data.tasks import RegionClassificationTask, describe_counts
 from mtneuro_lab.errors import ConfigError
 
 REGIONS = ("cortex", "striatum", "vp", "zi")
+SPLITS_ = ("train", "val", "test")
 
 
 class FakeSource(VolumeSource):
@@ -198,6 +199,146 @@ def test_datamodule_train_stats_match_numpy() -> None:
     assert mean == pytest.approx(sample.mean(), rel=1e-9) and std == pytest.approx(sample.std(), rel=1e-6)
     assert task.num_classes == 4
 
+
+
+# -- touching windows (contacts) and task.guard_px --------------------------------------------
+def contact_rows(task) -> set[tuple]:
+    return {(c.split, c.eval_cube.key, c.train_cube.key, c.kind, c.side, c.length_px, c.z) for c in task.contacts}
+
+
+# from conf/cubes/paper.yaml by hand: D/zi x[1799, 2055) starts where A/zi x[1543, 1799) ends (same y);
+# D/striatum y[244, 500) ends where A/striatum y[500, 756) starts, x overlap [3800, 3956) = 156 px;
+# C/zi x[1031, 1287) ends where B/zi x[1287, 1543) starts (same y); D/vp x[2295, 2551) ends where
+# B/vp starts, y overlap [850, 950) = 100 px; C/cortex's corner (5312, 644) is B/cortex's corner;
+# A/zi's corner (1543, 906) is B/zi's. Shared z: A train [110, 380), B train [110, 470), A val [380, 410).
+ROI_C2_CONTACTS = {
+    ("test", "D/striatum", "A/striatum", "face", "y+", 156, (110, 380)),
+    ("test", "D/zi", "A/zi", "face", "x-", 256, (110, 380)),
+}
+ROI_C3_CONTACTS = ROI_C2_CONTACTS | {
+    ("test", "C/zi", "B/zi", "face", "x+", 256, (110, 470)),
+    ("test", "D/vp", "B/vp", "face", "x+", 100, (110, 470)),
+    ("test", "C/cortex", "B/cortex", "edge", "x+/y-", 0, (110, 470)),
+    ("val", "A/zi", "B/zi", "edge", "x-/y+", 0, (380, 410)),
+}
+
+
+def test_paper_cubes_name_their_contacts(caplog) -> None:
+    assert make_task("roi_c1").contacts == ()
+    assert contact_rows(make_task("roi_c2")) == ROI_C2_CONTACTS
+    task = make_task("roi_c3")
+    assert contact_rows(task) == ROI_C3_CONTACTS
+    with caplog.at_level("WARNING", logger="mtneuro_lab.data.tasks"):
+        task.log_contacts()
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == 6
+    assert ("roi_c3: test cube D/zi touches training cube A/zi along its x- face (256 px, z[110, 380))"
+            in lines)
+    assert "roi_c3: test cube C/cortex touches training cube B/cortex at its x+/y- corner" in "\n".join(lines)
+
+
+BOX_TRAIN = "task.splits.train=[{box: {x: [0, 64], y: [0, 64]}, z: [0, 20]}]"
+BOX_VAL = "task.splits.val=[{box: {x: [0, 64], y: [0, 64]}, z: [20, 25]}]"
+
+
+def box_task(test: str, *overrides: str) -> RegionClassificationTask:
+    return make_task("roi_c1", "task.downsample=1", BOX_TRAIN, BOX_VAL, f"task.splits.test=[{test}]", *overrides)
+
+
+@pytest.mark.parametrize(
+    "test,expected",
+    [
+        ("{box: {x: [64, 128], y: [16, 80]}, z: [10, 30]}", {("face", "x-", 48, (10, 20))}),
+        ("{box: {x: [0, 64], y: [64, 128]}, z: [0, 30]}", {("face", "y-", 64, (0, 20))}),
+        ("{box: {x: [64, 128], y: [64, 128]}, z: [0, 30]}", {("edge", "x-/y-", 0, (0, 20))}),
+        ("{box: {x: [65, 129], y: [0, 64]}, z: [0, 30]}", set()),  # a 1 px gap: apart
+        ("{box: {x: [64, 128], y: [65, 129]}, z: [0, 30]}", set()),  # corners 1 px apart
+        ("{box: {x: [64, 128], y: [0, 64]}, z: [20, 30]}", set()),  # face, but no shared slice
+    ],
+)
+def test_synthetic_contacts(test: str, expected: set) -> None:
+    task = box_task(test)
+    assert {(c.kind, c.side, c.length_px, c.z) for c in task.contacts} == expected
+    assert all(c.split == "test" and c.train_cube.x == (0, 64) for c in task.contacts)
+
+
+def test_overlapping_windows_stay_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"^task.splits: train z\[0, 20\] and test z\[0, 30\] overlap"):
+        box_task("{box: {x: [63, 127], y: [0, 64]}, z: [0, 30]}")
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [("task.guard_px=-1", "task.guard_px: must be >= 0, got -1"),
+     ("task.guard_px=128", "task.guard_px: must be < half the 256x256 tile (full resolution), got 128")],
+)
+def test_bad_guard_is_one_line(override: str, fragment: str) -> None:
+    from mtneuro_lab.run import instantiate_cfg
+
+    cfg = compose(["task=roi_c2", override])
+    with pytest.raises(ConfigError) as err:
+        instantiate_cfg(cfg.task, _convert_="all").bind(catalog_from_config(cfg.cubes))
+    assert str(err.value) == fragment
+
+
+def test_bad_guard_stops_the_cli_before_any_work(tmp_path: Path) -> None:
+    proc = run_cli("train.py", "task=roi_c2", "task.guard_px=200", run_dir=tmp_path / "run")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: task.guard_px: must be < half the 256x256 tile (full resolution), got 200")
+    assert not (tmp_path / "run").exists()
+
+
+def test_guard_leaves_out_only_touching_test_windows(caplog) -> None:
+    source = FakeSource()
+    today = make_task("roi_c2", "task.downsample=4")
+    off = make_task("roi_c2", "task.downsample=4", "task.guard_px=0")
+    guarded = make_task("roi_c2", "task.downsample=4", "task.guard_px=127")
+    base = {s: today.build(s, source) for s in SPLITS_}
+    # guard_px=0: every array identical to today's
+    for split in SPLITS_:
+        arr = off.build(split, source)
+        for name in ("images", "targets", "regions", "z", "cube_index"):
+            assert np.array_equal(getattr(arr, name), getattr(base[split], name)), (split, name)
+    # train and val untouched; test loses exactly D/striatum's and D/zi's 360 slices each
+    for split in ("train", "val"):
+        assert np.array_equal(guarded.build(split, source).images, base[split].images)
+    test = guarded.build("test", source)
+    kept = ~np.isin(np.array(base["test"].cubes)[base["test"].cube_index], ["D/striatum", "D/zi"])
+    assert len(test) == 2880 - 2 * 360 and len(test) == int(kept.sum())
+    assert test.cubes == ["C/cortex", "C/striatum", "C/vp", "C/zi", "D/cortex", "D/vp"]
+    for name in ("images", "targets", "regions", "z"):
+        assert np.array_equal(getattr(test, name), getattr(base["test"], name)[kept]), name
+    with caplog.at_level("WARNING", logger="mtneuro_lab.data.tasks"):
+        guarded.log_contacts()
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "task.guard_px=127 trims test window D/zi to x[1926, 2055] y[650, 906]" in text
+    assert "D/striatum to x[3800, 4056] y[244, 373]" in text
+
+
+def test_guard_trims_each_touching_side_and_needs_a_whole_window_left() -> None:
+    # a corner contact trims both sides of the corner; no test window left is one line
+    with pytest.raises(ConfigError, match=r"^task.guard_px: 4 px guards leave no whole test window"):
+        box_task("{box: {x: [64, 128], y: [64, 128]}, z: [0, 30]}", "task.guard_px=4")
+    task = box_task("{box: {x: [64, 128], y: [64, 128]}, z: [0, 30]}, {box: {x: [200, 264], y: [0, 64]}, z: [0, 30]}",
+                    "task.guard_px=4")
+    assert [(c.x, c.y) for c, _ in task._slabs("test")] == [((200, 264), (0, 64))]
+    assert [(s, t.x, t.y) for s, _, t, _ in task._left_out] == [("test", (68, 128), (68, 128))]
+
+
+def test_segmentation_tasks_take_the_guard() -> None:
+    test = "task.splits.test=[{set: D, z: [110, 470], regions: [cortex, zi]}]"
+    task = make_task("seg2d_3class", "task.downsample=4", test, "task.guard_px=16")
+    assert [c.key for c, _ in task._slabs("test")] == ["D/cortex"]
+    class LabelSource(FakeSource):
+        def cutout(self, channel, x, y, z):
+            out = super().cutout("image", x, y, z)
+            return out % 3 if channel == "pixel_labels" else out
+
+    arr = task.build("test", LabelSource())
+    assert len(arr) == 360 and arr.images.shape[1:] == (64, 64) and arr.cubes == ["D/cortex"]
+    assert [c.key for c, _ in make_task("seg3d_4class", "task.guard_px=16")._slabs("test")] == [
+        "A/cortex", "A/striatum", "A/vp"]
 
 # -- end to end on the phantom ----------------------------------------------------------------
 FAST_SPLITS = {  # few slices (phantom cubes generated over z 100-160 only)

@@ -6,12 +6,13 @@
 
 1. embed every sample of ``task.samples`` (each quadrant crop, or each tile) at the encoder's
    Task 1 resolution, with the normalisation it was trained with;
-2. per feature, standardise the embeddings and fit ``LinearRegression``: R^2 in-sample (the
-   paper's protocol: fit and score on the same samples) and k-fold cross-validated R^2 (the
+2. per feature, standardise the embeddings and fit ``LinearRegression``: pooled, region-only
+   and within-region R^2 (see :func:`linear_readout`), in-sample (the paper's protocol: fit and
+   score on the same samples) and k-fold cross-validated (blocked z folds by default: the
    honest number); samples whose feature is NaN (no cells, or < 2 cells for nn_distance) are
    left out of that feature's fit and counted;
-3. write ``metrics.json`` (``r2/<f>``, ``r2_cv/<f>``, ``r2_cv_std/<f>``, ``n/<f>``,
-   ``n_nan/<f>``), ``semantic_r2.md``/``.csv`` (the table), ``features.csv``,
+3. write ``metrics.json`` (keys in :data:`METRIC_KEYS`; the CV headline ``r2_cv/<f>``,
+   ``test/r2_region_only/<f>``, ``test/r2_within/<f>``), ``semantic_r2.md``/``.csv`` (the table), ``features.csv``,
    ``embeddings.npy`` and ``umap_<feature>.png``.
 """
 from __future__ import annotations
@@ -35,84 +36,172 @@ from mtneuro_lab.analysis.embeddings import (
 from mtneuro_lab.analysis.features import FeatureTable
 from mtneuro_lab.config.schema import DataConfig, _merge_dataclass, import_target, validate_config
 from mtneuro_lab.data.cache import atomic_write_bytes
+from mtneuro_lab.data.semantic_task import blocked_folds
 from mtneuro_lab.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
 
 # -- the regression -----------------------------------------------------------------------------
-def _cv_splitter(folds: int, cv: str, seed: int, z: np.ndarray) -> Any:
-    from sklearn.model_selection import KFold, PredefinedSplit
+#: per-feature results: in-sample and CV (mean, std over folds) of the three R^2 kinds
+R2_KINDS: tuple[str, ...] = ("r2", "r2_region_only", "r2_within")
+RESULT_KEYS: tuple[str, ...] = ("r2", "r2_cv", "r2_cv_std", "r2_region_only", "r2_region_only_cv",
+                                "r2_region_only_cv_std", "r2_within", "r2_within_cv", "r2_within_cv_std",
+                                "n", "n_nan")
+
+
+def cv_splits(z: np.ndarray, folds: int, cv: str, seed: int, gap: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(fit, held_out)`` row indices: contiguous z blocks (``blocked``) or seeded ``shuffled`` KFold."""
+    from sklearn.model_selection import KFold
 
     if cv == "shuffled":
-        return KFold(n_splits=folds, shuffle=True, random_state=seed)
-    # contiguous z blocks: every slice (and all its quadrants, in every region) in one fold
-    lo, hi = int(z.min()), int(z.max()) + 1
-    return PredefinedSplit(((z - lo) * folds) // (hi - lo))
+        return list(KFold(n_splits=folds, shuffle=True, random_state=seed).split(z))
+    return blocked_folds(z, folds, gap)
 
 
-def linear_readout(embeddings: np.ndarray, table: FeatureTable, folds: int = 5, cv: str = "shuffled",
-                   seed: int = 0, alpha: float = 0.0) -> dict[str, dict[str, float]]:
-    """Per feature: ``r2`` (in-sample), ``r2_cv`` (mean over folds), ``r2_cv_std``, ``n``, ``n_nan``.
+def region_means(values: np.ndarray, region: np.ndarray, fit: np.ndarray) -> dict[int, np.ndarray]:
+    """Mean of ``values`` per region over the ``fit`` rows only; key -1 holds their overall mean.
 
+    The overall mean stands in for a region that has no fitting rows (cannot happen with whole
+    z-block folds of cubes that share z, but a shuffled fold of a tiny region could miss it).
+    """
+    means = {-1: values[fit].mean(axis=0)}
+    for r in np.unique(region[fit]):
+        means[int(r)] = values[fit][region[fit] == r].mean(axis=0)
+    return means
+
+
+def _lookup(means: Mapping[int, np.ndarray], region: np.ndarray) -> np.ndarray:
+    return np.stack([means.get(int(r), means[-1]) for r in region])
+
+
+def fold_predictions(x: np.ndarray, y: np.ndarray, region: np.ndarray, fit: np.ndarray, held: np.ndarray,
+                     model: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per R^2 kind, ``(target, prediction)`` on the ``held`` rows, learnt from the ``fit`` rows only.
+
+    ``r2``: the embedding regressed on the feature. ``r2_region_only``: the feature's mean over
+    the fitting rows of the sample's region (a four-value lookup, no embedding). ``r2_within``:
+    the feature and the embedding both minus their region means OVER THE FITTING ROWS, then the
+    regression of one on the other; the held-out target is the feature minus the fitting rows'
+    region mean, so a held-out block whose region level drifts is not explained away by its own
+    mean (that would use the held-out answers).
+    """
+    from sklearn.base import clone
+
+    y_means, x_means = region_means(y, region, fit), region_means(x, region, fit)
+    y_res, x_res = y - _lookup(y_means, region), x - _lookup(x_means, region)
+    pooled = clone(model).fit(x[fit], y[fit]).predict(x[held])
+    within = clone(model).fit(x_res[fit], y_res[fit]).predict(x_res[held])
+    return {"r2": (y[held], pooled), "r2_region_only": (y[held], _lookup(y_means, region[held])),
+            "r2_within": (y_res[held], within)}
+
+
+def _score(target: np.ndarray, prediction: np.ndarray) -> float:
+    """R^2 against the scored rows' own mean; NaN when those rows are constant (no variance to explain)."""
+    from sklearn.metrics import r2_score
+
+    return math.nan if np.ptp(target) == 0 else float(r2_score(target, prediction))
+
+
+def _no_r2(name: str, n: int, constant: bool) -> None:
+    log.warning("semantic: no R^2 for %s (%d valid samples, constant=%s)", name, n, constant)
+
+
+def linear_readout(embeddings: np.ndarray, table: FeatureTable, folds: int = 5, cv: str = "blocked",
+                   seed: int = 0, alpha: float = 0.0, gap: int = 0) -> dict[str, dict[str, float]]:
+    """Per feature, pooled, region-only and within-region R^2, in-sample and k-fold CV.
+
+    Why three numbers: the four regions differ so much in vessel, axon and cell content that a
+    pooled R^2 mostly measures which region a sample comes from. ``r2_region_only`` is what the
+    region alone gives (the feature predicted by its region's mean); ``r2_within`` is what the
+    embedding explains INSIDE a region (the region is given for free by centring both sides per
+    region; R^2 over the residual variance). An embedding adds something beyond the region when
+    ``r2_within`` is clearly above 0; a pooled ``r2`` close to ``r2_region_only`` says it does not.
+
+    Honesty: every mean (region means of feature and embedding, the scaler, the regression) is
+    computed on the fitting rows only; CV scores the held-out fold against its own mean (like
+    ``cross_val_score``), so a constant prediction scores <= 0. In-sample figures (the paper's
+    protocol) fit and score on all rows: with ``d`` predictors they gain about ``d/N`` on noise,
+    for the pooled and the within-region regression alike (the region-only lookup has 4
+    parameters). ``blocked`` folds (default) keep whole z slabs together with ``gap`` slices
+    dropped from training around each held-out block; ``shuffled`` folds put quadrants of the same
+    and neighbouring slices on both sides and overstate every CV figure.
+
+    Keys: ``r2``, ``r2_region_only``, ``r2_within`` (in-sample), each with ``_cv`` (mean over
+    folds) and ``_cv_std``; ``n``/``n_nan`` (samples used/excluded: NaN features, e.g. no cells).
     A feature that is constant over its valid samples, or has fewer valid samples than
-    ``2 * folds``, has no R^2 (NaN) rather than a misleading one. ``alpha > 0`` fits ridge
-    regression instead of ordinary least squares.
+    ``2 * folds``, has no R^2 (NaN). ``alpha > 0`` fits ridge regression instead of least squares.
     """
     from sklearn.linear_model import LinearRegression, Ridge
-    from sklearn.metrics import r2_score
-    from sklearn.model_selection import cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     if len(embeddings) != len(table):
         raise ValueError(f"{len(embeddings)} embeddings for {len(table)} feature rows")
+    if len(table.region) != len(table):
+        raise ValueError(f"features: {len(table.region)} region indices for {len(table)} samples")
+    model = make_pipeline(StandardScaler(), Ridge(alpha=alpha) if alpha > 0 else LinearRegression())
     out: dict[str, dict[str, float]] = {}
     for name in table.names:
         y = table.column(name)
         ok = ~np.isnan(y)
-        res = {"n": float(ok.sum()), "n_nan": float((~ok).sum()), "r2": math.nan, "r2_cv": math.nan,
-               "r2_cv_std": math.nan}
-        x, y_ok, z_ok = embeddings[ok], y[ok], table.z[ok]
-        splitter = _cv_splitter(folds, cv, seed, z_ok) if ok.sum() >= 2 * folds else None
-        if splitter is None or np.ptp(y_ok) == 0:
-            log.warning("semantic: no R^2 for %s (%d valid samples, constant=%s)", name, int(ok.sum()),
-                        bool(ok.any() and np.ptp(y_ok) == 0))
-            out[name] = res
-            continue
-        def model() -> Any:
-            return make_pipeline(StandardScaler(), Ridge(alpha=alpha) if alpha > 0 else LinearRegression())
-
-        res["r2"] = float(r2_score(y_ok, model().fit(x, y_ok).predict(x)))
-        scores = cross_val_score(model(), x, y_ok, cv=splitter, scoring="r2")
-        res["r2_cv"], res["r2_cv_std"] = float(scores.mean()), float(scores.std())
+        res = dict.fromkeys(RESULT_KEYS, math.nan) | {"n": float(ok.sum()), "n_nan": float((~ok).sum())}
         out[name] = res
+        x, y_ok, region = embeddings[ok], y[ok], table.region[ok]
+        if ok.sum() < 2 * folds or np.ptp(y_ok) == 0:
+            _no_r2(name, int(ok.sum()), bool(ok.any() and np.ptp(y_ok) == 0))
+            continue
+        every = np.arange(len(y_ok))
+        for kind, (target, pred) in fold_predictions(x, y_ok, region, every, every, model).items():
+            res[kind] = _score(target, pred)
+        scores: dict[str, list[float]] = {kind: [] for kind in R2_KINDS}
+        for fit, held in cv_splits(table.z[ok], folds, cv, seed, gap):
+            for kind, (target, pred) in fold_predictions(x, y_ok, region, fit, held, model).items():
+                scores[kind].append(_score(target, pred))
+        for kind, values in scores.items():
+            if not np.isnan(values).all():
+                res[f"{kind}_cv"], res[f"{kind}_cv_std"] = float(np.nanmean(values)), float(np.nanstd(values))
     return out
 
 
+#: metrics.json key of each result: in-sample under today's names, the CV headline under test/
+METRIC_KEYS: dict[str, str] = {
+    "r2": "r2", "r2_cv": "r2_cv", "r2_cv_std": "r2_cv_std", "n": "n", "n_nan": "n_nan",
+    "r2_region_only": "r2_region_only", "r2_within": "r2_within",
+    "r2_region_only_cv": "test/r2_region_only", "r2_region_only_cv_std": "test/r2_region_only_std",
+    "r2_within_cv": "test/r2_within", "r2_within_cv_std": "test/r2_within_std",
+}
+
+
 def metrics_of(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Flat ``metrics.json`` entries; features without an R^2 keep only their counts."""
+    """Flat ``metrics.json`` entries (see :data:`METRIC_KEYS`); missing R^2 values are left out."""
     flat: dict[str, float] = {}
     for name, res in results.items():
-        for key in ("r2", "r2_cv", "r2_cv_std", "n", "n_nan"):
+        for key, metric in METRIC_KEYS.items():
             if not math.isnan(res[key]):
-                flat[f"{key}/{name}"] = res[key]
+                flat[f"{metric}/{name}"] = res[key]
     return flat
 
 
 def table_text(results: Mapping[str, Mapping[str, float]], folds: int, cv: str, title: str) -> tuple[str, str]:
-    """The R^2 table as Markdown and CSV."""
+    """The R^2 table as Markdown and CSV: pooled, region-only and within-region, in-sample and CV."""
     def fmt(v: float) -> str:
         return "n/a" if math.isnan(v) else f"{v:.3f}"
 
-    md = [f"### {title}", "", f"| feature | R² in-sample | R² {folds}-fold CV ({cv}) | samples | NaN excluded |",
-          "|---|---|---|---|---|"]
-    csv = ["feature,r2,r2_cv,r2_cv_std,n,n_nan"]
+    def cv_fmt(r: Mapping[str, float], kind: str) -> str:
+        mean, std = r[f"{kind}_cv"], r[f"{kind}_cv_std"]
+        return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+
+    head = f"{folds}-fold CV ({cv})"
+    md = [f"### {title}", "",
+          f"| feature | R² in-sample | R² {head} | region-only R² in-sample | region-only R² {head} "
+          f"| within-region R² in-sample | within-region R² {head} | samples | NaN excluded |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    csv = ["feature," + ",".join(RESULT_KEYS)]
     for name, r in results.items():
-        cv_text = "n/a" if math.isnan(r["r2_cv"]) else f"{r['r2_cv']:.3f} ± {r['r2_cv_std']:.3f}"
-        md.append(f"| {name} | {fmt(r['r2'])} | {cv_text} | {int(r['n'])} | {int(r['n_nan'])} |")
-        csv.append(",".join([name] + [("" if math.isnan(r[k]) else f"{r[k]:.6g}")
-                                      for k in ("r2", "r2_cv", "r2_cv_std", "n", "n_nan")]))
+        cells = [f"{fmt(r[k])} | {cv_fmt(r, k)}" for k in R2_KINDS]
+        md.append(f"| {name} | {' | '.join(cells)} | {int(r['n'])} | {int(r['n_nan'])} |")
+        csv.append(",".join([name] + [("" if math.isnan(r[k]) else f"{r[k]:.6g}") for k in RESULT_KEYS]))
     return "\n".join(md) + "\n", "\n".join(csv) + "\n"
 
 
@@ -245,12 +334,13 @@ def run_semantic(cfg: DictConfig) -> dict[str, float]:
     log.info("semantic: embedding %d samples (%s of %d slices, %dx%d px) with %s", len(crops),
              task.sample_unit, len(images), crops.shape[1], crops.shape[2], model_name)
     embeddings = embed_images(method, crops, mean, std, task.embed_batch_size, model_name)
-    results = linear_readout(embeddings, table, task.folds, task.cv, int(ecfg.seed), task.alpha)
+    results = linear_readout(embeddings, table, task.folds, task.cv, int(ecfg.seed), task.alpha, task.cv_gap)
 
     fit = "least squares" if task.alpha == 0 else f"ridge alpha={task.alpha:g}"
     title = (f"Task 3 read-out: {model_name} ({Path(str(ckpt)).name if ckpt else 'fitted here'}), "
              f"{len(crops)} {task.sample_unit} samples, {fit}")
-    md, csv = table_text(results, task.folds, task.cv, title)
+    cv = f"{task.cv}, gap {task.cv_gap}" if task.cv == "blocked" else task.cv
+    md, csv = table_text(results, task.folds, cv, title)
     atomic_write_bytes(run_dir / "semantic_r2.md", md.encode())
     atomic_write_bytes(run_dir / "semantic_r2.csv", csv.encode())
     table.to_csv(str(run_dir / "features.csv"))

@@ -27,6 +27,8 @@ class RunRecord:
     config: dict[str, Any]
     label: dict[str, str]            # what a reader calls the experiment: task, model, swept keys
     metrics: dict[str, float] = field(default_factory=dict)
+    #: the text entries of metrics.json, e.g. ``selection/metric: val/acc``, ``selection/mode: max``
+    info: dict[str, str] = field(default_factory=dict)
     error: str = ""
     table: str = "runs"              # sweep.name, or "runs"
     expected_seeds: tuple[int, ...] = ()
@@ -203,6 +205,15 @@ def pivot_table(groups: Sequence[Group], rows_key: str, cols_key: str | None,
     header = [rows_key, *col_values]
     body = [[r, *(cells.get((r, c), "—") for c in col_values)] for r in row_values]
     return header, body
+
+
+def selection_of(groups: Sequence[Group]) -> tuple[str, str] | None:
+    """``(metric, mode)`` that chose the checkpoints of every finished run, if they all agree."""
+    found = {(r.info.get("selection/metric", ""), r.info.get("selection/mode", "")) for g in groups for r in g.done}
+    if len(found) != 1:
+        return None
+    metric, mode = found.pop()
+    return (metric, mode) if metric.startswith("val/") and mode in ("max", "min") else None
 
 
 def best_group(groups: Sequence[Group], metric: str, maximize: bool) -> Group | None:

@@ -179,7 +179,7 @@ INJECTED = {
 
 TOP_LEVEL = {"task", "model", "source", "trainer", "logger", "callbacks", "paths", "data", "cubes",
              "seed", "ckpt_path", "test_after_fit", "resume", "tags", "experiment_name", "extras",
-             "sweep", "hydra", "perf"}
+             "sweep", "hydra", "perf", "hparams_from"}
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -209,6 +209,9 @@ def _check_top_level_types(cfg: DictConfig) -> None:
     """Plain top-level keys that no schema section covers."""
     if not isinstance(cfg.get("test_after_fit", True), bool):
         raise ConfigError(f"test_after_fit: expected true or false, got {cfg.get('test_after_fit')!r}")
+    source = cfg.get("hparams_from")  # provenance of defaults (conf/paper_hparams/): shown by --cfg job
+    if source is not None and not isinstance(source, str):
+        raise ConfigError(f"hparams_from: expected a string saying where the defaults come from, got {source!r}")
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and not isinstance(ckpt, str):
         raise ConfigError(f"ckpt_path: expected a checkpoint file, `last` or null, got {ckpt!r}")

@@ -35,8 +35,9 @@ class SegmentationTask(CubeTask):
                  class_names: list[str], class_map: dict[int, int], downsample: int = 2,
                  regions: Sequence[str] | None = None, test_buffer: int = 10, dims: Literal[2, 3] = 2,
                  volume_z: int = 8, train_z_stride: int | None = None,
-                 label_channel: str = "pixel_labels", modality: Literal["xray", "em"] = "xray") -> None:
-        super().__init__(name, splits, downsample, regions, test_buffer)
+                 label_channel: str = "pixel_labels", modality: Literal["xray", "em"] = "xray",
+                 guard_px: int = 0) -> None:
+        super().__init__(name, splits, downsample, regions, test_buffer, guard_px)
         if dims not in (2, 3):
             raise ConfigError(f"task.dims: must be 2 or 3, got {dims}")
         if volume_z < 1:

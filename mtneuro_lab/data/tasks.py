@@ -12,7 +12,10 @@ A split entry names either a cube set (``{set: A, z: [..], regions: [..]}``) or,
 file that is not a paper cube, an in-plane box in source coordinates (``{box: {x: [..], y:
 [..]}, z: [..], regions: [name]}``; the region defaults to the catalog's first). Entries whose
 x/y windows intersect are the same tissue: their z ranges must not overlap across splits and
-test keeps ``test_buffer`` slices away from train/val.
+test keeps ``test_buffer`` slices away from train/val. Windows that merely *touch* (a shared face
+or corner over shared slices) are not independent either: they are listed in ``task.contacts``
+and logged at start-up, and ``guard_px`` trims the touching sides of val/test windows (see
+:mod:`mtneuro_lab.data.contacts`).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from mtneuro_lab.data.contacts import EVAL_SPLITS, Contact, Window, contact_between, find_contacts, trim_window
 from mtneuro_lab.data.cubes import Cube, CubeCatalog
 from mtneuro_lab.data.sources.base import VolumeSource
 from mtneuro_lab.errors import ConfigError, DataError
@@ -155,7 +159,13 @@ def downsample_nearest(stack: np.ndarray, factor: int) -> np.ndarray:
 
 
 class CubeTask:
-    """Common machinery: split parsing, overlap/buffer checks, per-cube iteration."""
+    """Common machinery: split parsing, overlap/buffer checks, contacts and guards, per-cube iteration.
+
+    ``guard_px`` (full-resolution voxels, default 0 = off) trims that many voxels off every side
+    of a val/test window that touches a training window. A sample is always one whole window
+    (tile) of the training shape, and a trimmed window no longer holds one; it is not resized,
+    padded or slid onto unannotated tissue, so its samples are left out of the split (logged).
+    """
 
     kind: str = "base"
 
@@ -166,11 +176,14 @@ class CubeTask:
         downsample: int = 2,
         regions: Sequence[str] | None = None,
         test_buffer: int = 10,
+        guard_px: int = 0,
     ) -> None:
         if downsample not in (1, 2, 4):
             raise ConfigError(f"task.downsample: must be one of 1, 2, 4, got {downsample}")
         if test_buffer < 0:
             raise ConfigError(f"task.test_buffer: must be >= 0, got {test_buffer}")
+        if guard_px < 0:
+            raise ConfigError(f"task.guard_px: must be >= 0, got {guard_px}")
         missing = [s for s in SPLITS if s not in splits]
         if missing:
             raise ConfigError(f"task.splits: missing split(s) {missing}; need train, val, test")
@@ -180,10 +193,15 @@ class CubeTask:
         self.name = name
         self.downsample = int(downsample)
         self.test_buffer = int(test_buffer)
+        self.guard_px = int(guard_px)
         self.region_filter = tuple(regions) if regions is not None else None
         self._raw_splits = {k: list(v) for k, v in splits.items()}
         self.catalog: CubeCatalog | None = None
         self.splits: dict[str, list[SplitPart]] = {}
+        #: every val/test window touching a training window (set by :meth:`bind`)
+        self.contacts: tuple[Contact, ...] = ()
+        self._guarded: dict[str, list[Window]] = {}
+        self._left_out: list[tuple[str, Cube, Cube, tuple[int, int]]] = []  # split, window, trimmed, z
 
     # -- binding and validation ------------------------------------------------------------
     def bind(self, catalog: CubeCatalog) -> CubeTask:
@@ -198,9 +216,49 @@ class CubeTask:
             if not parts:
                 raise ConfigError(f"task.splits.{k}: is empty")
         self._check_disjoint()
+        self.contacts = find_contacts({s: self._windows(s) for s in SPLITS})
+        self._apply_guard()
         return self
 
-    def _slabs(self, split: str) -> list[tuple[Cube, tuple[int, int]]]:
+    def _apply_guard(self) -> None:
+        """Trim touching sides of val/test windows by ``guard_px``; leave out windows left partial."""
+        self._guarded, self._left_out = {}, []
+        if not self.guard_px:
+            return
+        cube, _ = self._windows("train")[0]
+        tile_h, tile_w = cube.y[1] - cube.y[0], cube.x[1] - cube.x[0]
+        if 2 * self.guard_px >= min(tile_h, tile_w):
+            raise ConfigError(f"task.guard_px: must be < half the {tile_h}x{tile_w} tile (full resolution), "
+                              f"got {self.guard_px}")
+        train = self._windows("train")
+        for split in EVAL_SPLITS:
+            kept = []
+            for cube, z in self._windows(split):
+                sides = {s for t in train if (c := contact_between(split, (cube, z), t)) for s in c.sides}
+                if sides:  # a sample is a whole window: a trimmed one holds no whole tile
+                    self._left_out.append((split, cube, trim_window(cube, sides, self.guard_px), z))
+                else:
+                    kept.append((cube, z))
+            if not kept:
+                raise ConfigError(f"task.guard_px: {self.guard_px} px guards leave no whole {split} window "
+                                  f"(every {split} window touches a training window); use task.guard_px=0")
+            self._guarded[split] = kept
+
+    def log_contacts(self) -> None:
+        """WARNING lines naming each touching window and each window the guard leaves out."""
+        for contact in self.contacts:
+            log.warning(contact.describe(self.name))
+        for split, cube, trimmed, z in self._left_out:
+            log.warning("%s: task.guard_px=%d trims %s window %s to x%s y%s, less than a whole tile: its %d "
+                        "slices z[%d, %d) are left out of %s", self.name, self.guard_px, split, cube.key,
+                        list(trimmed.x), list(trimmed.y), z[1] - z[0], z[0], z[1], split)
+
+    def _slabs(self, split: str) -> list[Window]:
+        """The windows a split's samples are cut from: :meth:`_windows` minus those the guard leaves out."""
+        return self._guarded.get(split) or self._windows(split)
+
+    def _windows(self, split: str) -> list[Window]:
+        """Every configured window of a split (cube or box, region, z range), before any guard."""
         assert self.catalog is not None, "call bind() first"
         out = []
         for part in self.splits[split]:
@@ -229,8 +287,8 @@ class CubeTask:
 
         pairs = [("train", "val", 0), ("train", "test", self.test_buffer), ("val", "test", self.test_buffer)]
         for a, b, gap in pairs:
-            for cube_a, za in self._slabs(a):
-                for cube_b, zb in self._slabs(b):
+            for cube_a, za in self._windows(a):
+                for cube_b, zb in self._windows(b):
                     if not intersects(cube_a, cube_b):
                         continue
                     distance = max(zb[0] - za[1], za[0] - zb[1])
@@ -267,7 +325,7 @@ class CubeTask:
             return
         (sx, sy, _) = extent
         for split in self.splits:
-            for cube, _z in self._slabs(split):
+            for cube, _z in self._windows(split):
                 if cube.x[0] < sx[0] or cube.x[1] > sx[1] or cube.y[0] < sy[0] or cube.y[1] > sy[1]:
                     raise ConfigError(
                         f"task.splits.{split}: {cube.key} x{list(cube.x)} y{list(cube.y)} lies outside the "
@@ -306,8 +364,8 @@ class RegionClassificationTask(CubeTask):
 
     def __init__(self, name: str, splits: Mapping[str, Sequence[Mapping[str, Any]]], downsample: int = 2,
                  regions: Sequence[str] | None = None, test_buffer: int = 10,
-                 label_mode: str = "cube") -> None:
-        super().__init__(name, splits, downsample, regions, test_buffer)
+                 label_mode: str = "cube", guard_px: int = 0) -> None:
+        super().__init__(name, splits, downsample, regions, test_buffer, guard_px)
         if label_mode not in ("cube", "roi_majority"):
             raise ConfigError(f"task.label_mode: must be 'cube' or 'roi_majority', got {label_mode!r}")
         self.label_mode = label_mode

@@ -51,6 +51,10 @@ class BaseMethod(pl.LightningModule):
         self.optim_cfg = as_dataclass(OptimizerConfig, optimizer, "model.optimizer")
         self.sched_cfg = as_dataclass(SchedulerConfig, scheduler, "model.scheduler")
 
+    def validation_metrics(self) -> set[str]:
+        """Every ``val/`` key this method logs: what checkpoint selection and sweeps may choose by."""
+        return {"val/loss"}
+
     # -- optimisation --------------------------------------------------------------------------
     @property
     def global_batch_size(self) -> int:
@@ -87,6 +91,9 @@ class ScoredMethod(BaseMethod):
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def validation_metrics(self) -> set[str]:
+        return super().validation_metrics() | set(self.metrics.names("val"))
 
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
         logits = self(batch["image"])

@@ -2,10 +2,10 @@
 non-negative (NMF) embedding of flattened tiles, fitted with scikit-learn on the training split
 only, then a linear read-out trained by the usual loop.
 
-The fit happens once at the start of ``trainer.fit`` (``on_fit_start``, after any checkpoint
-restore) from ``datamodule.arrays["train"]``: validation and test tiles are never passed to
-scikit-learn. Components, the pixel mean and the per-component standardisation are stored as
-buffers, so a checkpoint reproduces the embedding exactly (``evaluate.py``) without sklearn.
+Fitting, standardisation, checkpointed buffers and the read-out come from
+:class:`~mtneuro_lab.methods.fitted.FittedEmbeddingClassifier`: validation and test tiles are
+never passed to scikit-learn, and components and pixel mean are buffers, so a checkpoint
+reproduces the embedding exactly (``evaluate.py``) without sklearn.
 
 NMF embeds a batch by the same multiplicative updates with fixed components that scikit-learn's
 ``NMF(solver="mu").transform`` runs (tested against it), started per tile so a tile's embedding
@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.decomposition import NMF, PCA
-from torch import nn
 
 from mtneuro_lab.errors import ConfigError, DataError
-from mtneuro_lab.methods.base import ScoredMethod
+from mtneuro_lab.methods.fitted import FittedEmbeddingClassifier
 from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
-from mtneuro_lab.metrics.classification import ClassificationMetrics
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +45,17 @@ def nmf_transform(x: torch.Tensor, components: torch.Tensor, iterations: int) ->
     return w
 
 
-class DecompositionClassifier(ScoredMethod):
-    monitor = ("val/acc", "max")
-    task_kinds = ("classification",)
+class DecompositionClassifier(FittedEmbeddingClassifier):
+    """PCA / NMF components of the flattened (optionally pooled) tiles + a linear read-out."""
 
     def __init__(self, num_classes: int, class_names: Sequence[str], input_shape: Sequence[int],
                  optimizer: OptimizerConfig | Mapping | None = None,
                  scheduler: SchedulerConfig | Mapping | None = None,
                  kind: Literal["pca", "nmf"] = "pca", n_components: int = 256, pool: int = 1,
                  max_fit_samples: int = 4096, max_iter: int = 200, fit_seed: int = 0) -> None:
-        super().__init__(num_classes, class_names, input_shape, optimizer, scheduler)
         if kind not in ("pca", "nmf"):
             raise ConfigError(f"model.kind: must be one of pca, nmf, got {kind!r}")
-        h, w = self.input_shape[-2:]
+        h, w = tuple(int(s) for s in input_shape)[-2:]
         if pool < 1 or h % pool or w % pool:
             raise ConfigError(f"model.pool: must be >= 1 and divide the {h}x{w} tiles, got {pool}")
         dim = (h // pool) * (w // pool)
@@ -71,16 +67,11 @@ class DecompositionClassifier(ScoredMethod):
                               f"got {max_fit_samples}")
         if max_iter < 1:
             raise ConfigError(f"model.max_iter: must be >= 1, got {max_iter}")
+        super().__init__(num_classes, class_names, input_shape, optimizer, scheduler, embed_dim=n_components,
+                         embedding_buffers={"pixel_mean": torch.zeros(dim),
+                                            "components": torch.zeros(n_components, dim)})
         self.kind, self.n_components, self.pool = kind, n_components, pool
         self.max_fit_samples, self.max_iter, self.fit_seed = max_fit_samples, max_iter, fit_seed
-        self.register_buffer("pixel_mean", torch.zeros(dim))
-        self.register_buffer("components", torch.zeros(n_components, dim))
-        self.register_buffer("feat_mean", torch.zeros(n_components))
-        self.register_buffer("feat_std", torch.ones(n_components))
-        self.register_buffer("input_norm", torch.tensor([0.0, 1.0]))  # datamodule mean/std at fit time
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
-        self.readout = nn.Linear(n_components, self.num_classes)
-        self.metrics = ClassificationMetrics(self.class_names)
 
     # -- the embedding --------------------------------------------------------------------------
     def _pixels(self, raw: torch.Tensor) -> torch.Tensor:
@@ -94,39 +85,21 @@ class DecompositionClassifier(ScoredMethod):
             return (rows - self.pixel_mean) @ self.components.T
         return nmf_transform(rows.clamp_min(0), self.components, self.max_iter)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised batch (as the datamodule hands it out) -> standardised 256-d embedding."""
-        mean, std = self.input_norm[0], self.input_norm[1]
-        code = self._code(self._pixels(x * std + mean))
-        return (code - self.feat_mean) / self.feat_std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.readout(self.embed(x))
+    def raw_code(self, raw: torch.Tensor) -> torch.Tensor:
+        return self._code(self._pixels(raw))
 
     # -- fitting on the training split only -----------------------------------------------------
-    def on_fit_start(self) -> None:
-        if bool(self.fitted):
-            return  # restored from a checkpoint
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "arrays"):
-            raise DataError(f"model={self.kind}: needs the run's datamodule to fit on the training split")
-        self.fit_decomposition(dm.arrays["train"].images, float(dm.mean), float(dm.std))
-
     @torch.no_grad()
-    def fit_decomposition(self, train_images: np.ndarray, mean: float, std: float) -> None:
-        """Fit on uint8 training tiles ``(N, H, W)``; store everything the embedding needs."""
+    def fit_code(self, train_images: np.ndarray) -> None:
+        """scikit-learn fit on (at most ``max_fit_samples``) uint8 training tiles ``(N, H, W)``."""
         n = len(train_images)
         if n < self.n_components:
             raise DataError(f"model.n_components: {self.n_components} components need at least as many "
                             f"training tiles, the training split has {n}")
         rng = np.random.default_rng(self.fit_seed)
         chosen = np.sort(rng.choice(n, self.max_fit_samples, replace=False)) if n > self.max_fit_samples else None
-        device = self.components.device
-
-        def to_rows(imgs: np.ndarray) -> torch.Tensor:
-            return self._pixels(torch.from_numpy(np.asarray(imgs)).to(device).float().div(255).unsqueeze(1))
-
-        rows = to_rows(train_images if chosen is None else train_images[chosen]).cpu().numpy()
+        imgs = train_images if chosen is None else train_images[chosen]
+        rows = self._pixels(self.raw_tiles(imgs)).cpu().numpy()
         if self.kind == "pca":
             model = PCA(self.n_components, random_state=self.fit_seed).fit(rows)
             self.pixel_mean.copy_(torch.from_numpy(model.mean_).float())
@@ -134,30 +107,9 @@ class DecompositionClassifier(ScoredMethod):
             model = NMF(self.n_components, init="nndsvda", solver="mu", max_iter=self.max_iter,
                         random_state=self.fit_seed).fit(rows)
         self.components.copy_(torch.from_numpy(model.components_).float())
-        self.input_norm.copy_(torch.tensor([mean, std]))
-        codes = torch.cat([self._code(to_rows(train_images[s : s + 512])) for s in range(0, n, 512)])
-        self.feat_mean.copy_(codes.mean(0))
-        self.feat_std.copy_(codes.std(0).clamp_min(1e-6))
-        self.fitted.fill_(True)
         log.info("%s: %d components fitted on %d training tiles of %d pixels", self.kind.upper(),
                  self.n_components, len(rows), rows.shape[1])
 
-    # -- the read-out ---------------------------------------------------------------------------
-    def optimizer_parameters(self) -> Any:
-        return list(self.readout.parameters())
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
-        loss = self.loss(logits, batch["target"])
-        self.metrics.update("train", logits.detach(), batch["target"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
-        return loss
-
-    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, target)
-
-    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
-        if not bool(self.fitted):
-            raise DataError(f"model={self.kind}: the decomposition is not fitted (train first, or pass a "
-                            "checkpoint of a trained run)")
-        super()._eval_step(stage, batch)
+    def fit_decomposition(self, train_images: np.ndarray, mean: float, std: float) -> None:
+        """Components, normalisation and standardisation from uint8 training tiles (Task 3 calls it too)."""
+        self.fit_embedding(train_images, mean, std)

@@ -314,6 +314,9 @@ class SSLMethod(BaseMethod):
                           for k, v in values.items()}
         self.log_dict(values, prog_bar=stage != "test")
 
+    def validation_metrics(self) -> set[str]:
+        return {"val/loss", "val/acc_corners", *self.metrics.names("val"), *self.probe_metrics.names("val")}
+
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
 

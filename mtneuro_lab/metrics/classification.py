@@ -36,6 +36,10 @@ class ClassificationMetrics(nn.Module):
         for metric in self[stage].values():
             metric.update(preds, target)
 
+    def names(self, stage: str) -> list[str]:
+        """The keys :meth:`compute` returns for ``stage`` (known before any data is seen)."""
+        return [f"{stage}/{self.prefix}acc", *(f"{stage}/{self.prefix}acc_{n}" for n in self.class_names)]
+
     def compute(self, stage: str) -> dict[str, float]:
         metrics = self[stage]
         out = {f"{stage}/{self.prefix}acc": metrics["acc"].compute()}

@@ -63,6 +63,10 @@ class SegmentationMetrics(nn.Module):
     def has_data(self, stage: str) -> bool:
         return bool(self[stage].update_called)
 
+    def names(self, stage: str) -> list[str]:
+        """The keys :meth:`compute` returns for ``stage`` (known before any data is seen)."""
+        return [f"{stage}/acc", *(f"{stage}/{kind}_{n}" for kind in ("f1", "iou") for n in (*self.class_names, "mean"))]
+
     def compute(self, stage: str) -> dict[str, torch.Tensor]:
         confusion = self[stage].compute()
         self[stage].reset()
