@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtneuro_lab.errors import MtneuroError
+from mtneuro_lab.io import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
@@ -158,8 +159,6 @@ def _record_failure(cfg: DictConfig, err: BaseException) -> None:
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, out / "failed.json")
     if not (out / "config.yaml").is_file():  # the report groups failed jobs by their config too
-        from mtneuro_lab.data.cache import atomic_write_bytes
-
         plain = OmegaConf.to_container(cfg, resolve=False)
         try:
             plain = OmegaConf.to_container(cfg, resolve=True)

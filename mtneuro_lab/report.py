@@ -35,8 +35,8 @@ from mtneuro_lab.analysis.tables import (
     pivot_table,
     selection_of,
 )
-from mtneuro_lab.data.cache import atomic_write_bytes
 from mtneuro_lab.errors import ConfigError
+from mtneuro_lab.io import atomic_write_bytes
 
 #: Hydra group choices that name an experiment in a table
 LABEL_GROUPS = ("task", "model", "source", "trainer")

@@ -26,11 +26,11 @@ from mtneuro_lab import perf
 from mtneuro_lab.callbacks import RNGStateCheckpoint
 from mtneuro_lab.checkpoints import AtomicCheckpointIO, checkpoint_position, load_checkpoint, run_dir_of
 from mtneuro_lab.config.schema import DataConfig, _merge_dataclass, import_target, validate_config
-from mtneuro_lab.data.cache import atomic_write_bytes
 from mtneuro_lab.data.cubes import CubeCatalog, catalog_from_config
 from mtneuro_lab.data.datamodules import VolumeDataModule
 from mtneuro_lab.data.sources.base import VolumeSource
 from mtneuro_lab.errors import CheckpointError, ConfigError, MtneuroError
+from mtneuro_lab.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

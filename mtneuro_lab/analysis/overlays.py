@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtneuro_lab.data.cache import atomic_write_bytes
+from mtneuro_lab.io import atomic_write_bytes
 
 #: class colours: background dark, then vessel red, cell green, axon blue, more from tab10
 _COLOURS = ["#202020", "#e41a1c", "#4daf4a", "#377eb8", "#ff7f00", "#984ea3", "#ffff33", "#a65628"]

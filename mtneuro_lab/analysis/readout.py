@@ -35,9 +35,9 @@ from mtneuro_lab.analysis.embeddings import (
 )
 from mtneuro_lab.analysis.features import FeatureTable
 from mtneuro_lab.config.schema import DataConfig, _merge_dataclass, import_target, validate_config
-from mtneuro_lab.data.cache import atomic_write_bytes
 from mtneuro_lab.data.semantic_task import blocked_folds
 from mtneuro_lab.errors import CheckpointError, ConfigError
+from mtneuro_lab.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -8,47 +8,17 @@ data. Readers verify the checksum once per process and then memory-map.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mtneuro_lab.errors import DataError
+from mtneuro_lab.io import atomic_write_bytes, sha256_file, write_temp
 
 _VERIFIED: set[str] = set()
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_replace(directory: Path, suffix: str, write) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers never see a partial file."""
-    path = Path(path)
-    tmp = _atomic_replace(path.parent, path.suffix, lambda fh: fh.write(data))
-    os.replace(tmp, path)
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -61,7 +31,7 @@ def save_array(path: str | os.PathLike, array: np.ndarray, meta: dict[str, Any] 
     if path.suffix != ".npy":
         raise ValueError(f"cache entries are .npy files, got {path}")
     array = np.ascontiguousarray(array)
-    tmp = _atomic_replace(path.parent, ".npy", lambda fh: np.save(fh, array, allow_pickle=False))
+    tmp = write_temp(path.parent, ".npy", lambda fh: np.save(fh, array, allow_pickle=False))
     try:
         side = {
             "shape": list(array.shape),

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from mtneuro_lab.data.cache import atomic_write_bytes
 from mtneuro_lab.errors import ConfigError, DataError
+from mtneuro_lab.io import atomic_write_bytes
 from mtneuro_lab.methods.base import BaseMethod
 from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
 from mtneuro_lab.nets.vit3d import (

@@ -34,6 +34,7 @@ import numpy as np
 from mtneuro_lab.data import cache
 from mtneuro_lab.data.sources.base import Range, VolumeSource, as_range
 from mtneuro_lab.errors import ConfigError, DataError
+from mtneuro_lab.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -411,7 +412,7 @@ class BossDBSource(VolumeSource):
                 frame["voxel_unit"] = str(coord.voxel_unit)
                 frame["hierarchy_method"] = str(exp.hierarchy_method)
                 frame["voxel_size"] = [coord.x_voxel_size, coord.y_voxel_size, coord.z_voxel_size]
-                cache.atomic_write_bytes(self._frame_path(uri), json.dumps(frame, indent=1).encode())
+                atomic_write_bytes(self._frame_path(uri), json.dumps(frame, indent=1).encode())
             self._frames[key] = frame
         return self._frames[key]
 
