@@ -18,33 +18,16 @@ after the components are built. See docs/gpu.md.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from mtneuro_lab.config.schema import merge_dataclass
+from mtneuro_lab.config.sections import PerfConfig
 from mtneuro_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-@dataclass
-class PerfConfig:
-    """``perf.*`` (top level): speed options that never change what is computed."""
-
-    compile: bool = False
-    compile_mode: str = "default"
-    channels_last: bool = False
-    data_on_device: bool = False
-
-    def __post_init__(self) -> None:
-        if self.compile_mode not in COMPILE_MODES:
-            raise ConfigError(f"perf.compile_mode: must be one of {', '.join(COMPILE_MODES)}, "
-                              f"got {self.compile_mode!r}")
-
 
 def as_perf_config(value: Any) -> PerfConfig:
     """``cfg.perf`` (mapping, dataclass or absent, as in configs saved before ``perf`` existed)."""
@@ -52,9 +35,7 @@ def as_perf_config(value: Any) -> PerfConfig:
         return value
     if value is None:
         return PerfConfig()
-    from mtneuro_lab.config.schema import _merge_dataclass
-
-    return _merge_dataclass(PerfConfig, value, "perf")
+    return merge_dataclass(PerfConfig, value, "perf")
 
 
 def sub_networks(method: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -25,7 +25,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from mtneuro_lab import perf
 from mtneuro_lab.callbacks import RNGStateCheckpoint
 from mtneuro_lab.checkpoints import AtomicCheckpointIO, checkpoint_position, load_checkpoint, run_dir_of
-from mtneuro_lab.config.schema import DataConfig, _merge_dataclass, import_target, validate_config
+from mtneuro_lab.config.schema import DataConfig, import_target, merge_dataclass, validate_config
 from mtneuro_lab.data.cubes import CubeCatalog, catalog_from_config
 from mtneuro_lab.data.datamodules import VolumeDataModule
 from mtneuro_lab.data.sources.base import VolumeSource
@@ -98,7 +98,7 @@ def build_components(cfg: DictConfig) -> Components:
         cache_dir=str(cfg.paths.cache_dir),
     )
     task.check_source(source)  # z range, and the x/y box of sources that have one (source=local)
-    data: DataConfig = _merge_dataclass(DataConfig, cfg.data, "data")
+    data: DataConfig = merge_dataclass(DataConfig, cfg.data, "data")
     datamodule_cls = getattr(task, "datamodule_class", VolumeDataModule)  # EM tasks bring their own
     datamodule = datamodule_cls(
         task, source, catalog, batch_size=data.batch_size, eval_batch_size=data.eval_batch_size,

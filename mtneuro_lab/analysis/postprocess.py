@@ -16,59 +16,13 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
+from mtneuro_lab.config.sections import SCORING, PostprocessConfig
 from mtneuro_lab.errors import ConfigError, DataError
-
-#: waterz scoring functions shipped precompiled (no C++ compiler needed at run time)
-SCORING = {
-    "mean": "OneMinus<MeanAffinity<RegionGraphType, ScoreValue>>",
-    "median": "OneMinus<HistogramQuantileAffinity<RegionGraphType, 50, ScoreValue, 256, false>>",
-}
-
-
-@dataclass
-class PostprocessConfig:
-    """``task.postprocess.*``: how predictions become instances (thresholds are probabilities).
-
-    Affinities: ``threshold`` is waterz's agglomeration threshold (regions merge while
-    ``1 - score(affinities between them)`` is below it); ``aff_low``/``aff_high`` bound the
-    initial zwatershed; ``scoring`` is mean or median affinity of the boundary.
-    BC/BCD: seeds where foreground > ``seed_foreground``, contour < ``seed_contour`` (and
-    distance > ``seed_distance`` for BCD), seeds under ``min_seed_size`` voxels dropped; the
-    watershed floods where foreground > ``mask_foreground``. Finally segments under
-    ``min_size`` voxels are removed (set to 0) for every kind.
-    """
-
-    threshold: float = 0.5
-    aff_low: float = 0.0001
-    aff_high: float = 0.9999
-    scoring: str = "mean"  # mean | median (checked in __post_init__: OmegaConf has no Literal)
-    seed_foreground: float = 0.9
-    seed_contour: float = 0.8
-    seed_distance: float = 0.5
-    mask_foreground: float = 0.85
-    min_seed_size: int = 32
-    min_size: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("threshold", "aff_low", "aff_high", "seed_foreground", "seed_contour", "mask_foreground"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"task.postprocess.{name}: must lie in [0, 1], got {value}")
-        if not -1.0 <= self.seed_distance <= 1.0:
-            raise ConfigError(f"task.postprocess.seed_distance: must lie in [-1, 1], got {self.seed_distance}")
-        if self.aff_low >= self.aff_high:
-            raise ConfigError(f"task.postprocess.aff_low: must be below aff_high ({self.aff_high}), got {self.aff_low}")
-        if self.scoring not in SCORING:
-            raise ConfigError(f"task.postprocess.scoring: must be one of {', '.join(SCORING)}, got {self.scoring!r}")
-        for name in ("min_seed_size", "min_size"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"task.postprocess.{name}: must be >= 0, got {getattr(self, name)}")
 
 
 def sliding_window_predict(predictor: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,

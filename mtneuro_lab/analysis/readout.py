@@ -34,7 +34,7 @@ from mtneuro_lab.analysis.embeddings import (
     umap_coordinates,
 )
 from mtneuro_lab.analysis.features import FeatureTable
-from mtneuro_lab.config.schema import DataConfig, _merge_dataclass, import_target, validate_config
+from mtneuro_lab.config.schema import DataConfig, import_target, merge_dataclass, validate_config
 from mtneuro_lab.data.semantic_task import blocked_folds
 from mtneuro_lab.errors import CheckpointError, ConfigError
 from mtneuro_lab.io import atomic_write_bytes
@@ -308,7 +308,7 @@ def run_semantic(cfg: DictConfig) -> dict[str, float]:
     )
     check = getattr(task, "check_source", None)
     check(source) if check is not None else task.check_extent(getattr(source, "z_extent", None))
-    data: DataConfig = _merge_dataclass(DataConfig, ecfg.data, "data")
+    data: DataConfig = merge_dataclass(DataConfig, ecfg.data, "data")
     run_dir = Path(ecfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(ecfg, run_dir)

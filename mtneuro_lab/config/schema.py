@@ -24,7 +24,7 @@ from typing import Any, Literal, Union
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
-from mtneuro_lab.data.augment import AugmentConfig
+from mtneuro_lab.config.sections import AugmentConfig, PerfConfig
 from mtneuro_lab.errors import ConfigError
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -62,7 +62,8 @@ def one_line_omegaconf_error(err: OmegaConfBaseException, prefix: str, schema: A
     return f"{full}: {msg}"
 
 
-def _merge_dataclass(schema: type, value: Any, key: str) -> Any:
+def merge_dataclass(schema: type, value: Any, key: str) -> Any:
+    """``value`` (mapping) merged onto the dataclass ``schema``: the instance, or a one-line ConfigError."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), value)
         return OmegaConf.to_object(merged)
@@ -126,7 +127,7 @@ def _type_ok(value: Any, hint: Any, key: str) -> None:
         return
     if dataclasses.is_dataclass(hint):
         if isinstance(value, (Mapping, DictConfig)):
-            _merge_dataclass(hint, value, key)
+            merge_dataclass(hint, value, key)
             return
         raise ConfigError(f"{key}: expected a mapping of {hint.__name__} keys, got {value!r}")
     if hint is bool and not isinstance(value, bool):
@@ -189,12 +190,10 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown top-level key; allowed: {', '.join(sorted(TOP_LEVEL))}")
     if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool) or cfg.seed < 0:
         raise ConfigError(f"seed: must be a non-negative integer, got {cfg.get('seed')!r}")
-    _merge_dataclass(DataConfig, cfg.data, "data")
+    merge_dataclass(DataConfig, cfg.data, "data")
     _check_top_level_types(cfg)
     if cfg.get("perf") is not None:
-        from mtneuro_lab.perf import PerfConfig
-
-        _merge_dataclass(PerfConfig, cfg.perf, "perf")
+        merge_dataclass(PerfConfig, cfg.perf, "perf")
     for section in ("task", "model", "source", "trainer"):
         if section not in cfg or cfg[section] is None:
             raise ConfigError(f"{section}: missing config group")

@@ -8,19 +8,10 @@ same draw to all of them (image and mask stay aligned).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class AugmentConfig:
-    """Training-time augmentation applied by the datamodule after transfer to the device."""
-
-    hflip: bool = True
-    vflip: bool = True
-    rot90: bool = True
-    intensity_jitter: float = 0.0  # max relative change of contrast and brightness
+from mtneuro_lab.config.sections import AugmentConfig
 
 
 def to_float(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mtneuro_lab.config.schema import one_line_omegaconf_error
 from mtneuro_lab.errors import ConfigError
 from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler
 
@@ -30,8 +31,6 @@ def as_dataclass(cls: type[T], value: Any, key: str) -> T:
         merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(dict(value)))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
-        from mtneuro_lab.config.schema import one_line_omegaconf_error
-
         raise ConfigError(one_line_omegaconf_error(err, key, cls)) from None
 
 

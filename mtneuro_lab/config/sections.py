@@ -1,0 +1,88 @@
+"""Dataclass schemas of config sections whose values are used below the run (data, decoding, perf).
+
+They live here, at the bottom, so that :mod:`mtneuro_lab.config.schema` validates them without
+importing the code that uses them: ``data.augment.*`` (:class:`AugmentConfig`, used by
+:mod:`mtneuro_lab.data.augment`), ``task.postprocess.*`` (:class:`PostprocessConfig`, used by
+:mod:`mtneuro_lab.decoding.postprocess`) and ``perf.*`` (:class:`PerfConfig`, applied by
+:mod:`mtneuro_lab.perf`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mtneuro_lab.errors import ConfigError
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation applied by the datamodule after transfer to the device."""
+
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+    intensity_jitter: float = 0.0  # max relative change of contrast and brightness
+
+#: waterz scoring functions shipped precompiled (no C++ compiler needed at run time)
+SCORING = {
+    "mean": "OneMinus<MeanAffinity<RegionGraphType, ScoreValue>>",
+    "median": "OneMinus<HistogramQuantileAffinity<RegionGraphType, 50, ScoreValue, 256, false>>",
+}
+
+
+@dataclass
+class PostprocessConfig:
+    """``task.postprocess.*``: how predictions become instances (thresholds are probabilities).
+
+    Affinities: ``threshold`` is waterz's agglomeration threshold (regions merge while
+    ``1 - score(affinities between them)`` is below it); ``aff_low``/``aff_high`` bound the
+    initial zwatershed; ``scoring`` is mean or median affinity of the boundary.
+    BC/BCD: seeds where foreground > ``seed_foreground``, contour < ``seed_contour`` (and
+    distance > ``seed_distance`` for BCD), seeds under ``min_seed_size`` voxels dropped; the
+    watershed floods where foreground > ``mask_foreground``. Finally segments under
+    ``min_size`` voxels are removed (set to 0) for every kind.
+    """
+
+    threshold: float = 0.5
+    aff_low: float = 0.0001
+    aff_high: float = 0.9999
+    scoring: str = "mean"  # mean | median (checked in __post_init__: OmegaConf has no Literal)
+    seed_foreground: float = 0.9
+    seed_contour: float = 0.8
+    seed_distance: float = 0.5
+    mask_foreground: float = 0.85
+    min_seed_size: int = 32
+    min_size: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "aff_low", "aff_high", "seed_foreground", "seed_contour", "mask_foreground"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"task.postprocess.{name}: must lie in [0, 1], got {value}")
+        if not -1.0 <= self.seed_distance <= 1.0:
+            raise ConfigError(f"task.postprocess.seed_distance: must lie in [-1, 1], got {self.seed_distance}")
+        if self.aff_low >= self.aff_high:
+            raise ConfigError(f"task.postprocess.aff_low: must be below aff_high ({self.aff_high}), got {self.aff_low}")
+        if self.scoring not in SCORING:
+            raise ConfigError(f"task.postprocess.scoring: must be one of {', '.join(SCORING)}, got {self.scoring!r}")
+        for name in ("min_seed_size", "min_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"task.postprocess.{name}: must be >= 0, got {getattr(self, name)}")
+
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class PerfConfig:
+    """``perf.*`` (top level): speed options that never change what is computed."""
+
+    compile: bool = False
+    compile_mode: str = "default"
+    channels_last: bool = False
+    data_on_device: bool = False
+
+    def __post_init__(self) -> None:
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"perf.compile_mode: must be one of {', '.join(COMPILE_MODES)}, "
+                              f"got {self.compile_mode!r}")
