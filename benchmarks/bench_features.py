@@ -50,7 +50,7 @@ def time_features(repeats: int = 3) -> dict[str, float]:
     """Seconds for the features of all 1440 slices (labels already in memory), one thread."""
     import torch
 
-    from mtneuro_lab.analysis.features import cube_features
+    from mtneuro_lab.data.features import cube_features
 
     torch.set_num_threads(1)
     task, source = _task_and_source([])

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.cli_runs import run_many  # noqa: E402
 from benchmarks.doc_blocks import write_block  # noqa: E402
-from mtneuro_lab.analysis.features import FEATURES  # noqa: E402
+from mtneuro_lab.data.features import FEATURES  # noqa: E402
 
 DOC = ROOT / "docs" / "task3.md"
 BLOCK = "task3_readout"

@@ -28,9 +28,9 @@ from scipy import ndimage  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mtneuro_lab.analysis.postprocess import PostprocessConfig, instance_scores, segment  # noqa: E402
 from mtneuro_lab.data import targets  # noqa: E402
 from mtneuro_lab.data.sources.phantom_em import PhantomEMSource  # noqa: E402
+from mtneuro_lab.decoding.postprocess import PostprocessConfig, instance_scores, segment  # noqa: E402
 from mtneuro_lab.metrics.em import evaluate_instances  # noqa: E402
 
 SHAPE = (100, 256, 256)

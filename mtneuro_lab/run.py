@@ -1,152 +1,37 @@
 """The train and evaluate flows behind ``train.py`` and ``evaluate.py``.
 
-train: validate config -> build source, task, datamodule, method -> fit -> test on the best
-checkpoint -> ``metrics.json``. Every run directory holds ``config.yaml`` (the composed config,
-resolved), ``checkpoints/`` and ``metrics.json`` (flat JSON of final metrics), which is all the
-reporting code reads.
+train: validate config -> build source, task, datamodule, method (:mod:`mtneuro_lab.build`) ->
+fit -> test on the best checkpoint -> ``metrics.json``. Every run directory holds ``config.yaml``
+(the composed config, resolved), ``checkpoints/`` and ``metrics.json`` (flat JSON of final
+metrics), which is all the reporting code reads (:mod:`mtneuro_lab.rundir`).
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from mtneuro_lab import perf
-from mtneuro_lab.callbacks import RNGStateCheckpoint
-from mtneuro_lab.checkpoints import AtomicCheckpointIO, checkpoint_position, load_checkpoint, run_dir_of
-from mtneuro_lab.config.schema import DataConfig, import_target, merge_dataclass, validate_config
-from mtneuro_lab.data.cubes import CubeCatalog, catalog_from_config
-from mtneuro_lab.data.datamodules import VolumeDataModule
-from mtneuro_lab.data.sources.base import VolumeSource
-from mtneuro_lab.errors import CheckpointError, ConfigError, MtneuroError
-from mtneuro_lab.io import atomic_write_bytes
+from mtneuro_lab.analysis import readout
+from mtneuro_lab.build import (  # noqa: F401 - build_components, instantiate_* re-exported for tests and benchmarks
+    Components,
+    build_components,
+    build_trainer,
+    instantiate_cfg,
+    instantiate_filtered,
+    load_method_checkpoint,
+)
+from mtneuro_lab.checkpoints import checkpoint_position, load_checkpoint, run_dir_of
+from mtneuro_lab.config.schema import validate_config
+from mtneuro_lab.errors import CheckpointError, ConfigError
+from mtneuro_lab.rundir import evaluation_config, save_config, write_metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Components:
-    catalog: CubeCatalog
-    source: VolumeSource
-    task: Any
-    datamodule: pl.LightningDataModule
-    method: pl.LightningModule
-
-
-def instantiate_cfg(section: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that lets our one-line errors through unwrapped."""
-    try:
-        return instantiate(section, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, MtneuroError):
-            raise cause from None
-        raise ConfigError(" ".join(str(err).split())) from None
-
-
-def instantiate_filtered(section: DictConfig, **available: Any) -> Any:
-    """Instantiate ``section`` passing only those ``available`` kwargs its target accepts."""
-    target = import_target(section._target_, "section")
-    params = inspect.signature(target.__init__ if inspect.isclass(target) else target).parameters
-    accepts_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in available.items() if accepts_all or k in params}
-    return instantiate_cfg(section, **kwargs, _convert_="all")
-
-
-def check_compatible(method_cls: type, task: Any, cfg: DictConfig) -> None:
-    kinds = getattr(method_cls, "task_kinds", ("classification",))
-    if task.kind not in kinds:
-        model = _choice(cfg, "model")
-        raise ConfigError(
-            f"model={model}: does not fit task={_choice(cfg, 'task')} (a {task.kind} task); "
-            f"this model runs on {', '.join(kinds)} tasks"
-        )
-
-
-def _choice(cfg: DictConfig, group: str) -> str:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return str(HydraConfig.get().runtime.choices.get(group))
-    except Exception:  # noqa: BLE001 - outside a Hydra app (tests, notebooks)
-        return str(cfg.get(group, {}).get("_target_", group)).rsplit(".", 1)[-1]
-
-
-def build_components(cfg: DictConfig) -> Components:
-    """Instantiate everything a run needs; raises ConfigError before reading any data."""
-    catalog = catalog_from_config(cfg.cubes)
-    task = instantiate_cfg(cfg.task, _convert_="all").bind(catalog)
-    method_cls = import_target(cfg.model._target_, "model")
-    check_compatible(method_cls, task, cfg)
-    source = instantiate_filtered(
-        cfg.source,
-        modality=getattr(task, "modality", "xray"),
-        cubes=OmegaConf.to_container(cfg.cubes.sets, resolve=True),
-        regions=list(catalog.regions),
-        roi_ids=dict(catalog.roi_ids),
-        cache_dir=str(cfg.paths.cache_dir),
-    )
-    task.check_source(source)  # z range, and the x/y box of sources that have one (source=local)
-    data: DataConfig = merge_dataclass(DataConfig, cfg.data, "data")
-    datamodule_cls = getattr(task, "datamodule_class", VolumeDataModule)  # EM tasks bring their own
-    datamodule = datamodule_cls(
-        task, source, catalog, batch_size=data.batch_size, eval_batch_size=data.eval_batch_size,
-        augment_cfg=data.augment, normalize=data.normalize, seed=int(cfg.seed), drop_last=data.drop_last,
-    )
-    method = instantiate_cfg(cfg.model, num_classes=task.num_classes, class_names=task.class_names,
-                         input_shape=task.sample_shape(), _convert_="all")
-    return Components(catalog, source, task, datamodule, method)
-
-
-def build_trainer(cfg: DictConfig, run_dir: Path, method: pl.LightningModule) -> pl.Trainer:
-    callbacks = []
-    for name, sub in (cfg.get("callbacks") or {}).items():
-        if sub is None:
-            continue
-        extra = {}
-        if name == "model_checkpoint" and sub.get("monitor", None) is None:
-            extra = {"monitor": method.monitor[0], "mode": method.monitor[1]}
-        callbacks.append(instantiate(sub, **extra))
-    callbacks.append(RNGStateCheckpoint())
-    loggers = [instantiate(sub) for sub in (cfg.get("logger") or {}).values() if sub is not None]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                       plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
-
-
-def save_config(cfg: DictConfig, run_dir: Path) -> None:
-    """The composed config, resolved, as ``config.yaml`` in the run directory."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("hydra", None)
-    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)).encode())
-
-
-def _flat_value(value: Any) -> float | int | str:
-    """Numbers as floats (steps and epochs as ints), names (``selection/metric``) as strings."""
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    return float(value)
-
-
-def write_metrics(run_dir: Path, metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """``metrics.json``: flat, sorted, written atomically; what reports and sweeps read."""
-    flat = {k: _flat_value(v) for k, v in sorted(metrics.items())}
-    atomic_write_bytes(run_dir / "metrics.json", (json.dumps(flat, indent=2) + "\n").encode())
-    return flat
 
 
 def resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> str | None:
@@ -233,7 +118,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_selection(cfg, comps.method)
     perf.apply(cfg.get("perf"), comps.method, comps.datamodule)
     resume = resolve_ckpt(cfg.get("ckpt_path"), run_dir)
-    contacts = getattr(comps.task, "contacts", None)  # cube tasks: val/test windows touching training ones
+    contacts = comps.task.contacts  # cube tasks: val/test windows touching training ones (EM: None)
     if contacts is not None:
         comps.task.log_contacts()
     trainer = None
@@ -257,65 +142,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _finish_loggers(trainer)
 
 
-def evaluation_config(cfg: DictConfig) -> DictConfig:
-    """The saved training config with this command's overrides applied on top.
-
-    Group choices given on the command line (``task=semantic``) replace that whole section;
-    ``key=value`` overrides change just that key; everything else comes from the run that
-    produced the checkpoint.
-    """
-    if not cfg.get("ckpt_path"):
-        raise ConfigError("ckpt_path: evaluate.py needs ckpt_path=<checkpoint file>")
-    ckpt = Path(str(cfg.ckpt_path))
-    if not ckpt.is_file():
-        raise CheckpointError(f"ckpt_path: no checkpoint file at {ckpt}")
-    saved_path = run_dir_of(ckpt) / "config.yaml"
-    if not saved_path.is_file():
-        raise CheckpointError(f"ckpt_path: no config.yaml beside the checkpoint (looked for {saved_path})")
-    saved = OmegaConf.load(saved_path)
-    overrides = _cli_overrides()
-    groups = {"task", "model", "source", "trainer", "logger", "callbacks", "paths", "cubes"}
-    for text in overrides:
-        key, _, _ = text.lstrip("+~").partition("=")
-        if key in groups:
-            saved[key] = cfg[key]
-        elif key not in ("ckpt_path",) and not key.startswith("hydra."):
-            OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
-    saved.paths = cfg.paths
-    saved.ckpt_path = str(ckpt)
-    saved.logger = cfg.logger if any(o.startswith("logger") for o in overrides) else saved.get("logger")
-    return saved
-
-
-def _cli_overrides() -> list[str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)
-    except Exception:  # noqa: BLE001 - outside Hydra
-        return []
-
-
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the model from a checkpoint and its saved config; recompute test metrics."""
-    from mtneuro_lab.analysis import readout
-
     if readout.is_semantic(cfg):  # Task 3: linear read-out of any Task 1 method, not trainer.test
         return readout.run_semantic(cfg)
     ecfg = evaluation_config(cfg)
     validate_config(ecfg)
     run_dir = Path(ecfg.paths.output_dir)
     comps = build_components(ecfg)
-    state = load_checkpoint(ecfg.ckpt_path)
-    if "state_dict" not in state:
-        raise CheckpointError(f"ckpt_path: {ecfg.ckpt_path} has no state_dict")
-    try:
-        comps.method.load_state_dict(state["state_dict"], strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"ckpt_path: {ecfg.ckpt_path} does not fit model {ecfg.model._target_} "
-            f"({str(err).splitlines()[0]})"
-        ) from None
+    load_method_checkpoint(comps.method, ecfg.ckpt_path, ecfg.model._target_)
     perf.apply(ecfg.get("perf"), comps.method, comps.datamodule)
     ecfg.callbacks = {}
     trainer = build_trainer(ecfg, run_dir, comps.method)
@@ -427,8 +262,6 @@ def _preflight_sweep_names(cfg: DictConfig) -> None:
 
 
 def _preflight_evaluate(cfg: DictConfig) -> None:
-    from mtneuro_lab.analysis import readout
-
     if readout.is_semantic(cfg):
         return readout.preflight(cfg)
     if not cfg.get("ckpt_path"):

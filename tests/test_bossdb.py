@@ -249,7 +249,7 @@ def test_download_command_fills_the_cache_for_an_offline_run(boss: FakeBoss, tmp
     cache_dir = tmp_path / "cache"
     args = (f"source.host={boss.host}", "source.protocol=http", "task.label_mode=roi_majority",
             f"paths.cache_dir={cache_dir}", *SPLITS)
-    proc = subprocess.run([sys.executable, "-m", "mtneuro_lab.data.sources.bossdb", *args], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "mtneuro_lab.download", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "roi_c1/test: 16 samples" in proc.stdout

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from mtneuro_lab.analysis.postprocess import PostprocessConfig, segment, sliding_window_predict
 from mtneuro_lab.data import targets
+from mtneuro_lab.decoding.postprocess import PostprocessConfig, segment, sliding_window_predict
 from mtneuro_lab.errors import ConfigError, DataError
 from mtneuro_lab.metrics.em import evaluate_instances
 

@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from mtneuro_lab.analysis.features import (
+from mtneuro_lab.data.features import (
     BOSSDB,
     FEATURES,
     PRASAD2020_MASKS,

@@ -8,9 +8,9 @@ import pytest
 from conftest import compose, read_metrics, run_cli
 
 from mtneuro_lab.analysis.embeddings import split_tiles
-from mtneuro_lab.analysis.features import FEATURES, FeatureTable
 from mtneuro_lab.analysis.readout import fold_predictions, linear_readout, metrics_of, table_text
 from mtneuro_lab.data.cubes import catalog_from_config
+from mtneuro_lab.data.features import FEATURES, FeatureTable
 from mtneuro_lab.data.semantic_task import blocked_folds
 from mtneuro_lab.errors import ConfigError
 from mtneuro_lab.run import instantiate_cfg

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mtneuro_lab.analysis.embeddings import (
     embed_images,
@@ -33,11 +33,24 @@ from mtneuro_lab.analysis.embeddings import (
     split_tiles,
     umap_coordinates,
 )
-from mtneuro_lab.analysis.features import FeatureTable
-from mtneuro_lab.config.schema import DataConfig, import_target, merge_dataclass, validate_config
+from mtneuro_lab.build import (
+    build_method,
+    build_source,
+    build_task,
+    data_config,
+    group_choice,
+    load_method_checkpoint,
+    task_facts,
+)
+from mtneuro_lab.config.schema import DataConfig, import_target, validate_config
+from mtneuro_lab.data.contract import Task
+from mtneuro_lab.data.cubes import catalog_from_config
+from mtneuro_lab.data.datamodules import VolumeDataModule
+from mtneuro_lab.data.features import FeatureTable
 from mtneuro_lab.data.semantic_task import blocked_folds
 from mtneuro_lab.errors import CheckpointError, ConfigError
 from mtneuro_lab.io import atomic_write_bytes
+from mtneuro_lab.rundir import evaluation_config, save_config, saved_config, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -213,15 +226,14 @@ def is_semantic(cfg: DictConfig) -> bool:
     except Exception:  # noqa: BLE001 - no task section: not ours, let the normal flow report it
         return False
     try:
-        return getattr(import_target(str(target), "task"), "kind", "") == "semantic"
+        task_cls = import_target(str(target), "task")
     except ConfigError:
         return False
+    return isinstance(task_cls, type) and issubclass(task_cls, Task) and task_cls.kind == "semantic"
 
 
 def _model_name(cfg: DictConfig) -> str:
-    from mtneuro_lab.run import _choice
-
-    return _choice(cfg, "model")
+    return group_choice(cfg, "model")
 
 
 def _fits_itself(method_cls: type) -> bool:
@@ -243,19 +255,8 @@ def preflight(cfg: DictConfig) -> None:
                           f"checkpoint>; only decompositions (model=pca, model=nmf) run without one")
 
 
-def _saved_config(ckpt: Path) -> DictConfig:
-    from mtneuro_lab.checkpoints import run_dir_of
-
-    path = run_dir_of(ckpt) / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"ckpt_path: no config.yaml beside the checkpoint (looked for {path})")
-    return OmegaConf.load(path)
-
-
 def _normalisation(state: Mapping[str, Any] | None, data: DataConfig, task: Any, source: Any) -> tuple[float, float]:
     """The mean/std the encoder was trained with: from the checkpoint, else recomputed."""
-    from mtneuro_lab.data.datamodules import VolumeDataModule
-
     saved = (state or {}).get(VolumeDataModule.__qualname__)
     if isinstance(saved, Mapping) and "mean" in saved and "std" in saved:
         return float(saved["mean"]), float(saved["std"])
@@ -266,31 +267,20 @@ def _normalisation(state: Mapping[str, Any] | None, data: DataConfig, task: Any,
 
 def run_semantic(cfg: DictConfig) -> dict[str, float]:
     """Embed all Task 3 samples with a frozen method, regress features, write metrics and plots."""
-    from mtneuro_lab.checkpoints import load_checkpoint
-    from mtneuro_lab.data.cubes import catalog_from_config
-    from mtneuro_lab.run import (
-        evaluation_config,
-        instantiate_cfg,
-        instantiate_filtered,
-        save_config,
-        write_metrics,
-    )
-
     ckpt = cfg.get("ckpt_path")
     ecfg = evaluation_config(cfg) if ckpt else cfg
     validate_config(ecfg)
     model_name = _model_name(ecfg)
     catalog = catalog_from_config(ecfg.cubes)
-    task = instantiate_cfg(ecfg.task, _convert_="all").bind(catalog)
+    task = build_task(ecfg, catalog)
     method_cls = import_target(ecfg.model._target_, "model")
     state = None
     if ckpt:
-        saved = _saved_config(Path(str(ckpt)))
-        task1 = instantiate_cfg(saved.task, _convert_="all").bind(catalog_from_config(saved.cubes))
+        saved = saved_config(Path(str(ckpt)))
+        task1 = build_task(saved, catalog_from_config(saved.cubes))
         task.use_downsample(int(task1.downsample))
         ecfg.task.downsample = task.downsample  # recorded in config.yaml: the resolution read out
-        facts = {"num_classes": task1.num_classes, "class_names": task1.class_names,
-                     "input_shape": task1.sample_shape()}
+        facts = task_facts(task1)
     else:
         if not _fits_itself(method_cls):
             raise ConfigError(f"ckpt_path: task=semantic with model={model_name} needs ckpt_path=<Task 1 "
@@ -298,30 +288,18 @@ def run_semantic(cfg: DictConfig) -> dict[str, float]:
         shape = task.sample_shape()  # a decomposition fitted here embeds exactly the read-out crops
         facts = {"num_classes": len(catalog.regions), "class_names": list(catalog.regions),
                      "input_shape": (shape[0] // task.grid, shape[1] // task.grid)}
-    method = instantiate_cfg(ecfg.model, **facts, _convert_="all")
+    method = build_method(ecfg, facts)
     embedding_fn(method, model_name)  # fail before reading data if there is nothing to embed with
     _check_fixed_size(method, task, model_name)
-    source = instantiate_filtered(
-        ecfg.source, modality=getattr(task, "modality", "xray"),
-        cubes=OmegaConf.to_container(ecfg.cubes.sets, resolve=True), regions=list(catalog.regions),
-        roi_ids=dict(catalog.roi_ids), cache_dir=str(ecfg.paths.cache_dir),
-    )
-    check = getattr(task, "check_source", None)
-    check(source) if check is not None else task.check_extent(getattr(source, "z_extent", None))
-    data: DataConfig = merge_dataclass(DataConfig, ecfg.data, "data")
+    source = build_source(ecfg, task, catalog)
+    task.check_source(source)
+    data = data_config(ecfg)
     run_dir = Path(ecfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(ecfg, run_dir)
 
     if ckpt:
-        state = load_checkpoint(ecfg.ckpt_path)
-        if "state_dict" not in state:
-            raise CheckpointError(f"ckpt_path: {ecfg.ckpt_path} has no state_dict")
-        try:
-            method.load_state_dict(state["state_dict"], strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(f"ckpt_path: {ecfg.ckpt_path} does not fit model {ecfg.model._target_} "
-                                  f"({str(err).splitlines()[0]})") from None
+        state = load_method_checkpoint(method, ecfg.ckpt_path, ecfg.model._target_)
     mean, std = _normalisation(state, data, task, source)
     if not ckpt:
         fit_crops = split_tiles(task.build("train", source).images, task.grid)

@@ -19,8 +19,9 @@ depth. The same channel may not appear in two splits with overlapping z.
 * validation / test: one batch per split holding the whole volume: ``image``
   ``(1, 1, Z, Y, X)``, ``instances`` int64 ``(1, Z, Y, X)`` ground truth, ``target``/``mask``
   of the whole volume. Every DDP rank gets the whole volume. Methods run
-  :func:`mtneuro_lab.analysis.postprocess.sliding_window_predict` with
-  ``roi_size=task.crop``, then ``task.evaluate(prob[0], instances[0])`` and log each value
+  :func:`mtneuro_lab.decoding.postprocess.sliding_window_predict` with
+  ``roi_size=task.crop``, then score with the task's post-processing
+  (:func:`mtneuro_lab.methods.mae_finetune.evaluate_volume`) and log each value
   as ``<stage>/<name>`` (``test/arand``, ``test/voi_split``, ``test/voi_merge``,
   ``test/ap50``, ``test/ap75``).
 """
@@ -34,14 +35,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from mtneuro_lab.analysis import postprocess as pp
-from mtneuro_lab.analysis.postprocess import PostprocessConfig
+from mtneuro_lab.config.sections import PostprocessConfig
 from mtneuro_lab.data import augment, targets
+from mtneuro_lab.data.contract import Task
 from mtneuro_lab.data.datamodules import VolumeDataModule
 from mtneuro_lab.data.sources.base import VolumeSource
 from mtneuro_lab.data.tasks import SPLITS, downsample_area, downsample_nearest, parse_z
 from mtneuro_lab.errors import ConfigError, DataError
-from mtneuro_lab.metrics.em import evaluate_instances
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _parse_split(name: str, spec: Any, labels: str) -> EMSplit:
     return EMSplit(str(image), str(lab), z)  # type: ignore[arg-type]
 
 
-class EMTask:
+class EMTask(Task):
     """An EM instance-segmentation task: split volumes, training crops, targets, post-processing.
 
     ``labels`` names the instance channel (``labels`` neurons, ``mito`` mitochondria);
@@ -194,7 +194,7 @@ class EMTask:
                     raise ConfigError(f"task.splits: {a} z{za} and {b} z{zb} overlap in channel {sa.image!r}; "
                                       "give them disjoint z ranges or different channels")
 
-    # -- the CubeTask-like interface the run uses --------------------------------------------
+    # -- the Task contract (mtneuro_lab.data.contract) --------------------------------------------
     def bind(self, catalog: Any) -> EMTask:
         """EM tasks do not use the MTNeuro cube catalog; kept for the common run flow."""
         self.catalog = catalog
@@ -246,11 +246,6 @@ class EMTask:
         z, y, x = (float(v) for v in size)
         return z, y * self.downsample, x * self.downsample
 
-    @property
-    def datamodule_class(self) -> type:
-        """What the run builds for this task (instead of the cube-sample VolumeDataModule)."""
-        return EMDataModule
-
     def sample_shape(self) -> tuple[int, int, int]:
         """The training crop ``(D, H, W)`` (the model's input shape)."""
         return self.crop  # type: ignore[return-value]
@@ -287,27 +282,10 @@ class EMTask:
                                 f"training volume {list(volume.shape)} (after downsample {self.downsample})")
         return volume
 
-    # -- prediction -> metrics ----------------------------------------------------------------
+    # -- prediction -----------------------------------------------------------------------------
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, C, ...)`` -> probabilities (tanh for the BCD distance channel)."""
         return targets.activate(logits, self.target)
-
-    def segment(self, prob: np.ndarray | torch.Tensor) -> np.ndarray:
-        """``(C, Z, Y, X)`` probabilities -> int64 instances (waterz or seeded watershed)."""
-        return pp.segment(prob, self.target, self.postprocess)
-
-    def score(self, seg: np.ndarray, gt: np.ndarray | torch.Tensor,
-              prob: np.ndarray | torch.Tensor | None = None) -> dict[str, float]:
-        """Metrics (no stage prefix); ``prob`` ranks instances for AP by mean confidence."""
-        scores = None
-        if prob is not None:
-            scores = pp.instance_scores(seg, pp.confidence_map(prob, self.target))
-        return evaluate_instances(seg, gt, ignore_zero=self.ignore_zero, scores=scores)
-
-    def evaluate(self, prob: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> dict[str, float]:
-        """``segment`` then ``score``: what a method logs as ``<stage>/<name>`` per volume."""
-        seg = self.segment(prob)
-        return self.score(seg, gt, prob)
 
 
 def _as_int32(labels: np.ndarray, what: str) -> np.ndarray:

@@ -11,7 +11,7 @@ statistics normalise images when the checkpoint does not carry them.
 own Task 1 resolution) with region indices as targets, so every loader of the project works
 on it unchanged. The features come from :meth:`SemanticFeatureTask.features`: computed from
 FULL-resolution ``pixel_labels``, one 3D connected-component pass per region cube (see
-:mod:`mtneuro_lab.analysis.features`), rows ordered like ``build("test")`` (tile ``i`` owns rows
+:mod:`mtneuro_lab.data.features`), rows ordered like ``build("test")`` (tile ``i`` owns rows
 ``i * tiles_per_image`` ... ``+ tiles_per_image - 1``).
 """
 from __future__ import annotations
@@ -22,14 +22,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mtneuro_lab.analysis.features import (
+from mtneuro_lab.data.cubes import CubeCatalog
+from mtneuro_lab.data.features import (
     BOSSDB,
     Centroid,
     Connectivity,
     FeatureTable,
     cube_features,
 )
-from mtneuro_lab.data.cubes import CubeCatalog
 from mtneuro_lab.data.sources.base import VolumeSource
 from mtneuro_lab.data.tasks import RegionClassificationTask
 from mtneuro_lab.errors import ConfigError, DataError

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from mtneuro_lab.data.contacts import EVAL_SPLITS, Contact, Window, contact_between, find_contacts, trim_window
+from mtneuro_lab.data.contract import Task
 from mtneuro_lab.data.cubes import Cube, CubeCatalog
 from mtneuro_lab.data.sources.base import VolumeSource
 from mtneuro_lab.errors import ConfigError, DataError
@@ -158,7 +159,7 @@ def downsample_nearest(stack: np.ndarray, factor: int) -> np.ndarray:
     return np.ascontiguousarray(stack[..., off::factor, off::factor])
 
 
-class CubeTask:
+class CubeTask(Task):
     """Common machinery: split parsing, overlap/buffer checks, contacts and guards, per-cube iteration.
 
     ``guard_px`` (full-resolution voxels, default 0 = off) trims that many voxels off every side
@@ -166,8 +167,6 @@ class CubeTask:
     (tile) of the training shape, and a trimmed window no longer holds one; it is not resized,
     padded or slid onto unannotated tissue, so its samples are left out of the split (logged).
     """
-
-    kind: str = "base"
 
     def __init__(
         self,

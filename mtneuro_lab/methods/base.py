@@ -6,7 +6,6 @@ Methods receive from the run (not from their own config) what depends on the tas
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, is_dataclass
 from typing import Any, TypeVar
 
 import pytorch_lightning as pl
@@ -73,11 +72,6 @@ class BaseMethod(pl.LightningModule):
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-    def describe(self) -> dict[str, Any]:
-        """Config facts worth logging as hyper-parameters."""
-        return {"optimizer": asdict(self.optim_cfg) if is_dataclass(self.optim_cfg) else {},
-                "scheduler": asdict(self.sched_cfg) if is_dataclass(self.sched_cfg) else {}}
 
 
 class ScoredMethod(BaseMethod):

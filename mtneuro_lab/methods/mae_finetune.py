@@ -12,7 +12,7 @@ The target kind (affinity, bc, bcd) is read off the channel names the task provi
 inference over the whole volume (windows of the training crop, the task's ``eval_overlap``):
 validation logs ``val/loss`` against the volume's targets; test post-processes the blended
 probabilities with the task's post-processing and logs every metric of
-:meth:`mtneuro_lab.data.em.EMTask.evaluate` as ``test/<name>`` (``test/arand``,
+:func:`evaluate_volume` as ``test/<name>`` (``test/arand``,
 ``test/voi_split``, ``test/voi_merge``, ``test/ap50``, ``test/ap75`` ...).
 """
 from __future__ import annotations
@@ -22,19 +22,44 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtneuro_lab.analysis.postprocess import sliding_window_predict
+from mtneuro_lab.data.em import EMTask
+from mtneuro_lab.decoding import postprocess as pp
+from mtneuro_lab.decoding.postprocess import sliding_window_predict
 from mtneuro_lab.errors import CheckpointError, ConfigError
 from mtneuro_lab.methods.base import BaseMethod
 from mtneuro_lab.methods.mae_pretrain import CKPT_META_KEY, ENCODER_FORMAT
 from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
+from mtneuro_lab.metrics.em import evaluate_instances
 from mtneuro_lab.nets.unetr import UNETR
 from mtneuro_lab.nets.vit3d import Preset, ViTEncoder, resize_pos_embed, token_grid, vit_spec
 
 log = logging.getLogger(__name__)
 KEY = "model.pretrained"
+
+
+# -- scoring a whole volume --------------------------------------------------------------------
+def segment_volume(task: EMTask, prob: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``(C, Z, Y, X)`` probabilities -> int64 instances with the task's post-processing (waterz or
+    seeded watershed, :mod:`mtneuro_lab.decoding.postprocess`)."""
+    return pp.segment(prob, task.target, task.postprocess)
+
+
+def score_volume(task: EMTask, seg: np.ndarray, gt: np.ndarray | torch.Tensor,
+                 prob: np.ndarray | torch.Tensor | None = None) -> dict[str, float]:
+    """Instance metrics (no stage prefix); ``prob`` ranks instances for AP by mean confidence."""
+    scores = None
+    if prob is not None:
+        scores = pp.instance_scores(seg, pp.confidence_map(prob, task.target))
+    return evaluate_instances(seg, gt, ignore_zero=task.ignore_zero, scores=scores)
+
+
+def evaluate_volume(task: EMTask, prob: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """:func:`segment_volume` then :func:`score_volume`: what the test step logs as ``test/<name>``."""
+    return score_volume(task, segment_volume(task, prob), gt, prob)
 
 
 # -- pretrained weights -----------------------------------------------------------------------
@@ -181,9 +206,9 @@ class MAEFinetune(BaseMethod):
         return loss
 
     # -- whole-volume evaluation -------------------------------------------------------------
-    def _task(self) -> Any:
+    def _task(self) -> EMTask:
         task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
-        if task is None or not hasattr(task, "evaluate"):
+        if not isinstance(task, EMTask):
             raise ConfigError("model=mae_finetune: evaluation needs an EM task (task=snemi3d or task=mitoem)")
         return task
 
@@ -200,5 +225,5 @@ class MAEFinetune(BaseMethod):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         task = self._task()
         prob = self._predict_volume(batch["image"], activation=task.activate)
-        metrics = task.evaluate(prob[0], batch["instances"][0])
+        metrics = evaluate_volume(task, prob[0], batch["instances"][0])
         self.log_dict({f"test/{k}": float(v) for k, v in metrics.items()}, batch_size=1)

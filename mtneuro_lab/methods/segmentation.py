@@ -21,6 +21,7 @@ from mtneuro_lab.data import augment
 from mtneuro_lab.errors import ConfigError
 from mtneuro_lab.methods.base import ScoredMethod
 from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
+from mtneuro_lab.metrics import overlays
 from mtneuro_lab.metrics.segmentation import SegmentationMetrics
 from mtneuro_lab.nets.segmentation import (
     SMP_MIN_SIZE,
@@ -103,8 +104,6 @@ class SegmentationMethod(ScoredMethod):
 
     def after_evaluate(self, datamodule: Any, run_dir: Path) -> dict[str, float]:
         """Write ``overlays/<region>.png`` and ``confusion_matrix.{csv,png}`` into ``run_dir``."""
-        from mtneuro_lab.analysis import overlays
-
         if self.trainer is not None and not self.trainer.is_global_zero:
             return {}
         if "test" in self.metrics.last_confusion:

@@ -322,9 +322,3 @@ class SSLMethod(BaseMethod):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
-
-    def describe(self) -> dict[str, Any]:
-        out = super().describe()
-        out.update(crop_size=list(self.crop_size), ssl_epochs=self.ssl_epochs,
-                   linear_epochs=self.linear_cfg.epochs)
-        return out

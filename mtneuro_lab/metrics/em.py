@@ -123,7 +123,7 @@ def evaluate_instances(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.T
     """All EM metrics of a predicted instance segmentation against ground truth (same shape).
 
     ``scores`` maps predicted ids to a confidence (e.g. mean foreground probability, see
-    :func:`mtneuro_lab.analysis.postprocess.instance_scores`) used to rank predictions for AP.
+    :func:`mtneuro_lab.decoding.postprocess.instance_scores`) used to rank predictions for AP.
     Returns ``arand``, ``arand_precision``, ``arand_recall``, ``voi_split``, ``voi_merge``,
     ``voi``, ``ap50``, ``ap75`` (``ap<100 t>`` for other thresholds), ``n_pred``, ``n_gt``.
     """

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mtneuro_lab.errors import DataError
+
 Range = tuple[int, int]
 
 #: Channel names understood by every X-ray source (BossDB encodings).
@@ -19,8 +21,6 @@ XRAY_CHANNELS = ("image", "pixel_labels", "roi_labels")
 
 def as_range(value: Sequence[int], name: str) -> Range:
     """Validate a half-open ``[start, stop)`` range given as two ints."""
-    from mtneuro_lab.errors import DataError
-
     if len(value) != 2:
         raise DataError(f"{name} must be [start, stop), got {list(value)}")
     start, stop = int(value[0]), int(value[1])
@@ -44,8 +44,6 @@ class VolumeSource(ABC):
         """Return ``channel`` over ``x``, ``y``, ``z`` (half-open) as a ``(z, y, x)`` array."""
 
     def check_channel(self, channel: str) -> None:
-        from mtneuro_lab.errors import DataError
-
         if channel not in self.channels:
             raise DataError(
                 f"{type(self).__name__}: unknown channel {channel!r}; available: "

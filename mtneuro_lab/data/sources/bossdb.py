@@ -10,9 +10,8 @@ x/y/z), downloads each chunk with bounded retries (exponential backoff with jitt
 written to the cache, and must not be put into the config (it would end up in run directories),
 so it comes from the environment.
 
-Also a small CLI to pre-download what a task config needs::
-
-    python -m mtneuro_lab.data.sources.bossdb task=roi_c1 [source.host=... other overrides]
+To pre-download what a task config needs: ``python -m mtneuro_lab.download task=roi_c1
+[source.host=... other overrides]`` (:mod:`mtneuro_lab.download`).
 """
 from __future__ import annotations
 
@@ -464,55 +463,9 @@ class BossDBSource(VolumeSource):
                         leave=False, file=sys.stderr)
 
 
-# --------------------------------------------------------------------------- pre-download CLI
-
-
-def download_for_config(overrides: Sequence[str]) -> list[str]:
-    """Fetch every cutout the composed config's task reads (all splits) into the cache."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from mtneuro_lab.cli import CONF_DIR, register_resolvers
-    from mtneuro_lab.config.schema import validate_config
-    from mtneuro_lab.data.cubes import catalog_from_config
-    from mtneuro_lab.data.tasks import SPLITS
-    from mtneuro_lab.run import instantiate_cfg, instantiate_filtered
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["source=bossdb", *overrides])
-    validate_config(cfg)
-    catalog = catalog_from_config(cfg.cubes)
-    task = instantiate_cfg(cfg.task, _convert_="all").bind(catalog)
-    source = instantiate_filtered(cfg.source, modality=getattr(task, "modality", "xray"),
-                                  cubes=OmegaConf.to_container(cfg.cubes.sets, resolve=True),
-                                  regions=list(catalog.regions), roi_ids=dict(catalog.roi_ids),
-                                  cache_dir=str(cfg.paths.cache_dir))
-    if not isinstance(source, BossDBSource):
-        raise ConfigError("source: the download command needs source=bossdb")
-    done = []
-    for split in SPLITS:
-        arrays = task.build(split, source)
-        done.append(f"{task.name}/{split}: {len(arrays)} samples")
-    return done
-
-
-def main(argv: Sequence[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        for line in download_for_config(list(argv)):
-            print(line)
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    # run the importable module's main, so isinstance checks see one BossDBSource class
-    from mtneuro_lab.data.sources import bossdb  # noqa: PLW0406
+    # the former command line `python -m mtneuro_lab.data.sources.bossdb ...` still works: the
+    # command itself lives in the entry-point layer (mtneuro_lab.download)
+    from mtneuro_lab import download
 
-    sys.exit(bossdb.main(sys.argv[1:]))
+    sys.exit(download.main(sys.argv[1:]))

@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from mtneuro_lab.data.sources.base import VolumeSource
+from mtneuro_lab.data.sources.phantom import PhantomXraySource
+from mtneuro_lab.data.sources.phantom_em import PhantomEMSource
 
 
 def make_phantom(modality: Literal["xray", "em"] = "xray", seed: int = 0,
@@ -19,10 +21,6 @@ def make_phantom(modality: Literal["xray", "em"] = "xray", seed: int = 0,
                  em_shape: Sequence[int] = (100, 256, 256)) -> VolumeSource:
     """``em_shape`` is the EM phantom's ``[z, y, x]`` (EM tasks only; ``z_extent`` is X-ray only)."""
     if modality == "em":
-        from mtneuro_lab.data.sources.phantom_em import PhantomEMSource
-
         return PhantomEMSource(seed=seed, cache_dir=cache_dir, shape=em_shape)
-    from mtneuro_lab.data.sources.phantom import PhantomXraySource
-
     return PhantomXraySource(cubes=cubes or {}, regions=tuple(regions or ("cortex", "striatum", "vp", "zi")),
                              roi_ids=roi_ids, seed=seed, cache_dir=cache_dir, z_extent=z_extent)

@@ -1,0 +1,170 @@
+"""One place that builds a run's parts from a config: source, task, datamodule, method, trainer.
+
+Used by ``run.train``/``run.evaluate`` (:func:`build_components`, :func:`build_trainer`), the
+Task 3 read-out (:mod:`mtneuro_lab.analysis.readout`) and the BossDB pre-download command
+(:mod:`mtneuro_lab.download`). Everything here raises a one-line ConfigError/CheckpointError
+before any data is read. What the run injects (never in the YAML, see
+``config.schema.INJECTED``): ``num_classes``, ``class_names``, ``input_shape`` into the method;
+``modality``, ``cubes``, ``regions``, ``roi_ids``, ``cache_dir`` into the source.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mtneuro_lab.callbacks import RNGStateCheckpoint
+from mtneuro_lab.checkpoints import AtomicCheckpointIO, load_checkpoint
+from mtneuro_lab.config.schema import DataConfig, import_target, merge_dataclass
+from mtneuro_lab.data.contract import Task
+from mtneuro_lab.data.cubes import CubeCatalog, catalog_from_config
+from mtneuro_lab.data.datamodules import VolumeDataModule
+from mtneuro_lab.data.em import EMDataModule
+from mtneuro_lab.data.sources.base import VolumeSource
+from mtneuro_lab.errors import CheckpointError, ConfigError, MtneuroError
+
+#: the datamodule built for each task kind; every other kind gets :class:`VolumeDataModule`
+DATAMODULES: dict[str, type[VolumeDataModule]] = {"em": EMDataModule}
+
+
+@dataclass
+class Components:
+    catalog: CubeCatalog
+    source: VolumeSource
+    task: Task
+    datamodule: pl.LightningDataModule
+    method: pl.LightningModule
+
+
+def instantiate_cfg(section: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets our one-line errors through unwrapped."""
+    try:
+        return instantiate(section, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, MtneuroError):
+            raise cause from None
+        raise ConfigError(" ".join(str(err).split())) from None
+
+
+def instantiate_filtered(section: DictConfig, **available: Any) -> Any:
+    """Instantiate ``section`` passing only those ``available`` kwargs its target accepts."""
+    target = import_target(section._target_, "section")
+    params = inspect.signature(target.__init__ if inspect.isclass(target) else target).parameters
+    accepts_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in available.items() if accepts_all or k in params}
+    return instantiate_cfg(section, **kwargs, _convert_="all")
+
+
+def group_choice(cfg: DictConfig, group: str) -> str:
+    """The option chosen for a config group (``model=byol`` -> ``byol``), for messages."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.choices.get(group))
+    except Exception:  # noqa: BLE001 - outside a Hydra app (tests, notebooks)
+        return str(cfg.get(group, {}).get("_target_", group)).rsplit(".", 1)[-1]
+
+
+def check_compatible(method_cls: type, task: Task, cfg: DictConfig) -> None:
+    kinds = getattr(method_cls, "task_kinds", ("classification",))
+    if task.kind not in kinds:
+        model = group_choice(cfg, "model")
+        raise ConfigError(
+            f"model={model}: does not fit task={group_choice(cfg, 'task')} (a {task.kind} task); "
+            f"this model runs on {', '.join(kinds)} tasks"
+        )
+
+
+def build_task(cfg: DictConfig, catalog: CubeCatalog) -> Task:
+    """``cfg.task`` instantiated and bound to the cube catalog (split checks, contacts)."""
+    return instantiate_cfg(cfg.task, _convert_="all").bind(catalog)
+
+
+def build_source(cfg: DictConfig, task: Task, catalog: CubeCatalog) -> VolumeSource:
+    """``cfg.source`` with the arguments the run injects (those its target accepts)."""
+    return instantiate_filtered(
+        cfg.source,
+        modality=task.modality,
+        cubes=OmegaConf.to_container(cfg.cubes.sets, resolve=True),
+        regions=list(catalog.regions),
+        roi_ids=dict(catalog.roi_ids),
+        cache_dir=str(cfg.paths.cache_dir),
+    )
+
+
+def datamodule_class(task: Task) -> type[VolumeDataModule]:
+    """The datamodule for the task's kind (:data:`DATAMODULES`)."""
+    return DATAMODULES.get(task.kind, VolumeDataModule)
+
+
+def data_config(cfg: DictConfig) -> DataConfig:
+    return merge_dataclass(DataConfig, cfg.data, "data")
+
+
+def build_datamodule(cfg: DictConfig, task: Task, source: VolumeSource, catalog: CubeCatalog) -> VolumeDataModule:
+    data = data_config(cfg)
+    return datamodule_class(task)(
+        task, source, catalog, batch_size=data.batch_size, eval_batch_size=data.eval_batch_size,
+        augment_cfg=data.augment, normalize=data.normalize, seed=int(cfg.seed), drop_last=data.drop_last,
+    )
+
+
+def task_facts(task: Task) -> dict[str, Any]:
+    """What the method is told about the task: ``num_classes``, ``class_names``, ``input_shape``."""
+    return {"num_classes": task.num_classes, "class_names": task.class_names, "input_shape": task.sample_shape()}
+
+
+def build_method(cfg: DictConfig, facts: Mapping[str, Any]) -> pl.LightningModule:
+    return instantiate_cfg(cfg.model, **facts, _convert_="all")
+
+
+def build_components(cfg: DictConfig) -> Components:
+    """Instantiate everything a run needs; raises ConfigError before reading any data."""
+    catalog = catalog_from_config(cfg.cubes)
+    task = build_task(cfg, catalog)
+    method_cls = import_target(cfg.model._target_, "model")
+    check_compatible(method_cls, task, cfg)
+    source = build_source(cfg, task, catalog)
+    task.check_source(source)  # z range, and the x/y box of sources that have one (source=local)
+    datamodule = build_datamodule(cfg, task, source, catalog)
+    method = build_method(cfg, task_facts(task))
+    return Components(catalog, source, task, datamodule, method)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, method: pl.LightningModule) -> pl.Trainer:
+    callbacks = []
+    for name, sub in (cfg.get("callbacks") or {}).items():
+        if sub is None:
+            continue
+        extra = {}
+        if name == "model_checkpoint" and sub.get("monitor", None) is None:
+            extra = {"monitor": method.monitor[0], "mode": method.monitor[1]}
+        callbacks.append(instantiate(sub, **extra))
+    callbacks.append(RNGStateCheckpoint())
+    loggers = [instantiate(sub) for sub in (cfg.get("logger") or {}).values() if sub is not None]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                       plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
+
+
+def load_method_checkpoint(method: pl.LightningModule, ckpt_path: str | Path, model_target: str) -> dict[str, Any]:
+    """Load the checkpoint's ``state_dict`` into ``method`` strictly; returns the whole checkpoint.
+
+    One line if the file has no ``state_dict`` or its parameters do not fit the built model.
+    """
+    state = load_checkpoint(ckpt_path)
+    if "state_dict" not in state:
+        raise CheckpointError(f"ckpt_path: {ckpt_path} has no state_dict")
+    try:
+        method.load_state_dict(state["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"ckpt_path: {ckpt_path} does not fit model {model_target} "
+                              f"({str(err).splitlines()[0]})") from None
+    return state

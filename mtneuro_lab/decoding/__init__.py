@@ -1,0 +1,1 @@
+"""From network output to instances: sliding-window inference and post-processing (waterz, watershed)."""

@@ -1,0 +1,89 @@
+"""Run directories: the saved ``config.yaml``, ``metrics.json``, and the config a checkpoint was trained with.
+
+Every run directory holds ``config.yaml`` (the composed config, resolved), ``checkpoints/`` and
+``metrics.json`` (flat JSON of final metrics), which is all the reporting code reads. Used by
+the flows (:mod:`mtneuro_lab.run`) and the Task 3 read-out (:mod:`mtneuro_lab.analysis.readout`).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mtneuro_lab.checkpoints import run_dir_of
+from mtneuro_lab.errors import CheckpointError, ConfigError
+from mtneuro_lab.io import atomic_write_bytes
+
+
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The composed config, resolved, as ``config.yaml`` in the run directory."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)).encode())
+
+
+def _flat_value(value: Any) -> float | int | str:
+    """Numbers as floats (steps and epochs as ints), names (``selection/metric``) as strings."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return float(value)
+
+
+def write_metrics(run_dir: Path, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics.json``: flat, sorted, written atomically; what reports and sweeps read."""
+    flat = {k: _flat_value(v) for k, v in sorted(metrics.items())}
+    atomic_write_bytes(run_dir / "metrics.json", (json.dumps(flat, indent=2) + "\n").encode())
+    return flat
+
+
+def saved_config(ckpt: str | Path) -> DictConfig:
+    """The ``config.yaml`` of the run a checkpoint belongs to (one line if there is none)."""
+    path = run_dir_of(ckpt) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path: no config.yaml beside the checkpoint (looked for {path})")
+    return OmegaConf.load(path)
+
+
+def evaluation_config(cfg: DictConfig) -> DictConfig:
+    """The saved training config with this command's overrides applied on top.
+
+    Group choices given on the command line (``task=semantic``) replace that whole section;
+    ``key=value`` overrides change just that key; everything else comes from the run that
+    produced the checkpoint.
+    """
+    if not cfg.get("ckpt_path"):
+        raise ConfigError("ckpt_path: evaluate.py needs ckpt_path=<checkpoint file>")
+    ckpt = Path(str(cfg.ckpt_path))
+    if not ckpt.is_file():
+        raise CheckpointError(f"ckpt_path: no checkpoint file at {ckpt}")
+    saved = saved_config(ckpt)
+    overrides = cli_overrides()
+    groups = {"task", "model", "source", "trainer", "logger", "callbacks", "paths", "cubes"}
+    for text in overrides:
+        key, _, _ = text.lstrip("+~").partition("=")
+        if key in groups:
+            saved[key] = cfg[key]
+        elif key not in ("ckpt_path",) and not key.startswith("hydra."):
+            OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
+    saved.paths = cfg.paths
+    saved.ckpt_path = str(ckpt)
+    saved.logger = cfg.logger if any(o.startswith("logger") for o in overrides) else saved.get("logger")
+    return saved
+
+
+def cli_overrides() -> list[str]:
+    """This command's overrides (empty outside a Hydra app)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - outside Hydra
+        return []
