@@ -13,18 +13,21 @@ bare package ``mtneuro_lab`` is a wing of its own: a new top-level module must b
 from __future__ import annotations
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # errors and the package itself: no project imports at all
-    ("mtneuro_lab", "mtneuro_lab.errors"),
-    # the bottom: config schemas, atomic writes and checksums, checkpoint files
-    ("mtneuro_lab.config", "mtneuro_lab.io", "mtneuro_lab.checkpoints"),
+    # no project imports at all: error types, atomic writes and checksums (standard library
+    # only), this table, the package itself
+    ("mtneuro_lab", "mtneuro_lab.errors", "mtneuro_lab.io", "mtneuro_lab.layers"),
+    # config schemas; checkpoint files and the RNG state every checkpoint carries (Lightning
+    # plugin and callback)
+    ("mtneuro_lab.config", "mtneuro_lab.checkpoints", "mtneuro_lab.callbacks"),
     # data (sources -> cache -> tasks/splits -> datamodules -> augment) and, independent of it,
     # networks, scores and post-processing
     ("mtneuro_lab.data", "mtneuro_lab.nets", "mtneuro_lab.metrics", "mtneuro_lab.decoding"),
     # LightningModules: use data contracts, nets, metrics, decoding
     ("mtneuro_lab.methods",),
-    # one place that builds source, task, datamodule, method and trainer from a config; the
-    # trainer's fixed callbacks; perf.* applied to built components
-    ("mtneuro_lab.build", "mtneuro_lab.callbacks", "mtneuro_lab.perf"),
+    # one place that builds source, task, datamodule, method and trainer from a config; run
+    # directories (config.yaml, metrics.json, a checkpoint's saved config); perf.* applied to
+    # built components (config.schema validates perf.* without importing perf)
+    ("mtneuro_lab.build", "mtneuro_lab.rundir", "mtneuro_lab.perf"),
     # Task 3 read-outs, embeddings
     ("mtneuro_lab.analysis",),
     # flows and tables
