@@ -1,13 +1,10 @@
-"""Task 3 benchmark: feature speed on one core, and encoder vs PCA read-outs on the phantom.
+"""Task 3 feature speed on one core (the read-outs are ``benchmarks/bench_task3.py``).
 
-    .venv/bin/python benchmarks/bench_features.py                      # timing only
-    .venv/bin/python benchmarks/bench_features.py --ckpt <Task 1 ckpt> # + read-outs
+    .venv/bin/python benchmarks/bench_features.py        # writes docs/task3.md, block task3_features
 
-Timing: semantic features (quadrants) of all 1440 slices of ``task=semantic`` (four 360x256x256
-cubes of set A), one thread. Read-outs: ``evaluate.py task=semantic ckpt_path=<ckpt>`` (the
-user's command, UMAP off) against a PCA baseline computed here with scikit-learn: PCA fitted on
-the quadrant crops of the ``fit_samples`` slices (ROI-C1 training slices) at the encoder's
-resolution, 256 components (the paper's), then the same linear read-out. ``main()`` returns every figure as a dict.
+Semantic features (quadrants) of all 1440 slices of ``task=semantic`` (four 360x256x256 cubes of
+set A), labels already in memory, one thread; CPU time is the reproducible figure on a shared
+machine. ``main()`` returns the figures as a dict.
 """
 from __future__ import annotations
 
@@ -18,7 +15,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMB
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,53 +63,23 @@ def time_features(repeats: int = 3) -> dict[str, float]:
             "features_cpu_seconds_best": min(cpu), "load_average_1min": os.getloadavg()[0]}
 
 
-def encoder_readout(ckpt: str, out: Path, extra: list[str]) -> dict[str, float]:
-    """The user's command on a Task 1 checkpoint; returns its metrics.json."""
-    cmd = [sys.executable, str(ROOT / "evaluate.py"), "task=semantic", f"ckpt_path={ckpt}", "task.umap=false",
-           "logger=none", f"hydra.run.dir={out}", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-2000:])
-    return json.loads((out / "metrics.json").read_text())
-
-
-def pca_readout(downsample: int, n_components: int, seed: int, extra: list[str]) -> dict[str, float]:
-    """PCA baseline: fit on the fit_samples quadrants, read out all samples like an encoder."""
-    from sklearn.decomposition import PCA
-
-    from mtneuro_lab.analysis.embeddings import split_tiles
-    from mtneuro_lab.analysis.readout import linear_readout, metrics_of
-
-    task, source = _task_and_source([f"task.downsample={downsample}", *extra])
-    fit = split_tiles(task.build("train", source).images, task.grid)
-    fit = fit.reshape(len(fit), -1).astype(np.float32) / 255.0
-    test = split_tiles(task.build("test", source).images, task.grid)
-    test = test.reshape(len(test), -1).astype(np.float32) / 255.0
-    pca = PCA(n_components=min(n_components, fit.shape[1]), random_state=seed).fit(fit)
-    res = linear_readout(pca.transform(test), task.features(source), task.folds, task.cv, seed, task.alpha)
-    return metrics_of(res)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", help="Task 1 checkpoint to read out (skip read-outs if absent)")
-    parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_task3"))
-    parser.add_argument("--cv", default="shuffled", choices=["shuffled", "blocked"])
+    parser.add_argument("--doc", default=str(ROOT / "docs" / "task3.md"), help="'' = print only")
     args = parser.parse_args(argv)
-    result: dict[str, Any] = {"timing": time_features()}
-    if args.ckpt:
-        from omegaconf import OmegaConf
+    start = time.perf_counter()
+    timing = time_features()
+    print(json.dumps(timing, indent=2, sort_keys=True))
+    if args.doc:
+        from benchmarks.doc_blocks import write_block
 
-        from mtneuro_lab.checkpoints import run_dir_of
-
-        saved = OmegaConf.load(run_dir_of(args.ckpt) / "config.yaml")
-        downsample, seed = int(saved.task.downsample), int(saved.seed)
-        extra = [f"task.cv={args.cv}"]
-        out = Path(args.out) / f"readout_{Path(args.ckpt).parent.parent.name}_{args.cv}"
-        result["encoder"] = encoder_readout(args.ckpt, out, extra)
-        result["pca"] = pca_readout(downsample, 256, seed, extra)
-    print(json.dumps(result, indent=2, sort_keys=True))
-    return result
+        table = ("| slices | samples (quadrants) | CPU s, best of 3 | wall s, best of 3 | target |\n"
+                 "|---|---|---|---|---|\n"
+                 f"| {timing['features_slices']:.0f} | {timing['features_samples']:.0f} | "
+                 f"**{timing['features_cpu_seconds_best']:.2f}** | {timing['features_seconds_best']:.2f} | < 60 s |")
+        write_block(Path(args.doc), "task3_features", table, time.perf_counter() - start,
+                    {"threads": "1", "load average (1 min)": f"{timing['load_average_1min']:.1f}"})
+    return {"timing": timing}
 
 
 if __name__ == "__main__":

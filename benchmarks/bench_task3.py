@@ -61,8 +61,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def find_encoders(runs: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """Every Task 1 run below ``runs`` with a best checkpoint: what the table needs to name it."""
+def find_encoders(runs: Path, limit: int | None = None, models: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Every Task 1 run below ``runs`` with a best checkpoint (of one of ``models``, if given)."""
     from omegaconf import OmegaConf
 
     found = []
@@ -75,6 +75,8 @@ def find_encoders(runs: Path, limit: int | None = None) -> list[dict[str, Any]]:
             print(f"skipped {run}: no best checkpoint (only last.ckpt, or several)", file=sys.stderr)
             continue
         cfg = OmegaConf.load(config)
+        if models and _model_name(run, cfg) not in models:
+            continue
         metrics = _read_json(run / "metrics.json")
         found.append({"run": str(run), "ckpt": str(ckpt), "task": str(cfg.task.name),
                       "model": _model_name(run, cfg), "seed": int(cfg.seed), "downsample": int(cfg.task.downsample),
@@ -185,6 +187,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--limit", type=int, default=None, help="read out only the first N encoders")
     parser.add_argument("--tiny", action="store_true", help="20 slices, small PCA: a smoke test, not figures")
     parser.add_argument("--no-pca", action="store_true")
+    parser.add_argument("--models", nargs="+", default=["supervised", "mixup", "byol", "myow", "myow_m"],
+                        help="Task 1 models whose checkpoints are read out (encoders; PCA is fitted here)")
     parser.add_argument("--doc", type=Path, default=DOC, help="Markdown file receiving the block")
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> str:
     if not args.runs.is_dir():
         parser.error(f"--runs: no directory {args.runs}")
     start = time.perf_counter()
-    encoders = find_encoders(args.runs, args.limit)
+    encoders = find_encoders(args.runs, args.limit, args.models)
     if not encoders:
         parser.error(f"--runs: no run directory with config.yaml and a best checkpoint below {args.runs}")
     entries = encoders + ([] if args.no_pca else pca_entries(encoders))

@@ -41,7 +41,7 @@ def run_cli(run_dir: Path, overrides: Sequence[str], threads: int = 1, script: s
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     os.replace(tmp, metrics_file)
     if log is not None:
-        log(f"{run_dir.name if run_dir.name else run_dir}: {metrics['wall_s']:.0f} s")
+        log(f"{'/'.join(run_dir.parts[-3:])}: {metrics['wall_s']:.0f} s")
     return metrics
 
 
