@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -106,18 +107,58 @@ def _overrides(task: str, model: str, seed: int, epochs: int, linear_epochs: int
     return common
 
 
+def training_signature(task: str) -> str:
+    """What a task trains on (its config without ``name`` and the test split): tasks with the same
+    signature train bit-identical models for one seed (ROI-C2 trains exactly as ROI-C1)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mtneuro_lab.cli import CONF_DIR, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"task={task}"])
+    section = OmegaConf.to_container(cfg.task, resolve=True)
+    section.pop("name", None)
+    section["splits"].pop("test", None)
+    return json.dumps(section, sort_keys=True)
+
+
 def accuracy(out_dir: Path, tasks: Sequence[str] = ("roi_c1", "roi_c2"), seeds: Sequence[int] = (1, 2),
              models: Sequence[str] = MODELS, epochs: int = 10, linear_epochs: int = 5, batch_size: int = 64,
              limit_train_batches: int | None = None, stem: str = "small", jobs: int = 2,
              keep_going: bool = True) -> list[dict[str, Any]]:
     """Train every (task, model, seed) through the CLI, ``jobs`` at once, seeds in order (all
-    models of the first seed before the second); one row per finished run."""
+    models of the first seed before the second); one row per finished run.
+
+    A task that trains exactly like an earlier one (same training and validation splits) is not
+    trained again: the earlier run's validation-chosen checkpoint is tested on its test split with
+    ``evaluate.py task=<task>``; the row keeps the training run's ``val/*``/``selection/*``.
+    """
+    signature = {t: training_signature(t) for t in tasks}
+    trained_as = {t: next(u for u in tasks if signature[u] == signature[t]) for t in tasks}
     runs = {(task, model, seed): (out_dir / task / model / f"seed{seed}",
                                   _overrides(task, model, seed, epochs, linear_epochs, batch_size,
                                              limit_train_batches, stem))
-            for seed in seeds for task in tasks for model in models}
+            for seed in seeds for task in tasks for model in models if trained_as[task] == task}
     results = run_many(runs, jobs=jobs, keep_going=keep_going)
-    return [{"task": t, "model": m, "seed": s, **results[t, m, s]} for (t, m, s) in runs if (t, m, s) in results]
+    tested = {}
+    for (task, model, seed) in ((t, m, s) for s in seeds for t in tasks for m in models if trained_as[t] != t):
+        source = results.get((trained_as[task], model, seed))
+        if source is None:
+            continue
+        ckpt = out_dir / trained_as[task] / model / f"seed{seed}" / "checkpoints" / \
+            f"epoch{int(source['best_epoch']):03d}.ckpt"
+        tested[task, model, seed] = (out_dir / task / model / f"seed{seed}",
+                                     [f"ckpt_path={ckpt}", f"task={task}", "task.downsample=4", "logger=none",
+                                      "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"])
+    for key, metrics in run_many(tested, jobs=jobs, script="evaluate.py", keep_going=keep_going).items():
+        source = results[trained_as[key[0]], key[1], key[2]]
+        results[key] = {**{k: v for k, v in source.items() if not k.startswith("test/")},
+                        **{k: v for k, v in metrics.items() if k.startswith("test/")},
+                        "trained_as": trained_as[key[0]], "wall_s": source["wall_s"]}
+    return [{"task": t, "model": m, "seed": s, **results[t, m, s]}
+            for s in seeds for t in tasks for m in models if (t, m, s) in results]
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -152,7 +193,8 @@ def accuracy_table(rows: Sequence[dict[str, Any]]) -> str:
                 f"{mean - base[strongest]:+.3f} ({strongest})"
             wall = statistics.fmean(r["wall_s"] for r in group) / 60 if all(
                 r.get("wall_s") == r.get("wall_s") for r in group) else float("nan")
-            lines.append(f"| {task} | {model} | {', '.join(str(r['seed']) for r in group)} | {metric} {chosen} | "
+            shown = task if "trained_as" not in group[0] else f"{task} (the {group[0]['trained_as']} runs' checkpoints)"
+            lines.append(f"| {shown} | {model} | {', '.join(str(r['seed']) for r in group)} | {metric} {chosen} | "
                          f"{epochs} | {_mean_std(acc)} | {diffs[0]} | {diffs[1]} | {stronger} | {wall:.1f} |")
     return "\n".join(lines)
 

@@ -47,6 +47,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 def best_checkpoint(run: Path) -> Path | None:
     """The checkpoint Task 1 validation chose, or None (only ``last.ckpt``, or ambiguous)."""
     metrics = _read_json(run / "metrics.json")
+    if not metrics:
+        return None  # not finished (or failed): its checkpoints are not the chosen ones yet
     if metrics.get("selection/metric") == "last":
         return None  # no monitored checkpoint: the run tested its last weights
     if "best_epoch" in metrics:
@@ -72,7 +74,8 @@ def find_encoders(runs: Path, limit: int | None = None, models: Sequence[str] = 
             continue
         ckpt = best_checkpoint(run)
         if ckpt is None:
-            print(f"skipped {run}: no best checkpoint (only last.ckpt, or several)", file=sys.stderr)
+            print(f"skipped {run}: unfinished, or no best checkpoint (only last.ckpt, or several)",
+                  file=sys.stderr)
             continue
         cfg = OmegaConf.load(config)
         if models and _model_name(run, cfg) not in models:
@@ -116,7 +119,8 @@ def run_all(entries: Sequence[dict[str, Any]], out: Path, jobs: int, extra: Sequ
     """Both fold modes of every entry through ``benchmarks/cli_runs.run_many``; entries gain their metrics."""
     runs = {}
     for i, entry in enumerate(entries):
-        name = f"{i:03d}_{entry['task']}_{entry['model']}_ds{entry['downsample']}_seed{entry['seed']}"
+        # named by what it reads out (not by position), so a rerun with more encoders reuses it
+        name = f"{entry['task']}_{entry['model']}_ds{entry['downsample']}_seed{entry['seed']}"
         for cv in ("blocked", "shuffled"):
             runs[(i, cv)] = (out / name / cv, readout_overrides(entry, cv, extra))
     for (i, cv), metrics in run_many(runs, jobs=jobs, script="evaluate.py").items():

@@ -64,8 +64,9 @@ def _run(tmp_path: Path, names: list[str], metrics: dict | None) -> Path:
 
 @pytest.mark.parametrize("names, metrics, expected", [
     (["epoch002.ckpt", "epoch005.ckpt", "last.ckpt"], {"best_epoch": 5}, "epoch005.ckpt"),
-    (["epoch002.ckpt", "last.ckpt"], None, "epoch002.ckpt"),               # the only non-last one
-    (["epoch002.ckpt", "epoch005.ckpt", "last.ckpt"], None, None),         # ambiguous: not guessed
+    (["epoch002.ckpt", "last.ckpt"], {"test/acc": 0.9}, "epoch002.ckpt"),  # the only non-last one
+    (["epoch002.ckpt", "epoch005.ckpt", "last.ckpt"], {"test/acc": 0.9}, None),  # ambiguous: not guessed
+    (["epoch000.ckpt", "last.ckpt"], None, None),                          # still training: no metrics.json
     (["last.ckpt"], {"best_epoch": 3}, None),                              # last.ckpt is never read out
     (["epoch003.ckpt", "last.ckpt"], {"best_epoch": 3, "selection/metric": "last"}, None),
 ])
