@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.cli_runs import run_many  # noqa: E402
 from benchmarks.doc_blocks import write_block  # noqa: E402
+from mtneuro_lab.analysis.tables import fmt, mean_std  # noqa: E402
 from mtneuro_lab.methods.byol import BYOL  # noqa: E402
 from mtneuro_lab.methods.optim import OptimizerConfig, build_optimizer  # noqa: E402
 from mtneuro_lab.methods.supervised import SupervisedClassifier  # noqa: E402
@@ -162,11 +163,8 @@ def accuracy(out_dir: Path, tasks: Sequence[str] = ("roi_c1", "roi_c2"), seeds: 
 
 
 def _mean_std(values: Sequence[float]) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+    """``mean ± sample std`` over seeds (the report's own formatting); one value alone."""
+    return fmt(*mean_std(values)[:2]) if values else "—"
 
 
 def accuracy_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -191,8 +189,8 @@ def accuracy_table(rows: Sequence[dict[str, Any]]) -> str:
             diffs = [("" if b == model or b not in base else f"{mean - base[b]:+.3f}") for b in BASELINES]
             stronger = "" if strongest in (None, model) or model in BASELINES else \
                 f"{mean - base[strongest]:+.3f} ({strongest})"
-            wall = statistics.fmean(r["wall_s"] for r in group) / 60 if all(
-                r.get("wall_s") == r.get("wall_s") for r in group) else float("nan")
+            timed = [r["wall_s"] for r in group if r.get("wall_s") == r.get("wall_s")]  # NaN: not timed
+            wall = statistics.fmean(timed) / 60 if timed else float("nan")
             shown = task if "trained_as" not in group[0] else f"{task} (the {group[0]['trained_as']} runs' checkpoints)"
             lines.append(f"| {shown} | {model} | {', '.join(str(r['seed']) for r in group)} | {metric} {chosen} | "
                          f"{epochs} | {_mean_std(acc)} | {diffs[0]} | {diffs[1]} | {stronger} | {wall:.1f} |")
@@ -247,8 +245,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                   + f"; SSL: model.stem={args.ssl_stem}, model.linear_eval.epochs={args.linear_epochs}; "
                   f"{args.jobs} runs at once")
         if args.doc:
+            timed = [r["wall_s"] for r in rows if r.get("wall_s") == r.get("wall_s") and "trained_as" not in r]
             write_block(Path(args.doc), "task1_accuracy", table, time.perf_counter() - start,
-                        {"budget (non-default CPU recipe)": budget})
+                        {"budget (non-default CPU recipe)": budget,
+                         "training runs": f"{len(timed)} timed, {sum(timed) / 3600:.1f} h of wall time in all "
+                                          "(earlier invocations; finished runs are reused)"})
     return figures
 
 

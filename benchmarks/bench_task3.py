@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.cli_runs import run_many  # noqa: E402
 from benchmarks.doc_blocks import write_block  # noqa: E402
+from mtneuro_lab.analysis.tables import fmt, mean_std  # noqa: E402
 from mtneuro_lab.data.features import FEATURES  # noqa: E402
 
 DOC = ROOT / "docs" / "task3.md"
@@ -134,11 +134,8 @@ def encoder_label(entry: Mapping[str, Any]) -> str:
 
 
 def _mean_std(values: Sequence[float]) -> str:
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    """``mean ± sample std`` over seeds (the report's own formatting); one value alone."""
+    return fmt(*mean_std(values)[:2]) if values else "n/a"
 
 
 def _groups(entries: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
