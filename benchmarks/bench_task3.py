@@ -182,7 +182,8 @@ def readout_markdown(entries: Sequence[Mapping[str, Any]], features: Sequence[st
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, required=True, help="directory holding trained Task 1 run directories")
+    parser.add_argument("--runs", type=Path, default=ROOT / "outputs" / "bench_task1" / "roi_c1",
+                        help="directory holding trained Task 1 run directories (default: bench_task1's ROI-C1 runs)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_task3_readout")
     parser.add_argument("--jobs", type=int, default=1, help="read-out subprocesses at a time")
     parser.add_argument("--limit", type=int, default=None, help="read out only the first N encoders")
