@@ -36,6 +36,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check mtneuro_lab tests benchmarks train.py evaluate.py
+	$(PY) -m ruff format --check mtneuro_lab tests benchmarks train.py evaluate.py
 
 clean:
 	rm -rf outputs .cache .pytest_cache

@@ -3,6 +3,7 @@
 
 Multirun sweeps: ``python train.py -m +sweep=seeds``. See README.md for every option.
 """
+
 from mtneuro_lab.cli import main
 
 if __name__ == "__main__":

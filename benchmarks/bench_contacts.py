@@ -2,11 +2,12 @@
 training cube over shared slices (geometry only, no data read; a second or two).
 
 Prints a Markdown table and writes it into docs/data.md (block ``contacts``), so the list in the
-docs always comes from ``conf/cubes/paper.yaml`` and ``conf/task/roi_c*.yaml`` as shipped.
+docs always comes from ``mtneuro_lab/conf/cubes/paper.yaml`` and ``mtneuro_lab/conf/task/roi_c*.yaml`` as shipped.
 
     .venv/bin/python benchmarks/bench_contacts.py            # print and write docs/data.md
     .venv/bin/python benchmarks/bench_contacts.py --no-doc   # print only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,15 +42,19 @@ def task_contacts(name: str) -> tuple[Contact, ...]:
 
 def table(contacts: dict[str, Sequence[Contact]]) -> str:
     """One row per contact; a task without contacts gets a 'none' row."""
-    rows = ["| task | split | cube | touches training cube | kind | side of the cube | shared boundary | shared z |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| task | split | cube | touches training cube | kind | side of the cube | shared boundary | shared z |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, found in contacts.items():
         if not found:
             rows.append(f"| `{name}` | - | none | - | - | - | - | - |")
         for c in found:
             length = f"{c.length_px} px" if c.kind == "face" else "a corner (0 px)"
-            rows.append(f"| `{name}` | {c.split} | {c.eval_cube.key} | {c.train_cube.key} | {c.kind} | "
-                        f"{c.side} | {length} | [{c.z[0]}, {c.z[1]}) |")
+            rows.append(
+                f"| `{name}` | {c.split} | {c.eval_cube.key} | {c.train_cube.key} | {c.kind} | "
+                f"{c.side} | {length} | [{c.z[0]}, {c.z[1]}) |"
+            )
     return "\n".join(rows)
 
 
@@ -61,8 +66,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     markdown = table({name: task_contacts(name) for name in TASKS})
     print(markdown)
     if not args.no_doc:
-        write_block(DOC, "contacts", markdown, time.perf_counter() - start,
-                    {"source": "conf/cubes/paper.yaml + conf/task/roi_c*.yaml"})
+        write_block(
+            DOC,
+            "contacts",
+            markdown,
+            time.perf_counter() - start,
+            {"source": "mtneuro_lab/conf/cubes/paper.yaml + mtneuro_lab/conf/task/roi_c*.yaml"},
+        )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@
 Usage: ``python -m benchmarks.bench_data [--tiles N] [--batch B] [--repeats R] [--skip-memory]``.
 ``main()`` returns the figures and a ``checks`` list (for ``make bench``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,17 @@ def _batches(tiles: torch.Tensor, batch: int):
     from mtneuro_lab.data.datamodules import ArrayBatchLoader
 
     n = len(tiles)
-    return ArrayBatchLoader({"image": tiles, "target": torch.zeros(n, dtype=torch.long),
-                             "region": torch.zeros(n, dtype=torch.long), "index": torch.arange(n)},
-                            batch, shuffle=True, drop_last=True)
+    return ArrayBatchLoader(
+        {
+            "image": tiles,
+            "target": torch.zeros(n, dtype=torch.long),
+            "region": torch.zeros(n, dtype=torch.long),
+            "index": torch.arange(n),
+        },
+        batch,
+        shuffle=True,
+        drop_last=True,
+    )
 
 
 def _ours(tiles: torch.Tensor, batch: int, mean: float, std: float) -> Callable[[], int]:
@@ -94,14 +103,20 @@ class _RandomRot90:
         return torch.rot90(x, int(torch.randint(0, 4, ())), dims=(-2, -1))
 
 
-def _torchvision(tiles: torch.Tensor, batch: int, mean: float, std: float,
-                 num_workers: int = 0) -> Callable[[], int]:
+def _torchvision(tiles: torch.Tensor, batch: int, mean: float, std: float, num_workers: int = 0) -> Callable[[], int]:
     import torch
     from torch.utils.data import DataLoader, Dataset
     from torchvision.transforms import v2
 
-    transform = v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), _RandomRot90(),
-                            v2.ToDtype(torch.float32, scale=True), v2.Normalize([mean], [std])])
+    transform = v2.Compose(
+        [
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            _RandomRot90(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([mean], [std]),
+        ]
+    )
 
     class Tiles(Dataset):
         def __len__(self) -> int:
@@ -111,8 +126,14 @@ def _torchvision(tiles: torch.Tensor, batch: int, mean: float, std: float,
             return transform(tiles[i].unsqueeze(0))
 
     # persistent workers: worker start-up is paid once (in the warm-up), not every epoch
-    loader = DataLoader(Tiles(), batch_size=batch, shuffle=True, drop_last=True, num_workers=num_workers,
-                        persistent_workers=num_workers > 0)
+    loader = DataLoader(
+        Tiles(),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
 
     def epoch() -> int:
         return sum(x.shape[0] for x in loader)
@@ -170,11 +191,16 @@ def throughput(n_tiles: int = 1024, batch: int = 64, repeats: int = 3) -> dict[s
     rate = {name: n_batches / statistics.median(s) for name, s in seconds.items()}
     # CPU ms per batch of the single-thread runs of this process: a second view of the one-core
     # comparison that a loaded machine distorts less than wall time
-    cpu_ms = {name: 1e3 * statistics.median(cpu[name]) / n_batches
-              for name in ("ours_1t", "ours_sequential_1t", "torchvision_w0_1t")}
+    cpu_ms = {
+        name: 1e3 * statistics.median(cpu[name]) / n_batches
+        for name in ("ours_1t", "ours_sequential_1t", "torchvision_w0_1t")
+    }
     best_tv = max(("torchvision_w0", "torchvision_w2"), key=rate.__getitem__)
     return {
-        "tiles": n_tiles, "batch": batch, "batches_per_epoch": n_batches, "threads": all_threads,
+        "tiles": n_tiles,
+        "batch": batch,
+        "batches_per_epoch": n_batches,
+        "threads": all_threads,
         "batches_per_s": rate,
         "torchvision_best": best_tv,
         "speedup": rate["ours"] / rate[best_tv],
@@ -230,21 +256,26 @@ def _memory_child(task_name: str, downsample: int) -> dict[str, Any]:
     peak_kb = _status_kb("VmHWM")
     image_bytes = sum(a.images.nbytes for a in dm.arrays.values())
     return {
-        "task": task_name, "downsample": downsample, "hwm_reset": reset,
+        "task": task_name,
+        "downsample": downsample,
+        "hwm_reset": reset,
         "samples": {k: len(a) for k, a in dm.arrays.items()},
-        "image_bytes": image_bytes, "split_bytes": sum(a.nbytes for a in dm.arrays.values()),
-        "baseline_bytes": baseline_kb * 1024, "peak_bytes": peak_kb * 1024,
+        "image_bytes": image_bytes,
+        "split_bytes": sum(a.nbytes for a in dm.arrays.values()),
+        "baseline_bytes": baseline_kb * 1024,
+        "peak_bytes": peak_kb * 1024,
         "batches": sum(len(lo) for lo in loaders),
     }
 
 
 def memory(task_name: str = "roi_c3", downsample: int = 1) -> dict[str, Any]:
     """Peak RSS above baseline of building ``task_name`` in a fresh subprocess, over uint8 bytes."""
-    code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.bench_data import "
-            f"_memory_child; print(json.dumps(_memory_child({task_name!r}, {downsample})))")
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.bench_data import "
+        f"_memory_child; print(json.dumps(_memory_child({task_name!r}, {downsample})))"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env,
-                          check=False)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, check=False)
     if proc.returncode:
         raise RuntimeError(f"memory child failed: {proc.stderr[-2000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -265,8 +296,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     figures: dict[str, Any] = {"throughput": throughput(args.tiles, args.batch, args.repeats)}
     t = figures["throughput"]
     r = t["batches_per_s"]
-    print(f"## Augmented {TILE}x{TILE} ROI tiles (random flips, rot90, cast, normalise): {t['tiles']} tiles, "
-          f"batch {t['batch']}, median of {args.repeats}\n")
+    print(
+        f"## Augmented {TILE}x{TILE} ROI tiles (random flips, rot90, cast, normalise): {t['tiles']} tiles, "
+        f"batch {t['batch']}, median of {args.repeats}\n"
+    )
     print("| pipeline | threads | batches/s |\n|---|---|---|")
     print(f"| ours: ArrayBatchLoader + `augment_training_batch` | 1 | {r['ours_1t']:.1f} |")
     print(f"| (previous: ArrayBatchLoader + to_float, geometric) | 1 | {r['ours_sequential_1t']:.1f} |")
@@ -278,22 +311,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"| speed-up, one core each | 1 | {t['speedup_one_core']:.1f}x |")
     print(f"| speed-up vs the previous batched path, one core | 1 | {t['speedup_vs_sequential_one_core']:.1f}x |\n")
     c = t["cpu_ms_per_batch"]
-    print(f"CPU ms/batch, one thread: ours {c['ours_1t']:.2f}, previous {c['ours_sequential_1t']:.2f}, "
-          f"torchvision num_workers=0 {c['torchvision_w0_1t']:.2f} ({t['cpu_speedup_one_core']:.1f}x)\n")
-    checks = [{"name": "augmented 128x128 tiles/s vs torchvision per item (whole machine)",
-               "value": round(t["speedup"], 2),
-               "target": f">= {THROUGHPUT_TARGET:g}", "passed": t["speedup"] >= THROUGHPUT_TARGET}]
+    print(
+        f"CPU ms/batch, one thread: ours {c['ours_1t']:.2f}, previous {c['ours_sequential_1t']:.2f}, "
+        f"torchvision num_workers=0 {c['torchvision_w0_1t']:.2f} ({t['cpu_speedup_one_core']:.1f}x)\n"
+    )
+    checks = [
+        {
+            "name": "augmented 128x128 tiles/s vs torchvision per item (whole machine)",
+            "value": round(t["speedup"], 2),
+            "target": f">= {THROUGHPUT_TARGET:g}",
+            "passed": t["speedup"] >= THROUGHPUT_TARGET,
+        }
+    ]
     if not args.skip_memory:
         figures["memory"] = m = memory()
         gb = 1e9
         print(f"## Holding ROI-C3 at downsample 1 ({sum(m['samples'].values())} tiles: {m['samples']})\n")
         print("| uint8 image bytes | peak RSS above baseline | ratio |\n|---|---|---|")
-        print(f"| {m['image_bytes'] / gb:.3f} GB | {m['above_baseline_bytes'] / gb:.3f} GB | "
-              f"**{m['ratio']:.2f}x** |")
+        print(f"| {m['image_bytes'] / gb:.3f} GB | {m['above_baseline_bytes'] / gb:.3f} GB | **{m['ratio']:.2f}x** |")
         if not m["hwm_reset"]:
             print("\n(VmHWM could not be reset; the peak includes import transients)")
-        checks.append({"name": "ROI-C3 peak RSS / uint8 bytes", "value": round(m["ratio"], 3),
-                       "target": f"<= {MEMORY_TARGET:g}", "passed": m["ratio"] <= MEMORY_TARGET})
+        checks.append(
+            {
+                "name": "ROI-C3 peak RSS / uint8 bytes",
+                "value": round(m["ratio"], 3),
+                "target": f"<= {MEMORY_TARGET:g}",
+                "passed": m["ratio"] <= MEMORY_TARGET,
+            }
+        )
     figures["checks"] = checks
     return figures
 

@@ -6,6 +6,7 @@ Semantic features (quadrants) of all 1440 slices of ``task=semantic`` (four 360x
 set A), labels already in memory, one thread; CPU time is the reproducible figure on a shared
 machine. ``main()`` returns the figures as a dict.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,14 @@ def _task_and_source(overrides: list[str]) -> tuple[Any, Any]:
     catalog = catalog_from_config(cfg.cubes)
     task = instantiate_cfg(cfg.task, _convert_="all").bind(catalog)
     sets = {k: {r: {"x": list(b.x), "y": list(b.y)} for r, b in v.items()} for k, v in catalog.sets.items()}
-    source = instantiate_filtered(cfg.source, modality="xray", cubes=sets, regions=list(catalog.regions),
-                                  roi_ids=dict(catalog.roi_ids), cache_dir=str(cfg.paths.cache_dir))
+    source = instantiate_filtered(
+        cfg.source,
+        modality="xray",
+        cubes=sets,
+        regions=list(catalog.regions),
+        roi_ids=dict(catalog.roi_ids),
+        cache_dir=str(cfg.paths.cache_dir),
+    )
     return task, source
 
 
@@ -58,9 +65,14 @@ def time_features(repeats: int = 3) -> dict[str, float]:
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     # wall time depends on what else runs on the machine; CPU time of this one thread does not
-    return {"features_slices": float(sum(len(c) for c in cubes)), "features_samples": float(rows),
-            "features_seconds_best": min(times), "features_seconds_median": float(np.median(times)),
-            "features_cpu_seconds_best": min(cpu), "load_average_1min": os.getloadavg()[0]}
+    return {
+        "features_slices": float(sum(len(c) for c in cubes)),
+        "features_samples": float(rows),
+        "features_seconds_best": min(times),
+        "features_seconds_median": float(np.median(times)),
+        "features_cpu_seconds_best": min(cpu),
+        "load_average_1min": os.getloadavg()[0],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -73,12 +85,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.doc:
         from benchmarks.doc_blocks import write_block
 
-        table = ("| slices | samples (quadrants) | CPU s, best of 3 | wall s, best of 3 | target |\n"
-                 "|---|---|---|---|---|\n"
-                 f"| {timing['features_slices']:.0f} | {timing['features_samples']:.0f} | "
-                 f"**{timing['features_cpu_seconds_best']:.2f}** | {timing['features_seconds_best']:.2f} | < 60 s |")
-        write_block(Path(args.doc), "task3_features", table, time.perf_counter() - start,
-                    {"threads": "1", "load average (1 min)": f"{timing['load_average_1min']:.1f}"})
+        table = (
+            "| slices | samples (quadrants) | CPU s, best of 3 | wall s, best of 3 | target |\n"
+            "|---|---|---|---|---|\n"
+            f"| {timing['features_slices']:.0f} | {timing['features_samples']:.0f} | "
+            f"**{timing['features_cpu_seconds_best']:.2f}** | {timing['features_seconds_best']:.2f} | < 60 s |"
+        )
+        write_block(
+            Path(args.doc),
+            "task3_features",
+            table,
+            time.perf_counter() - start,
+            {"threads": "1", "load average (1 min)": f"{timing['load_average_1min']:.1f}"},
+        )
     return {"timing": timing}
 
 

@@ -19,6 +19,7 @@ adds overrides to the step-time config; the plain loop then uses the same ``perf
 bf16 autocast when ``trainer.precision`` is ``bf16-mixed`` (see docs/gpu.md).
 ``main()`` returns the figures and a ``checks`` list.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -36,9 +37,20 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = os.environ.get("MTNEURO_BENCH_QUICK") == "1"
-OVERRIDES = ["task=roi_c1", "model=supervised", "task.downsample=4", "source=phantom", "data.batch_size=64",
-             "logger=none", "callbacks=none", "trainer.enable_progress_bar=false", "trainer.limit_val_batches=0",
-             "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false", "seed=0"]
+OVERRIDES = [
+    "task=roi_c1",
+    "model=supervised",
+    "task.downsample=4",
+    "source=phantom",
+    "data.batch_size=64",
+    "logger=none",
+    "callbacks=none",
+    "trainer.enable_progress_bar=false",
+    "trainer.limit_val_batches=0",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_model_summary=false",
+    "seed=0",
+]
 
 
 def _compose(overrides: list[str]) -> Any:
@@ -105,8 +117,9 @@ def _plain_steps(cfg: Any, steps: int, warmup: int, clock: _Clock, device: torch
     bf16 = "bf16" in str(cfg.trainer.precision)
     dm.setup("fit")
     opt_cfg = model.optim_cfg
-    opt = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum,
-                          weight_decay=opt_cfg.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay
+    )
     loader = dm.train_dataloader()
     stamps: list[float] = []
     for i, raw in enumerate(loader):
@@ -148,17 +161,25 @@ def step_time(steps: int = 10, warmup: int = 3, rounds: int = 3) -> dict[str, An
                 else:
                     plain += _plain_steps(cfg, steps, warmup, clock, device)
     fw, pl_ = statistics.median(framework), statistics.median(plain)
-    return {"device": device.type, "timing": "wall (cuda sync)" if device.type == "cuda" else "CPU, 1 thread",
-            "tile": 64, "batch_size": 64, "steps_timed_each": len(framework),
-            "overrides": " ".join(overrides[len(OVERRIDES):]),
-            "framework_s_per_step": fw, "plain_s_per_step": pl_, "ratio": fw / pl_,
-            "framework_samples_per_s": 64 / fw}
+    return {
+        "device": device.type,
+        "timing": "wall (cuda sync)" if device.type == "cuda" else "CPU, 1 thread",
+        "tile": 64,
+        "batch_size": 64,
+        "steps_timed_each": len(framework),
+        "overrides": " ".join(overrides[len(OVERRIDES) :]),
+        "framework_s_per_step": fw,
+        "plain_s_per_step": pl_,
+        "ratio": fw / pl_,
+        "framework_samples_per_s": 64 / fw,
+    }
 
 
 def _wall(cmd: list[str]) -> float:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONHASHSEED": "0"})
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONHASHSEED": "0"}
+    )
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -182,10 +203,18 @@ def main() -> dict[str, Any]:
     step = step_time(steps=5, warmup=2, rounds=2) if QUICK else step_time()
     cold = cold_start(3 if QUICK else 5)
     checks = [
-        {"name": "training step, framework vs plain PyTorch loop (ResNet-18, 64x64, batch 64)",
-         "value": step["ratio"], "target": "<= 1.10", "passed": step["ratio"] <= 1.10},
-        {"name": "cold start, `train.py --cfg job` vs `import torch, pytorch_lightning`",
-         "value": cold["ratio"], "target": "<= 2.0", "passed": cold["ratio"] <= 2.0},
+        {
+            "name": "training step, framework vs plain PyTorch loop (ResNet-18, 64x64, batch 64)",
+            "value": step["ratio"],
+            "target": "<= 1.10",
+            "passed": step["ratio"] <= 1.10,
+        },
+        {
+            "name": "cold start, `train.py --cfg job` vs `import torch, pytorch_lightning`",
+            "value": cold["ratio"],
+            "target": "<= 2.0",
+            "passed": cold["ratio"] <= 2.0,
+        },
     ]
     return {"step_time": step, "cold_start": cold, "checks": checks}
 

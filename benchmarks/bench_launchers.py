@@ -7,6 +7,7 @@ with a fifth seed (the rerun skips the 4 finished jobs), which also times the sk
 
 Usage: ``python -m benchmarks.bench_launchers [--out DIR]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ("trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "data.batch_size=8",
-        "task.downsample=4", "logger=none", "callbacks=none", "test_after_fit=true")
+TINY = (
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.enable_progress_bar=false",
+    "data.batch_size=8",
+    "task.downsample=4",
+    "logger=none",
+    "callbacks=none",
+    "test_after_fit=true",
+)
 SEEDS4 = "seed=1,100,350,631"
 
 
@@ -41,14 +51,21 @@ def main(out: Path | None = None) -> dict[str, float]:
     parallel = _multirun(par_dir, SEEDS4, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2")
     resumed = _multirun(seq_dir, "seed=1,100,350,631,872", "hydra/launcher=basic")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mtneuro_lab.report", str(seq_dir)], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtneuro_lab.report", str(seq_dir)], cwd=ROOT, capture_output=True, text=True
+    )
     report = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr)
     n_done = len(list(seq_dir.glob("*/metrics.json")))
-    result = {"sequential_s": sequential, "parallel_s": parallel, "ratio": parallel / sequential,
-              "resume_1_of_5_s": resumed, "report_5_seeds_s": report, "runs_in_report": float(n_done)}
+    result = {
+        "sequential_s": sequential,
+        "parallel_s": parallel,
+        "ratio": parallel / sequential,
+        "resume_1_of_5_s": resumed,
+        "report_5_seeds_s": report,
+        "runs_in_report": float(n_done),
+    }
     print("| measure | value |\n|---|---|")
     print(f"| 4 tiny jobs, basic launcher (s) | {sequential:.1f} |")
     print(f"| 4 tiny jobs, joblib launcher, 2 workers (s) | {parallel:.1f} |")

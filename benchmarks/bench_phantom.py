@@ -125,13 +125,9 @@ def main(masks_dir: Path = MASKS_DIR) -> None:
     print(f"| **total** | **{sum(seconds.values()):.2f}** (budget 30) | |\n")
 
     print("## Class fractions, % (phantom / paper target)\n")
-    print(
-        "| region | background | vessel | cell | axon | max abs diff |\n|---|---|---|---|---|---|"
-    )
+    print("| region | background | vessel | cell | axon | max abs diff |\n|---|---|---|---|---|---|")
     for region, cube in cubes.items():
-        pct = (
-            100 * np.bincount(cube["pixel_labels"].ravel(), minlength=4) / cube["pixel_labels"].size
-        )
+        pct = 100 * np.bincount(cube["pixel_labels"].ravel(), minlength=4) / cube["pixel_labels"].size
         cells = " | ".join(f"{p:.2f} / {t:.1f}" for p, t in zip(pct, TARGET[region]))
         print(f"| {region} | {cells} | {np.max(np.abs(pct - TARGET[region])):.2f} |")
 
@@ -144,9 +140,7 @@ def main(masks_dir: Path = MASKS_DIR) -> None:
     for region, cube in cubes.items():
         cells = cube["pixel_labels"] == 2
         area = float(np.median(profile_areas(cells, step=4)))
-        volume = float(
-            np.median(np.bincount(ndimage.label(cells, np.ones((3, 3, 3)))[0].ravel())[1:])
-        )
+        volume = float(np.median(np.bincount(ndimage.label(cells, np.ones((3, 3, 3)))[0].ravel())[1:]))
         real = real_cell_stats(masks_dir, region)
         if real is None:
             print(f"| {region} | n/a | {area:.0f} | n/a | n/a | {volume:.0f} | n/a |")

@@ -4,7 +4,7 @@ Writes two blocks of ``docs/task2.md`` (``benchmarks/doc_blocks.py``), so no fig
 typed by hand:
 
 * ``task2_hparams``: the default lr / batch size / optimizer / epochs of every (task, model) pair
-  that has a ``conf/paper_hparams/`` file (the paper's Table A4), read from the composed configs;
+  that has a ``mtneuro_lab/conf/paper_hparams/`` file (the paper's Table A4), read from the composed configs;
 * ``task2_seg``: per (task, model), through ``train.py`` with a CPU recipe (**not** the defaults:
   resnet18 encoder, small inputs, few epochs), the validation metric that chose the checkpoint
   (``selection/*`` and ``best_epoch`` of ``metrics.json``), test IoU (mean and per class), wall
@@ -15,6 +15,7 @@ typed by hand:
 Usage: ``.venv/bin/python benchmarks/bench_seg.py [--seeds 1,2] [--epochs N --batches N --eval-batches N]
 [--out DIR] [--doc docs/task2.md] [--hparams-only] [--skip-train]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,7 @@ COMMON = ["logger=none", "trainer=cpu", "trainer.enable_progress_bar=false"]
 #: cross-entropy collapsed to all-background in 60 steps on ~90 % background
 RECIPE_2D = ("model.encoder_name=resnet18", "model.loss=ce_dice", "data.batch_size=16", "model.optimizer.lr=0.001")
 RECIPE_3D = ("model.loss=ce_dice", "data.batch_size=4", "model.optimizer.lr=0.001")
-#: (task, model) pairs whose defaults come from conf/paper_hparams/ (MTNeuro Table A4)
+#: (task, model) pairs whose defaults come from mtneuro_lab/conf/paper_hparams/ (MTNeuro Table A4)
 TABLE_A4_TASKS = {"seg2d_3class": "2d", "seg2d_4class": "2d", "seg3d_3class": "3d", "seg3d_4class": "3d"}
 MODELS = {"2d": ("unet2d", "manet", "fpn", "unetpp", "pan", "pspnet"), "3d": ("unet3d", "vnet_light", "highresnet")}
 
@@ -88,17 +89,23 @@ def paper_hparams() -> dict[tuple[str, str], dict[str, Any]]:
     for task, dims in TABLE_A4_TASKS.items():
         for model in MODELS[dims]:
             cfg = _compose([f"task={task}", f"model={model}"])
-            out[(task, model)] = {"lr": float(cfg.model.optimizer.lr), "batch_size": int(cfg.data.batch_size),
-                                  "optimizer": str(cfg.model.optimizer.name),
-                                  "max_epochs": int(cfg.trainer.max_epochs), "from": cfg.get("hparams_from")}
+            out[(task, model)] = {
+                "lr": float(cfg.model.optimizer.lr),
+                "batch_size": int(cfg.data.batch_size),
+                "optimizer": str(cfg.model.optimizer.name),
+                "max_epochs": int(cfg.trainer.max_epochs),
+                "from": cfg.get("hparams_from"),
+            }
     return out
 
 
 def paper_hparams_table(hparams: dict[tuple[str, str], dict[str, Any]] | None = None) -> str:
     """Markdown: one row per model, lr and batch size for 3 and 4 classes (Table A4's layout)."""
     hparams = paper_hparams() if hparams is None else hparams
-    lines = ["| model | 3 classes: lr, batch size | 4 classes: lr, batch size | optimizer, epochs |",
-             "|---|---|---|---|"]
+    lines = [
+        "| model | 3 classes: lr, batch size | 4 classes: lr, batch size | optimizer, epochs |",
+        "|---|---|---|---|",
+    ]
     for dims, models in MODELS.items():
         for model in models:
             cells, rest = [], set()
@@ -122,8 +129,15 @@ class Run:
     recipe: tuple[str, ...]
 
     def overrides(self, seed: int, limits: Sequence[str]) -> list[str]:
-        return [f"task={self.task}", f"model={self.model}", f"task.downsample={self.downsample}",
-                f"trainer.max_epochs={self.epochs}", *self.recipe, *limits, f"seed={seed}"]
+        return [
+            f"task={self.task}",
+            f"model={self.model}",
+            f"task.downsample={self.downsample}",
+            f"trainer.max_epochs={self.epochs}",
+            *self.recipe,
+            *limits,
+            f"seed={seed}",
+        ]
 
     def budget(self, limits: Sequence[str]) -> str:
         size = (512 if self.task == "isbi2012" else 256) // self.downsample
@@ -144,8 +158,13 @@ def train_run(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """``train.py`` in a subprocess; its ``metrics.json`` plus wall time."""
     cmd = [sys.executable, str(ROOT / "train.py"), *COMMON, *overrides, f"hydra.run.dir={run_dir}"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": THREADS})
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": THREADS},
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{run_dir.name} failed:\n{proc.stderr[-3000:]}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -183,8 +202,13 @@ def pooled_vs_per_image(run_dir: Path) -> dict[str, float]:
 
 
 def memory_3d(arch: str) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_SNIPPET, arch], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": THREADS})
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SNIPPET, arch],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": THREADS},
+    )
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1]}
     before, peak, params = proc.stdout.split()
@@ -207,26 +231,38 @@ def result_row(run: Run, seeds: Sequence[int], results: list[dict[str, Any]], li
     classes = [k for k in results[0] if k.startswith("test/iou_") and k != "test/iou_mean"]
     per_class = ", ".join(f"{k[9:]} {_stat([r.get(k) for r in results])}" for k in classes)
     best_epochs = ", ".join(str(r.get("best_epoch", "-")) for r in results)
-    return (f"| `{run.model}` | `{run.task}` | {run.budget(limits)} | {', '.join(map(str, seeds))} | "
-            f"{', '.join(metric)} {_stat([r.get('selection/value') for r in results])} | {best_epochs} | "
-            f"**{_stat([r.get('test/iou_mean') for r in results])}** | {per_class} | "
-            f"{_stat([r['wall_s'] / 60 for r in results], 1)} min |")
+    return (
+        f"| `{run.model}` | `{run.task}` | {run.budget(limits)} | {', '.join(map(str, seeds))} | "
+        f"{', '.join(metric)} {_stat([r.get('selection/value') for r in results])} | {best_epochs} | "
+        f"**{_stat([r.get('test/iou_mean') for r in results])}** | {per_class} | "
+        f"{_stat([r['wall_s'] / 60 for r in results], 1)} min |"
+    )
 
 
 def results_markdown(figures: dict[str, Any]) -> str:
-    lines = ["CPU recipe, **not the defaults** (those are the paper's: efficientnet-b7, Table A4 lr and "
-             "batch size, 20 epochs, 128x128): the overrides are listed per row; `COMMON` "
-             f"= `{' '.join(COMMON)}`; phantom data, no pretrained weights.", "",
-             "| model | task | budget and recipe | seeds | checkpoint chosen by (val) | best epoch | test/iou_mean "
-             "| per-class test IoU | wall time per run |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "CPU recipe, **not the defaults** (those are the paper's: efficientnet-b7, Table A4 lr and "
+        "batch size, 20 epochs, 128x128): the overrides are listed per row; `COMMON` "
+        f"= `{' '.join(COMMON)}`; phantom data, no pretrained weights.",
+        "",
+        "| model | task | budget and recipe | seeds | checkpoint chosen by (val) | best epoch | test/iou_mean "
+        "| per-class test IoU | wall time per run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     lines += [row["row"] for row in figures["runs"].values()]
     pooled = figures.get("pooled_vs_per_image")
     if pooled:
-        lines += ["", f"Same predictions ({pooled['run']}, best checkpoint, whole test split): test `iou_mean` pooled "
-                      f"{pooled['iou_mean_pooled']:.3f} (what we report) vs per-image average "
-                      f"{pooled['iou_mean_per_image']:.3f} (the original code's way)."]
-    lines += ["", "| 3D model, one training step on 1x1x8x256x256 | parameters | RSS before the step | peak RSS |",
-              "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Same predictions ({pooled['run']}, best checkpoint, whole test split): test `iou_mean` pooled "
+            f"{pooled['iou_mean_pooled']:.3f} (what we report) vs per-image average "
+            f"{pooled['iou_mean_per_image']:.3f} (the original code's way).",
+        ]
+    lines += [
+        "",
+        "| 3D model, one training step on 1x1x8x256x256 | parameters | RSS before the step | peak RSS |",
+        "|---|---|---|---|",
+    ]
     for arch, m in figures["memory"].items():
         if "error" in m:
             lines.append(f"| {arch} | - | - | failed: {m['error']} |")
@@ -243,16 +279,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=None, help="replace every run's epochs (a quick check)")
     parser.add_argument("--batches", type=int, default=None, help="trainer.limit_train_batches per epoch")
     parser.add_argument("--eval-batches", type=int, default=None, help="trainer.limit_{val,test}_batches")
-    parser.add_argument("--out", type=Path, default=None, help="keep the run directories here (default: a "
-                        "temporary directory, deleted at the end)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="keep the run directories here (default: a temporary directory, deleted at the end)",
+    )
     parser.add_argument("--doc", type=Path, default=DOC, help="Markdown file that gets the tables")
     parser.add_argument("--hparams-only", action="store_true", help="only the defaults table (no training)")
     parser.add_argument("--skip-train", action="store_true", help="only the memory figures, printed")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     table = paper_hparams_table()
-    write_block(args.doc, "task2_hparams", table, time.perf_counter() - start,
-                {"source": "the composed configs of conf/paper_hparams/ (MTNeuro Table A4)"})
+    write_block(
+        args.doc,
+        "task2_hparams",
+        table,
+        time.perf_counter() - start,
+        {"source": "the composed configs of mtneuro_lab/conf/paper_hparams/ (MTNeuro Table A4)"},
+    )
     figures: dict[str, Any] = {"hparams_table": table, "runs": {}}
     if args.hparams_only:
         print(table)
@@ -271,14 +316,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         for run in [] if args.skip_train else runs:
-            results = [train_run(out / f"{run.task}_{run.model}_seed{s}", run.overrides(s, limits))
-                       for s in seeds]
+            results = [train_run(out / f"{run.task}_{run.model}_seed{s}", run.overrides(s, limits)) for s in seeds]
             figures["runs"][f"{run.task}/{run.model}"] = {
-                "results": results, "row": result_row(run, seeds, results, limits),
-                "command": run.overrides(seeds[0], limits)}
+                "results": results,
+                "row": result_row(run, seeds, results, limits),
+                "command": run.overrides(seeds[0], limits),
+            }
             if "pooled_vs_per_image" not in figures and run.task.startswith("seg2d"):
-                figures["pooled_vs_per_image"] = {"run": f"`{run.task}`/`{run.model}` seed {seeds[0]}",
-                                                  **pooled_vs_per_image(out / f"{run.task}_{run.model}_seed{seeds[0]}")}
+                figures["pooled_vs_per_image"] = {
+                    "run": f"`{run.task}`/`{run.model}` seed {seeds[0]}",
+                    **pooled_vs_per_image(out / f"{run.task}_{run.model}_seed{seeds[0]}"),
+                }
         figures["memory"] = {arch: memory_3d(arch) for arch in MODELS["3d"]}
     finally:
         if args.out is None:
@@ -286,8 +334,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     markdown = results_markdown(figures)
     print(markdown)
     if not args.skip_train and not quick:
-        write_block(args.doc, "task2_seg", markdown, time.perf_counter() - start,
-                    {"seeds": args.seeds, "recipe": "CPU, not the defaults (see the table)"})
+        write_block(
+            args.doc,
+            "task2_seg",
+            markdown,
+            time.perf_counter() - start,
+            {"seeds": args.seeds, "recipe": "CPU, not the defaults (see the table)"},
+        )
     return figures
 
 

@@ -7,6 +7,7 @@ which trial the study chose; below it, whether choosing by test would have picke
 
     python benchmarks/bench_selection.py [--trials 4] [--out DIR] [--doc docs/sweeps.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,17 +27,38 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.doc_blocks import write_block  # noqa: E402
 
-BUDGET = ("task=roi_c1", "source=phantom", "task.downsample=4", "trainer.max_epochs=2",
-          "trainer.limit_train_batches=4", "data.eval_batch_size=120", "logger=none",
-          "trainer.enable_progress_bar=false", "trainer.accelerator=cpu")
+BUDGET = (
+    "task=roi_c1",
+    "source=phantom",
+    "task.downsample=4",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=4",
+    "data.eval_batch_size=120",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+    "trainer.accelerator=cpu",
+)
 
 
 def run_sweep(out: Path, trials: int) -> list[dict[str, Any]]:
     """One Optuna sweep of ``trials`` trials; per trial its overrides and metrics.json."""
-    args = [sys.executable, str(ROOT / "train.py"), "-m", "+sweep=optuna", f"hydra.sweeper.n_trials={trials}",
-            *BUDGET, f"hydra.sweep.dir={out}"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONHASHSEED": "0", "WANDB_MODE": "disabled"})
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        "+sweep=optuna",
+        f"hydra.sweeper.n_trials={trials}",
+        *BUDGET,
+        f"hydra.sweep.dir={out}",
+    ]
+    proc = subprocess.run(
+        args,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONHASHSEED": "0", "WANDB_MODE": "disabled"},
+    )
     if proc.returncode:
         raise RuntimeError(f"optuna sweep failed:\n{proc.stderr[-3000:]}")
     chosen = yaml.safe_load((out / "optimization_results.yaml").read_text())
@@ -52,19 +74,30 @@ def run_sweep(out: Path, trials: int) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     keys = sorted(rows[0]["params"])
-    lines = ["| trial | " + " | ".join(keys) + " | val/acc (objective) | test/acc (not used) | chosen |",
-             "|---" * (len(keys) + 4) + "|"]
+    lines = [
+        "| trial | " + " | ".join(keys) + " | val/acc (objective) | test/acc (not used) | chosen |",
+        "|---" * (len(keys) + 4) + "|",
+    ]
     for i, r in enumerate(sorted(rows, key=lambda r: -r["selection/value"]), 1):
         values = " | ".join(f"{float(r['params'][k]):.4g}" for k in keys)
-        lines.append(f"| {i} | {values} | {r['selection/value']:.3f} | {r['test/acc']:.3f} | "
-                     f"{'**yes**' if r['chosen'] else ''} |")
+        lines.append(
+            f"| {i} | {values} | {r['selection/value']:.3f} | {r['test/acc']:.3f} | "
+            f"{'**yes**' if r['chosen'] else ''} |"
+        )
     by_val = max(rows, key=lambda r: r["selection/value"])
     by_test = max(rows, key=lambda r: r["test/acc"])
-    agree = "the same trial" if by_test is by_val else (
-        f"a different trial (test/acc {by_test['test/acc']:.3f} instead of {by_val['test/acc']:.3f}): "
-        "a test-split choice would look better than it is")
-    lines += ["", "The study chose the trial with the highest val/acc; choosing by test/acc would have picked "
-              f"{agree}."]
+    agree = (
+        "the same trial"
+        if by_test is by_val
+        else (
+            f"a different trial (test/acc {by_test['test/acc']:.3f} instead of {by_val['test/acc']:.3f}): "
+            "a test-split choice would look better than it is"
+        )
+    )
+    lines += [
+        "",
+        f"The study chose the trial with the highest val/acc; choosing by test/acc would have picked {agree}.",
+    ]
     return "\n".join(lines)
 
 
@@ -82,8 +115,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = table(rows)
     print(text)
     if args.doc:
-        write_block(Path(args.doc), "optuna_selection", text, time.perf_counter() - start,
-                    {"budget": " ".join(BUDGET) + f", {args.trials} trials (Optuna TPE, sampler seed 1)"})
+        write_block(
+            Path(args.doc),
+            "optuna_selection",
+            text,
+            time.perf_counter() - start,
+            {"budget": " ".join(BUDGET) + f", {args.trials} trials (Optuna TPE, sampler seed 1)"},
+        )
     return {"trials": rows}
 
 

@@ -14,6 +14,7 @@
     .venv/bin/python benchmarks/bench_task1.py --part accuracy        # (a) only
     .venv/bin/python benchmarks/bench_task1.py                        # both
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,16 +45,16 @@ MODELS = ("byol", "myow_m", "supervised", "pca", "texture")
 
 
 # -- (b) step time ---------------------------------------------------------------------------
-def _supervised_step(model: SupervisedClassifier, opt: torch.optim.Optimizer, x: torch.Tensor,
-                     y: torch.Tensor) -> None:
+def _supervised_step(model: SupervisedClassifier, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
     loss = F.cross_entropy(model(x), y)
     opt.zero_grad()
     loss.backward()
     opt.step()
 
 
-def _byol_step(model: BYOL, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               ids: torch.Tensor, step: int) -> None:
+def _byol_step(
+    model: BYOL, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, step: int
+) -> None:
     """What BYOL.training_step does in its SSL phase, without a Trainer around it."""
     loss, _, rep = model.ssl_step(model.make_view(x), model.make_view(x), {"index": ids})
     loss = loss + F.cross_entropy(model.online_probe(rep.detach()), y)
@@ -87,20 +88,42 @@ def step_time(batch_size: int = 32, tile: int = 64, repeats: int = 5, seed: int 
                 times[name].append(time.perf_counter() - start)
     sup_s, byol_s = statistics.median(times["supervised"]), statistics.median(times["byol"])
     wall = time.perf_counter() - begin
-    return {"batch_size": batch_size, "tile": tile, "supervised_step_s": sup_s, "byol_step_s": byol_s,
-            "wall_s": wall,
-            "byol_over_supervised": byol_s / sup_s}
+    return {
+        "batch_size": batch_size,
+        "tile": tile,
+        "supervised_step_s": sup_s,
+        "byol_step_s": byol_s,
+        "wall_s": wall,
+        "byol_over_supervised": byol_s / sup_s,
+    }
 
 
 # -- (a) accuracy ----------------------------------------------------------------------------
 BASELINES = ("pca", "texture")
 
 
-def _overrides(task: str, model: str, seed: int, epochs: int, linear_epochs: int, batch_size: int,
-               limit_train_batches: int | None, stem: str) -> list[str]:
-    common = [f"model={model}", f"task={task}", "source=phantom", "task.downsample=4", f"data.batch_size={batch_size}",
-              f"trainer.max_epochs={epochs}", "logger=none", "trainer.enable_progress_bar=false",
-              "trainer.accelerator=cpu", f"seed={seed}"]
+def _overrides(
+    task: str,
+    model: str,
+    seed: int,
+    epochs: int,
+    linear_epochs: int,
+    batch_size: int,
+    limit_train_batches: int | None,
+    stem: str,
+) -> list[str]:
+    common = [
+        f"model={model}",
+        f"task={task}",
+        "source=phantom",
+        "task.downsample=4",
+        f"data.batch_size={batch_size}",
+        f"trainer.max_epochs={epochs}",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        "trainer.accelerator=cpu",
+        f"seed={seed}",
+    ]
     if limit_train_batches:
         common.append(f"trainer.limit_train_batches={limit_train_batches}")
     if model in ("byol", "myow", "myow_m"):
@@ -125,10 +148,19 @@ def training_signature(task: str) -> str:
     return json.dumps(section, sort_keys=True)
 
 
-def accuracy(out_dir: Path, tasks: Sequence[str] = ("roi_c1", "roi_c2"), seeds: Sequence[int] = (1, 2),
-             models: Sequence[str] = MODELS, epochs: int = 10, linear_epochs: int = 5, batch_size: int = 64,
-             limit_train_batches: int | None = None, stem: str = "small", jobs: int = 2,
-             keep_going: bool = True) -> list[dict[str, Any]]:
+def accuracy(
+    out_dir: Path,
+    tasks: Sequence[str] = ("roi_c1", "roi_c2"),
+    seeds: Sequence[int] = (1, 2),
+    models: Sequence[str] = MODELS,
+    epochs: int = 10,
+    linear_epochs: int = 5,
+    batch_size: int = 64,
+    limit_train_batches: int | None = None,
+    stem: str = "small",
+    jobs: int = 2,
+    keep_going: bool = True,
+) -> list[dict[str, Any]]:
     """Train every (task, model, seed) through the CLI, ``jobs`` at once, seeds in order (all
     models of the first seed before the second); one row per finished run.
 
@@ -138,28 +170,56 @@ def accuracy(out_dir: Path, tasks: Sequence[str] = ("roi_c1", "roi_c2"), seeds: 
     """
     signature = {t: training_signature(t) for t in tasks}
     trained_as = {t: next(u for u in tasks if signature[u] == signature[t]) for t in tasks}
-    runs = {(task, model, seed): (out_dir / task / model / f"seed{seed}",
-                                  _overrides(task, model, seed, epochs, linear_epochs, batch_size,
-                                             limit_train_batches, stem))
-            for seed in seeds for task in tasks for model in models if trained_as[task] == task}
+    runs = {
+        (task, model, seed): (
+            out_dir / task / model / f"seed{seed}",
+            _overrides(task, model, seed, epochs, linear_epochs, batch_size, limit_train_batches, stem),
+        )
+        for seed in seeds
+        for task in tasks
+        for model in models
+        if trained_as[task] == task
+    }
     results = run_many(runs, jobs=jobs, keep_going=keep_going)
     tested = {}
-    for (task, model, seed) in ((t, m, s) for s in seeds for t in tasks for m in models if trained_as[t] != t):
+    for task, model, seed in ((t, m, s) for s in seeds for t in tasks for m in models if trained_as[t] != t):
         source = results.get((trained_as[task], model, seed))
         if source is None:
             continue
-        ckpt = out_dir / trained_as[task] / model / f"seed{seed}" / "checkpoints" / \
-            f"epoch{int(source['best_epoch']):03d}.ckpt"
-        tested[task, model, seed] = (out_dir / task / model / f"seed{seed}",
-                                     [f"ckpt_path={ckpt}", f"task={task}", "task.downsample=4", "logger=none",
-                                      "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"])
+        ckpt = (
+            out_dir
+            / trained_as[task]
+            / model
+            / f"seed{seed}"
+            / "checkpoints"
+            / f"epoch{int(source['best_epoch']):03d}.ckpt"
+        )
+        tested[task, model, seed] = (
+            out_dir / task / model / f"seed{seed}",
+            [
+                f"ckpt_path={ckpt}",
+                f"task={task}",
+                "task.downsample=4",
+                "logger=none",
+                "trainer.enable_progress_bar=false",
+                "trainer.accelerator=cpu",
+            ],
+        )
     for key, metrics in run_many(tested, jobs=jobs, script="evaluate.py", keep_going=keep_going).items():
         source = results[trained_as[key[0]], key[1], key[2]]
-        results[key] = {**{k: v for k, v in source.items() if not k.startswith("test/")},
-                        **{k: v for k, v in metrics.items() if k.startswith("test/")},
-                        "trained_as": trained_as[key[0]], "wall_s": source["wall_s"]}
-    return [{"task": t, "model": m, "seed": s, **results[t, m, s]}
-            for s in seeds for t in tasks for m in models if (t, m, s) in results]
+        results[key] = {
+            **{k: v for k, v in source.items() if not k.startswith("test/")},
+            **{k: v for k, v in metrics.items() if k.startswith("test/")},
+            "trained_as": trained_as[key[0]],
+            "wall_s": source["wall_s"],
+        }
+    return [
+        {"task": t, "model": m, "seed": s, **results[t, m, s]}
+        for s in seeds
+        for t in tasks
+        for m in models
+        if (t, m, s) in results
+    ]
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -170,8 +230,11 @@ def _mean_std(values: Sequence[float]) -> str:
 def accuracy_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: per task and model, mean ± std over seeds of ``test/acc`` and of the validation
     metric that chose each run's checkpoint, and the gap to each baseline and to the stronger one."""
-    lines = ["| task | model | seeds | chosen by (validation, mean) | best epoch | test/acc | vs PCA | vs texture "
-             "| vs stronger baseline | wall min/run |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | model | seeds | chosen by (validation, mean) | best epoch | test/acc | vs PCA | vs texture "
+        "| vs stronger baseline | wall min/run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     by: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault((r["task"], r["model"]), []).append(r)
@@ -187,13 +250,18 @@ def accuracy_table(rows: Sequence[dict[str, Any]]) -> str:
             chosen = _mean_std([float(r["selection/value"]) for r in group if "selection/value" in r])
             epochs = "/".join(str(r.get("best_epoch", "?")) for r in group)
             diffs = [("" if b == model or b not in base else f"{mean - base[b]:+.3f}") for b in BASELINES]
-            stronger = "" if strongest in (None, model) or model in BASELINES else \
-                f"{mean - base[strongest]:+.3f} ({strongest})"
+            stronger = (
+                ""
+                if strongest in (None, model) or model in BASELINES
+                else f"{mean - base[strongest]:+.3f} ({strongest})"
+            )
             timed = [r["wall_s"] for r in group if r.get("wall_s") == r.get("wall_s")]  # NaN: not timed
             wall = statistics.fmean(timed) / 60 if timed else float("nan")
             shown = task if "trained_as" not in group[0] else f"{task} (the {group[0]['trained_as']} runs' checkpoints)"
-            lines.append(f"| {shown} | {model} | {', '.join(str(r['seed']) for r in group)} | {metric} {chosen} | "
-                         f"{epochs} | {_mean_std(acc)} | {diffs[0]} | {diffs[1]} | {stronger} | {wall:.1f} |")
+            lines.append(
+                f"| {shown} | {model} | {', '.join(str(r['seed']) for r in group)} | {metric} {chosen} | "
+                f"{epochs} | {_mean_std(acc)} | {diffs[0]} | {diffs[1]} | {stronger} | {wall:.1f} |"
+            )
     return "\n".join(lines)
 
 
@@ -207,15 +275,30 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--linear-epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--jobs", type=int, default=2, help="CLI runs at once (torch threads = cores // jobs)")
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_task1",
-                        help="run directories <out>/<task>/<model>/seed<N> (finished runs are reused)")
-    parser.add_argument("--limit-train-batches", type=int, default=None,
-                        help="training batches per epoch (CPU budget); default: the whole split")
-    parser.add_argument("--ssl-stem", default="small", choices=("auto", "imagenet", "small", "tiny"),
-                        help="ResNet stem of the SSL encoders (small = 4x cheaper on 32 px crops)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "outputs" / "bench_task1",
+        help="run directories <out>/<task>/<model>/seed<N> (finished runs are reused)",
+    )
+    parser.add_argument(
+        "--limit-train-batches",
+        type=int,
+        default=None,
+        help="training batches per epoch (CPU budget); default: the whole split",
+    )
+    parser.add_argument(
+        "--ssl-stem",
+        default="small",
+        choices=("auto", "imagenet", "small", "tiny"),
+        help="ResNet stem of the SSL encoders (small = 4x cheaper on 32 px crops)",
+    )
     parser.add_argument("--step-batch", type=int, default=32)
-    parser.add_argument("--doc", default=str(ROOT / "docs" / "task1.md"),
-                        help="write the accuracy table into this doc's bench:task1_accuracy block ('' = don't)")
+    parser.add_argument(
+        "--doc",
+        default=str(ROOT / "docs" / "task1.md"),
+        help="write the accuracy table into this doc's bench:task1_accuracy block ('' = don't)",
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs: must be >= 1, got {args.jobs}")
@@ -223,33 +306,62 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if args.part in ("all", "step"):
         figures["step_time"] = step_time(batch_size=args.step_batch)
         st = figures["step_time"]
-        print(f"step time, batch {st['batch_size']} of {st['tile']}x{st['tile']}: supervised "
-              f"{st['supervised_step_s']:.3f} s, BYOL {st['byol_step_s']:.3f} s, "
-              f"ratio {st['byol_over_supervised']:.2f}x", flush=True)
+        print(
+            f"step time, batch {st['batch_size']} of {st['tile']}x{st['tile']}: supervised "
+            f"{st['supervised_step_s']:.3f} s, BYOL {st['byol_step_s']:.3f} s, "
+            f"ratio {st['byol_over_supervised']:.2f}x",
+            flush=True,
+        )
         if args.doc:
-            table = ("| | s / step |\n|---|---|\n"
-                     f"| supervised | {st['supervised_step_s']:.3f} |\n| BYOL | {st['byol_step_s']:.3f} |\n"
-                     f"| **ratio** | **{st['byol_over_supervised']:.2f}x** (bound: 3.5x) |")
-            write_block(Path(args.doc), "task1_step", table, st["wall_s"],
-                        {"batch": f"{st['batch_size']} tiles of {st['tile']}x{st['tile']}"})
+            table = (
+                "| | s / step |\n|---|---|\n"
+                f"| supervised | {st['supervised_step_s']:.3f} |\n| BYOL | {st['byol_step_s']:.3f} |\n"
+                f"| **ratio** | **{st['byol_over_supervised']:.2f}x** (bound: 3.5x) |"
+            )
+            write_block(
+                Path(args.doc),
+                "task1_step",
+                table,
+                st["wall_s"],
+                {"batch": f"{st['batch_size']} tiles of {st['tile']}x{st['tile']}"},
+            )
     if args.part in ("all", "accuracy"):
         start = time.perf_counter()
-        rows = accuracy(args.out, args.tasks, args.seeds, args.models, args.epochs, args.linear_epochs,
-                        args.batch_size, args.limit_train_batches, args.ssl_stem, args.jobs)
+        rows = accuracy(
+            args.out,
+            args.tasks,
+            args.seeds,
+            args.models,
+            args.epochs,
+            args.linear_epochs,
+            args.batch_size,
+            args.limit_train_batches,
+            args.ssl_stem,
+            args.jobs,
+        )
         figures["accuracy"] = rows
         table = accuracy_table(rows)
         print(table)
-        budget = (f"phantom, task.downsample=4 (64x64 tiles), data.batch_size={args.batch_size}, "
-                  f"trainer.max_epochs={args.epochs}"
-                  + (f", limit_train_batches={args.limit_train_batches}" if args.limit_train_batches else "")
-                  + f"; SSL: model.stem={args.ssl_stem}, model.linear_eval.epochs={args.linear_epochs}; "
-                  f"{args.jobs} runs at once")
+        budget = (
+            f"phantom, task.downsample=4 (64x64 tiles), data.batch_size={args.batch_size}, "
+            f"trainer.max_epochs={args.epochs}"
+            + (f", limit_train_batches={args.limit_train_batches}" if args.limit_train_batches else "")
+            + f"; SSL: model.stem={args.ssl_stem}, model.linear_eval.epochs={args.linear_epochs}; "
+            f"{args.jobs} runs at once"
+        )
         if args.doc:
             timed = [r["wall_s"] for r in rows if r.get("wall_s") == r.get("wall_s") and "trained_as" not in r]
-            write_block(Path(args.doc), "task1_accuracy", table, time.perf_counter() - start,
-                        {"budget (non-default CPU recipe)": budget,
-                         "training runs": f"{len(timed)} timed, {sum(timed) / 3600:.1f} h of wall time in all "
-                                          "(earlier invocations; finished runs are reused)"})
+            write_block(
+                Path(args.doc),
+                "task1_accuracy",
+                table,
+                time.perf_counter() - start,
+                {
+                    "budget (non-default CPU recipe)": budget,
+                    "training runs": f"{len(timed)} timed, {sum(timed) / 3600:.1f} h of wall time in all "
+                    "(earlier invocations; finished runs are reused)",
+                },
+            )
     return figures
 
 

@@ -12,6 +12,7 @@ parallel, CPU threads split between them): with the default blocked z folds and 
 docs/task3.md, block ``task3_readout``. Nothing here chooses anything on the read-out: the
 checkpoints were chosen on Task 1 validation, and the table names the metric that chose them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,12 @@ from mtneuro_lab.data.features import FEATURES  # noqa: E402
 
 DOC = ROOT / "docs" / "task3.md"
 BLOCK = "task3_readout"
-TINY = ("task.samples=[{set: A, z: [110, 130]}]", "task.fit_samples=[{set: A, z: [130, 150]}]", "task.cv_gap=1",
-        "model.n_components=64")
+TINY = (
+    "task.samples=[{set: A, z: [110, 130]}]",
+    "task.fit_samples=[{set: A, z: [130, 150]}]",
+    "task.cv_gap=1",
+    "model.n_components=64",
+)
 #: (column title, fold mode, metrics.json key prefix) of the table, in order
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("pooled CV R²", "blocked", "r2_cv"),
@@ -74,17 +79,24 @@ def find_encoders(runs: Path, limit: int | None = None, models: Sequence[str] = 
             continue
         ckpt = best_checkpoint(run)
         if ckpt is None:
-            print(f"skipped {run}: unfinished, or no best checkpoint (only last.ckpt, or several)",
-                  file=sys.stderr)
+            print(f"skipped {run}: unfinished, or no best checkpoint (only last.ckpt, or several)", file=sys.stderr)
             continue
         cfg = OmegaConf.load(config)
         if models and _model_name(run, cfg) not in models:
             continue
         metrics = _read_json(run / "metrics.json")
-        found.append({"run": str(run), "ckpt": str(ckpt), "task": str(cfg.task.name),
-                      "model": _model_name(run, cfg), "seed": int(cfg.seed), "downsample": int(cfg.task.downsample),
-                      "selection_metric": metrics.get("selection/metric"),
-                      "selection_value": metrics.get("selection/value")})
+        found.append(
+            {
+                "run": str(run),
+                "ckpt": str(ckpt),
+                "task": str(cfg.task.name),
+                "model": _model_name(run, cfg),
+                "seed": int(cfg.seed),
+                "downsample": int(cfg.task.downsample),
+                "selection_metric": metrics.get("selection/metric"),
+                "selection_value": metrics.get("selection/value"),
+            }
+        )
     return found[:limit] if limit else found
 
 
@@ -111,8 +123,19 @@ def pca_entries(encoders: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One PCA read-out per encoder resolution (PCA is fitted here, on ``task.fit_samples``)."""
     resolutions = sorted({int(e["downsample"]) for e in encoders}) or [2]
     seed = min((int(e["seed"]) for e in encoders), default=1)
-    return [{"run": "", "ckpt": None, "task": "fit_samples", "model": "pca", "seed": seed, "downsample": d,
-             "selection_metric": None, "selection_value": None} for d in resolutions]
+    return [
+        {
+            "run": "",
+            "ckpt": None,
+            "task": "fit_samples",
+            "model": "pca",
+            "seed": seed,
+            "downsample": d,
+            "selection_metric": None,
+            "selection_value": None,
+        }
+        for d in resolutions
+    ]
 
 
 def run_all(entries: Sequence[dict[str, Any]], out: Path, jobs: int, extra: Sequence[str]) -> list[dict[str, Any]]:
@@ -169,8 +192,13 @@ def readout_markdown(entries: Sequence[Mapping[str, Any]], features: Sequence[st
         seeds = ", ".join(str(s) for s in sorted({int(e["seed"]) for e in group}))
         lines.append(f"| {label} | {group[0]['task']} | {group[0]['model']} | {seeds} | {_selection_text(group)} |")
     for feature in features:
-        lines += ["", f"**{feature}**", "", "| encoder | " + " | ".join(c[0] for c in COLUMNS) + " |",
-                  "|---" * (len(COLUMNS) + 1) + "|"]
+        lines += [
+            "",
+            f"**{feature}**",
+            "",
+            "| encoder | " + " | ".join(c[0] for c in COLUMNS) + " |",
+            "|---" * (len(COLUMNS) + 1) + "|",
+        ]
         for label, group in groups.items():
             cells = []
             for _, cv, key in COLUMNS:
@@ -182,15 +210,23 @@ def readout_markdown(entries: Sequence[Mapping[str, Any]], features: Sequence[st
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=ROOT / "outputs" / "bench_task1" / "roi_c1",
-                        help="directory holding trained Task 1 run directories (default: bench_task1's ROI-C1 runs)")
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        default=ROOT / "outputs" / "bench_task1" / "roi_c1",
+        help="directory holding trained Task 1 run directories (default: bench_task1's ROI-C1 runs)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_task3_readout")
     parser.add_argument("--jobs", type=int, default=1, help="read-out subprocesses at a time")
     parser.add_argument("--limit", type=int, default=None, help="read out only the first N encoders")
     parser.add_argument("--tiny", action="store_true", help="20 slices, small PCA: a smoke test, not figures")
     parser.add_argument("--no-pca", action="store_true")
-    parser.add_argument("--models", nargs="+", default=["supervised", "mixup", "byol", "myow", "myow_m"],
-                        help="Task 1 models whose checkpoints are read out (encoders; PCA is fitted here)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["supervised", "mixup", "byol", "myow", "myow_m"],
+        help="Task 1 models whose checkpoints are read out (encoders; PCA is fitted here)",
+    )
     parser.add_argument("--doc", type=Path, default=DOC, help="Markdown file receiving the block")
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -206,9 +242,10 @@ def main(argv: list[str] | None = None) -> str:
     run_all(entries, args.out, args.jobs, extra)
     markdown = readout_markdown(entries)
     gap = "1-slice" if args.tiny else "12-slice"
-    facts = {"folds": f"5 (blocked z folds, {gap} gap; shuffled KFold for the last column)",
-             "read-outs": str(args.out.resolve().relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT)
-                              else args.out)}
+    facts = {
+        "folds": f"5 (blocked z folds, {gap} gap; shuffled KFold for the last column)",
+        "read-outs": str(args.out.resolve().relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out),
+    }
     if args.tiny:
         facts["mode"] = "TINY smoke test (20 slices), not figures"
     write_block(args.doc, BLOCK, markdown, time.perf_counter() - start, facts)

@@ -8,6 +8,7 @@ the features computed from scratch (what the fit pass and a first epoch cost) an
 whose features are all in the in-memory memo (what later epochs cost: canonical orientation +
 digest + lookup). Tiles are smoothed noise; the cost does not depend on their content.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,15 +60,20 @@ def throughput(size: int, n: int, repeats: int = 3) -> dict[str, float]:
         start = time.perf_counter()
         model.raw_code(x)
         memo.append(time.perf_counter() - start)
-    return {"features": float(model.embed_dim), "tiles": float(n),
-            "fresh_tiles_per_s": n / min(fresh), "memo_tiles_per_s": n / min(memo)}
+    return {
+        "features": float(model.embed_dim),
+        "tiles": float(n),
+        "fresh_tiles_per_s": n / min(fresh),
+        "memo_tiles_per_s": n / min(memo),
+    }
 
 
 def table(results: dict[int, dict[str, float]]) -> str:
     rows = ["| tile | features | tiles/s, computed | tiles/s, from the memo |", "|---|---|---|---|"]
     for size, r in results.items():
-        rows.append(f"| {size}x{size} | {int(r['features'])} | {r['fresh_tiles_per_s']:.0f} | "
-                    f"{r['memo_tiles_per_s']:.0f} |")
+        rows.append(
+            f"| {size}x{size} | {int(r['features'])} | {r['fresh_tiles_per_s']:.0f} | {r['memo_tiles_per_s']:.0f} |"
+        )
     return "\n".join(rows)
 
 
@@ -81,9 +87,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     markdown = table(results)
     print(markdown)
     if not args.no_doc:
-        write_block(DOC, "texture_speed", markdown, time.perf_counter() - start,
-                    {"threads": "1", "tiles per size": str(args.tiles), "load average (1 min)":
-                     f"{os.getloadavg()[0]:.1f}"})
+        write_block(
+            DOC,
+            "texture_speed",
+            markdown,
+            time.perf_counter() - start,
+            {"threads": "1", "tiles per size": str(args.tiles), "load average (1 min)": f"{os.getloadavg()[0]:.1f}"},
+        )
     return {f"{size}x{size}": r for size, r in results.items()}
 
 

@@ -10,6 +10,7 @@ and CPU (process) seconds; on a shared machine the CPU time is the stable figure
 
 Run: ``python benchmarks/bench_watershed.py`` (prints JSON). ``main()`` returns the dict.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,9 @@ def _degrade(target: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
 def main(shape: tuple[int, int, int] = SHAPE, cache_dir: str | None = None) -> dict[str, float]:
     torch.set_num_threads(1)
     root = Path(__file__).resolve().parent.parent
-    source = PhantomEMSource(seed=0, cache_dir=cache_dir or os.environ.get("MTNEURO_CACHE", str(root / ".cache")),
-                             shape=shape)
+    source = PhantomEMSource(
+        seed=0, cache_dir=cache_dir or os.environ.get("MTNEURO_CACHE", str(root / ".cache")), shape=shape
+    )
     box = [(0, shape[2]), (0, shape[1]), (0, shape[0])]
     neurons = np.array(source.cutout("labels", *box)).astype(np.int64)
     mito = np.array(source.cutout("mito", *box)).astype(np.int64)
@@ -62,8 +64,14 @@ def main(shape: tuple[int, int, int] = SHAPE, cache_dir: str | None = None) -> d
     scores = instance_scores(seg, pred.mean(axis=0))
     metrics = evaluate_instances(seg, neurons, ignore_zero=True, scores=scores)
     t2, c2 = time.perf_counter(), time.process_time()
-    out.update({"affinity_waterz_s": t1 - t0, "affinity_metrics_s": t2 - t1, "affinity_total_s": t2 - t0,
-                "affinity_total_cpu_s": c2 - c0})
+    out.update(
+        {
+            "affinity_waterz_s": t1 - t0,
+            "affinity_metrics_s": t2 - t1,
+            "affinity_total_s": t2 - t0,
+            "affinity_total_cpu_s": c2 - c0,
+        }
+    )
     out.update({f"affinity_{k}": v for k, v in metrics.items()})
 
     bc, _ = targets.compute_targets("bc", torch.from_numpy(mito)[None])
@@ -73,8 +81,7 @@ def main(shape: tuple[int, int, int] = SHAPE, cache_dir: str | None = None) -> d
     t1 = time.perf_counter()
     metrics = evaluate_instances(seg, mito, ignore_zero=False, scores=instance_scores(seg, pred[0]))
     t2, c2 = time.perf_counter(), time.process_time()
-    out.update({"bc_watershed_s": t1 - t0, "bc_metrics_s": t2 - t1, "bc_total_s": t2 - t0,
-                "bc_total_cpu_s": c2 - c0})
+    out.update({"bc_watershed_s": t1 - t0, "bc_metrics_s": t2 - t1, "bc_total_s": t2 - t0, "bc_total_cpu_s": c2 - c0})
     out.update({f"bc_{k}": v for k, v in metrics.items()})
     return out
 

@@ -4,6 +4,7 @@ Each run is ``train.py`` (or ``evaluate.py``) in its own process with ``threads`
 so ``jobs`` runs share the machine's cores evenly; a run whose directory already holds
 ``metrics.json`` is not run again (a benchmark can be resumed after an interruption).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_cli(run_dir: Path, overrides: Sequence[str], threads: int = 1, script: str = "train.py",
-            log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_cli(
+    run_dir: Path,
+    overrides: Sequence[str],
+    threads: int = 1,
+    script: str = "train.py",
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """One run; its ``metrics.json`` plus ``wall_s`` (0 when it was already finished)."""
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
@@ -28,8 +34,13 @@ def run_cli(run_dir: Path, overrides: Sequence[str], threads: int = 1, script: s
         metrics.setdefault("wall_s", float("nan"))
         return metrics
     args = [sys.executable, str(ROOT / script), *overrides, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "PYTHONHASHSEED": "0", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads)}
+    env = {
+        **os.environ,
+        "PYTHONHASHSEED": "0",
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+    }
     start = time.perf_counter()
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -45,8 +56,9 @@ def run_cli(run_dir: Path, overrides: Sequence[str], threads: int = 1, script: s
     return metrics
 
 
-def run_many(runs: dict[Any, tuple[Path, Sequence[str]]], jobs: int = 2, script: str = "train.py",
-             keep_going: bool = False) -> dict[Any, dict[str, Any]]:
+def run_many(
+    runs: dict[Any, tuple[Path, Sequence[str]]], jobs: int = 2, script: str = "train.py", keep_going: bool = False
+) -> dict[Any, dict[str, Any]]:
     """``{key: (run_dir, overrides)}`` -> ``{key: metrics}``, ``jobs`` one-thread-each at a time.
 
     Torch threads per run = cores // jobs. Runs start in the order given (put the longest
@@ -56,9 +68,10 @@ def run_many(runs: dict[Any, tuple[Path, Sequence[str]]], jobs: int = 2, script:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // jobs)
     pool = ThreadPoolExecutor(max_workers=jobs)  # the threads only wait on CLI processes
-    futures = {key: pool.submit(run_cli, run_dir, overrides, threads, script,
-                                lambda text: print(text, flush=True))
-               for key, (run_dir, overrides) in runs.items()}
+    futures = {
+        key: pool.submit(run_cli, run_dir, overrides, threads, script, lambda text: print(text, flush=True))
+        for key, (run_dir, overrides) in runs.items()
+    }
     results: dict[Any, dict[str, Any]] = {}
     try:
         for key, future in futures.items():

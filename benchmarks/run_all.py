@@ -23,6 +23,7 @@ The report lists the machine (core count, CPU model, torch version, GPU, date) a
 benchmark, its status, duration and figures. The exit status is 1 if a benchmark crashed or
 timed out (failed checks are reported, not fatal).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,18 +63,30 @@ def run_one(name: str, timeout: float, quick: bool) -> dict[str, Any]:
         env["MTNEURO_BENCH_QUICK"] = "1"
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD.format(name=name)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD.format(name=name)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
     except subprocess.TimeoutExpired as err:
         out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
-        return {"name": name, "status": f"timeout after {timeout:.0f} s", "seconds": time.perf_counter() - start,
-                "result": None, "output": out}
+        return {
+            "name": name,
+            "status": f"timeout after {timeout:.0f} s",
+            "seconds": time.perf_counter() - start,
+            "result": None,
+            "output": out,
+        }
     seconds = time.perf_counter() - start
     lines = proc.stdout.splitlines()
     result = None
     for line in reversed(lines):
         if line.startswith(MARKER):
-            result = json.loads(line[len(MARKER):])
+            result = json.loads(line[len(MARKER) :])
             break
     printed = "\n".join(ln for ln in lines if not ln.startswith(MARKER)).strip()
     if proc.returncode != 0:
@@ -130,26 +143,38 @@ def machine() -> dict[str, str]:
                 break
     except OSError:
         pass
-    facts = {"cores (nproc)": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                   else os.cpu_count()),
-             "CPU": cpu, "python": platform.python_version(),
-             "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}
+    facts = {
+        "cores (nproc)": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
+        "CPU": cpu,
+        "python": platform.python_version(),
+        "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+    }
     try:
         import torch
 
         facts["torch"] = torch.__version__
-        facts["GPU"] = (", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-                        if torch.cuda.is_available() else "none")
+        facts["GPU"] = (
+            ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+            if torch.cuda.is_available()
+            else "none"
+        )
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     return facts
 
 
 def report(runs: list[dict[str, Any]], facts: dict[str, str], command: str) -> str:
-    out = ["# Benchmarks", "",
-           (f"Written by `{command}` (benchmarks/run_all.py). Ratios compare two things measured in "
-            "the same run on this machine; absolute times depend on the machine and its load."), "",
-           "| machine | |", "|---|---|"]
+    out = [
+        "# Benchmarks",
+        "",
+        (
+            f"Written by `{command}` (benchmarks/run_all.py). Ratios compare two things measured in "
+            "the same run on this machine; absolute times depend on the machine and its load."
+        ),
+        "",
+        "| machine | |",
+        "|---|---|",
+    ]
     out += [f"| {k} | {fmt(v)} |" for k, v in facts.items()]
     out += ["", "## Targets", "", "| benchmark | check | measured | target | result |", "|---|---|---|---|---|"]
     for r in runs:
@@ -158,8 +183,9 @@ def report(runs: list[dict[str, Any]], facts: dict[str, str], command: str) -> s
             out.append(f"| {r['name']} | (did not finish) | | | {fmt(r['status'])} |")
         for c in checks:
             verdict = "PASS" if c.get("passed") else "FAIL"
-            out.append(f"| {r['name']} | {fmt(c['name'])} | {fmt(c.get('value'))} | {fmt(c.get('target', ''))} "
-                       f"| {verdict} |")
+            out.append(
+                f"| {r['name']} | {fmt(c['name'])} | {fmt(c.get('value'))} | {fmt(c.get('target', ''))} | {verdict} |"
+            )
     out.append("")
     for r in runs:
         out += [f"## {r['name']}", "", f"status: {fmt(r['status'])}; {r['seconds']:.0f} s", ""]
@@ -175,8 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--only", default="", help="comma-separated names (framework or bench_framework)")
     parser.add_argument("--quick", action="store_true", help="set MTNEURO_BENCH_QUICK=1 for the benchmarks")
-    parser.add_argument("--timeout", type=float, default=7200.0,
-                        help="seconds per benchmark (bench_mae, the longest, takes ~75 min on 2 cores)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=7200.0,
+        help="seconds per benchmark (bench_mae, the longest, takes ~75 min on 2 cores)",
+    )
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)
@@ -188,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         wanted = {n if n.startswith("bench_") else f"bench_{n}" for n in args.only.split(",") if n}
         unknown = wanted - set(names)
         if unknown:
-            print(f"error: --only: unknown benchmark(s) {sorted(unknown)}; available: {', '.join(names)}",
-                  file=sys.stderr)
+            print(
+                f"error: --only: unknown benchmark(s) {sorted(unknown)}; available: {', '.join(names)}", file=sys.stderr
+            )
             return 2
         names = [n for n in names if n in wanted]
     runs = []
@@ -198,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         r = run_one(name, args.timeout, args.quick)
         print(f"[bench] {name}: {r['status']} ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
         runs.append(r)
-    command = "make bench" + (f" ARGS='{' '.join(argv if argv is not None else sys.argv[1:])}'"
-                              if (argv if argv is not None else sys.argv[1:]) else "")
+    command = "make bench" + (
+        f" ARGS='{' '.join(argv if argv is not None else sys.argv[1:])}'"
+        if (argv if argv is not None else sys.argv[1:])
+        else ""
+    )
     text = report(runs, machine(), command)
     path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -209,8 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench] wrote {path}", file=sys.stderr)
     for r in runs:
         for c in find_checks(r["result"]):
-            print(f"[bench] {'PASS' if c.get('passed') else 'FAIL'} {r['name']}: {c['name']} = "
-                  f"{fmt(c.get('value'))} (target {c.get('target')})", file=sys.stderr)
+            print(
+                f"[bench] {'PASS' if c.get('passed') else 'FAIL'} {r['name']}: {c['name']} = "
+                f"{fmt(c.get('value'))} (target {c.get('target')})",
+                file=sys.stderr,
+            )
     return 1 if any(r["status"] != "ok" for r in runs) else 0
 
 

@@ -7,6 +7,7 @@ before any data is read. What the run injects (never in the YAML, see
 ``config.schema.INJECTED``): ``num_classes``, ``class_names``, ``input_shape`` into the method;
 ``modality``, ``cubes``, ``regions``, ``roi_ids``, ``cache_dir`` into the source.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -112,8 +113,15 @@ def data_config(cfg: DictConfig) -> DataConfig:
 def build_datamodule(cfg: DictConfig, task: Task, source: VolumeSource, catalog: CubeCatalog) -> VolumeDataModule:
     data = data_config(cfg)
     return datamodule_class(task)(
-        task, source, catalog, batch_size=data.batch_size, eval_batch_size=data.eval_batch_size,
-        augment_cfg=data.augment, normalize=data.normalize, seed=int(cfg.seed), drop_last=data.drop_last,
+        task,
+        source,
+        catalog,
+        batch_size=data.batch_size,
+        eval_batch_size=data.eval_batch_size,
+        augment_cfg=data.augment,
+        normalize=data.normalize,
+        seed=int(cfg.seed),
+        drop_last=data.drop_last,
     )
 
 
@@ -150,8 +158,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, method: pl.LightningModule) ->
         callbacks.append(instantiate(sub, **extra))
     callbacks.append(RNGStateCheckpoint())
     loggers = [instantiate(sub) for sub in (cfg.get("logger") or {}).values() if sub is not None]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                       plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
+    return instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+    )
 
 
 def load_method_checkpoint(method: pl.LightningModule, ckpt_path: str | Path, model_target: str) -> dict[str, Any]:
@@ -165,6 +178,7 @@ def load_method_checkpoint(method: pl.LightningModule, ckpt_path: str | Path, mo
     try:
         method.load_state_dict(state["state_dict"], strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"ckpt_path: {ckpt_path} does not fit model {model_target} "
-                              f"({str(err).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"ckpt_path: {ckpt_path} does not fit model {model_target} ({str(err).splitlines()[0]})"
+        ) from None
     return state

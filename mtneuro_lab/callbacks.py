@@ -1,4 +1,5 @@
 """Callbacks every run needs for correctness (not optional, so not in the config)."""
+
 from __future__ import annotations
 
 import random
@@ -39,8 +40,15 @@ class RNGStateCheckpoint(pl.Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-        np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
-                             state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"]))
+        np.random.set_state(
+            (
+                "MT19937",
+                state["numpy_keys"].numpy().astype(np.uint32),
+                state["numpy_pos"],
+                state["numpy_has_gauss"],
+                state["numpy_gauss"],
+            )
+        )
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])

@@ -5,6 +5,7 @@ place, so a crash never leaves a half-written ``.ckpt`` that a resume could pick
 uses ``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary
 pickled objects.
 """
+
 from __future__ import annotations
 
 import io
@@ -23,14 +24,16 @@ from mtneuro_lab.io import atomic_write_bytes
 class AtomicCheckpointIO(TorchCheckpointIO):
     """TorchCheckpointIO with temp-file-and-rename saves and safe loads."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
-                        storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write_bytes(path, buffer.getbuffer())
 
-    def load_checkpoint(self, path: str | os.PathLike, map_location: Callable | None = None,
-                        weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Callable | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         return load_checkpoint(path)
 
 

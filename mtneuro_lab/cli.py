@@ -6,6 +6,7 @@ input fails with one line (``error: <key>: <why>``, exit status 2) and writes no
 multirun, a failing job is recorded as failed in its own directory (``failed.json``) and the
 sweep goes on.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,16 +25,36 @@ from mtneuro_lab.errors import MtneuroError
 from mtneuro_lab.io import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = ROOT / "conf"
+#: the config tree and the multirun configs ship inside the package (``pip install .`` finds them)
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = PACKAGE_DIR / "conf"
+SWEEPS_DIR = PACKAGE_DIR / "sweeps"
 log = logging.getLogger("mtneuro_lab")
 
-_NO_PREFLIGHT_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "-m", "--multirun",
-                       "--shell-completion", "-sc", "--version", "--resolve", "-p", "--package"}
+_NO_PREFLIGHT_FLAGS = {
+    "--cfg",
+    "-c",
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--info",
+    "-i",
+    "-m",
+    "--multirun",
+    "--shell-completion",
+    "-sc",
+    "--version",
+    "--resolve",
+    "-p",
+    "--package",
+}
 
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(ROOT))
+    if not OmegaConf.has_resolver("package_dir"):
+        OmegaConf.register_new_resolver("package_dir", lambda: str(PACKAGE_DIR))
     if not OmegaConf.has_resolver("job_subdir"):
         OmegaConf.register_new_resolver("job_subdir", job_subdir)
     if not OmegaConf.has_resolver("experiment_group"):
@@ -81,8 +102,7 @@ def _hydra_error_line(err: BaseException) -> str:
     if text.startswith("In '") and "Could not find '" in text or "Could not find '" in text:
         missing = text.split("Could not find '", 1)[1].split("'", 1)[0]
         group, _, option = missing.rpartition("/")
-        options = sorted(p.stem for d in (CONF_DIR, ROOT / "sweeps") for p in (d / group).glob("*.yaml")) \
-            if group else []
+        options = sorted(p.stem for d in (CONF_DIR, SWEEPS_DIR) for p in (d / group).glob("*.yaml")) if group else []
         if options:
             return f"{group}={option}: unknown option; available: {', '.join(options)}"
     if "Could not override '" in text:
@@ -160,10 +180,9 @@ def _record_failure(cfg: DictConfig, err: BaseException) -> None:
     os.replace(tmp, out / "failed.json")
     if not (out / "config.yaml").is_file():  # the report groups failed jobs by their config too
         plain = OmegaConf.to_container(cfg, resolve=False)
-        try:
+        # a config that cannot resolve is often why the job failed: keep it unresolved then
+        with contextlib.suppress(Exception):
             plain = OmegaConf.to_container(cfg, resolve=True)
-        except Exception:  # noqa: BLE001 - a config that cannot resolve is often why the job failed
-            pass
         plain.pop("hydra", None)
         atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)).encode())
 
@@ -186,8 +205,16 @@ def _parallel_threads(launcher: DictConfig) -> int | None:
     return max(1, cores // workers)
 
 
-_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK",
-            "LOCAL_WORLD_SIZE", "GROUP_RANK")
+_DDP_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ The config is composed like ``train.py`` does (``source=bossdb`` first, then the
 validated, and the source and task are built by :mod:`mtneuro_lab.build`; building each split
 fetches what is missing (see docs/bossdb.md). Bad input: ``error: <key>: <why>``, exit status 2.
 """
+
 from __future__ import annotations
 
 import logging

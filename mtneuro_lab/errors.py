@@ -4,6 +4,7 @@ Every bad input (config key, file, value, server answer) is reported by raising 
 with a message that names the offending key, file or value; the entry points print
 ``error: <message>`` and exit with status 2 instead of a traceback.
 """
+
 from __future__ import annotations
 
 

@@ -4,6 +4,7 @@ A write goes to a temporary file in the target directory, is fsynced and renamed
 (``os.replace``), so a reader sees the old file or the complete new one, never a partial one.
 Standard library only: the CLI imports it before torch.
 """
+
 from __future__ import annotations
 
 import hashlib

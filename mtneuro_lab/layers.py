@@ -10,6 +10,7 @@ with its reason). There are no import cycles between modules.
 A wing is a module or package name; a module belongs to the longest wing that prefixes it (the
 bare package ``mtneuro_lab`` is a wing of its own: a new top-level module must be added here).
 """
+
 from __future__ import annotations
 
 LAYERS: tuple[tuple[str, ...], ...] = (

@@ -15,6 +15,7 @@ whatever the machine. On a GPU, with ``trainer=gpu`` (bf16 mixed precision):
 Everything is applied in one place, :func:`apply`, called by ``run.train``/``run.evaluate``
 after the components are built. See docs/gpu.md.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,6 +30,7 @@ from mtneuro_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+
 def as_perf_config(value: Any) -> PerfConfig:
     """``cfg.perf`` (mapping, dataclass or absent, as in configs saved before ``perf`` existed)."""
     if isinstance(value, PerfConfig):
@@ -40,8 +42,7 @@ def as_perf_config(value: Any) -> PerfConfig:
 
 def sub_networks(method: nn.Module) -> list[tuple[str, nn.Module]]:
     """Top-level children that hold parameters: the networks a method's steps call."""
-    return [(name, child) for name, child in method.named_children()
-            if any(True for _ in child.parameters())]
+    return [(name, child) for name, child in method.named_children() if any(True for _ in child.parameters())]
 
 
 def to_channels_last(module: nn.Module) -> None:
@@ -62,8 +63,10 @@ def apply(perf_cfg: Any, method: nn.Module, datamodule: Any) -> PerfConfig:
             datamodule.channels_last = True
     if perf.data_on_device:
         if not hasattr(datamodule, "data_on_device"):
-            raise ConfigError(f"perf.data_on_device: not supported by {type(datamodule).__name__}; "
-                              f"use perf.data_on_device=false with this task")
+            raise ConfigError(
+                f"perf.data_on_device: not supported by {type(datamodule).__name__}; "
+                f"use perf.data_on_device=false with this task"
+            )
         datamodule.data_on_device = True
     if perf.compile:
         compiled = []

@@ -6,6 +6,7 @@ Reads every job directory below the given directories (``metrics.json``, ``faile
 ``<first DIR>/report/`` or ``--out``. Failed, incomplete and missing seeds are named in the
 notes of their row. See docs/sweeps.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -120,8 +121,14 @@ def read_run(job_dir: Path) -> RunRecord | None:
     sweep = config.get("sweep") or {}
     seed = config.get("seed")
     return RunRecord(
-        path=str(job_dir), status=status, seed=int(seed) if isinstance(seed, int) else None,
-        config=flatten(config), label=describe(job_dir), metrics=metrics, info=info, error=error,
+        path=str(job_dir),
+        status=status,
+        seed=int(seed) if isinstance(seed, int) else None,
+        config=flatten(config),
+        label=describe(job_dir),
+        metrics=metrics,
+        info=info,
+        error=error,
         table=str(sweep.get("name") or "runs"),
         expected_seeds=tuple(int(s) for s in (sweep.get("seeds") or [])),
         layout=dict(sweep.get("report") or {}),
@@ -157,8 +164,9 @@ def _layout(groups: Sequence[Group]) -> dict[str, Any]:
     return {}
 
 
-def _plot(groups: Sequence[Group], metric: str, rows_key: str | None, cols_key: str | None,
-          title: str, path: Path) -> None:
+def _plot(
+    groups: Sequence[Group], metric: str, rows_key: str | None, cols_key: str | None, title: str, path: Path
+) -> None:
     """Bars with error bars (sample std over seeds); grouped bars for a rows x cols layout."""
     import matplotlib
 
@@ -202,8 +210,9 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
 
 
-def build_report(dirs: Sequence[Path], out: Path, metric: str | None = None,
-                 ignore: Sequence[str] = (), plots: bool = True) -> dict[str, Any]:
+def build_report(
+    dirs: Sequence[Path], out: Path, metric: str | None = None, ignore: Sequence[str] = (), plots: bool = True
+) -> dict[str, Any]:
     """Write report.md, report.csv and PNGs into ``out``; returns a summary (paths, counts)."""
     runs = collect(dirs)
     tables = group_runs(runs, ignore)
@@ -212,8 +221,7 @@ def build_report(dirs: Sequence[Path], out: Path, metric: str | None = None,
     csv_buf = io.StringIO()
     writer = csv.writer(csv_buf)
     label_keys = sorted({k for groups in tables.values() for k in label_columns(groups)})
-    writer.writerow(["table", *label_keys, "metric", "mean", "std", "n", "seeds", "failed_seeds",
-                     "missing_seeds"])
+    writer.writerow(["table", *label_keys, "metric", "mean", "std", "n", "seeds", "failed_seeds", "missing_seeds"])
     pngs: list[str] = []
     for name, groups in tables.items():
         metrics = metric_names(groups)
@@ -221,10 +229,14 @@ def build_report(dirs: Sequence[Path], out: Path, metric: str | None = None,
         main_metric = metric or layout.get("metric") or (metrics[0] if metrics else None)
         n_runs = sum(len(g.runs) for g in groups)
         n_done = sum(len(g.done) for g in groups)
-        md += [f"## {name}", "",
-               f"{len(groups)} experiment(s), {n_done}/{n_runs} job(s) finished; "
-               f"mean ± sample std over seeds, n = finished seeds. Expected seeds: "
-               f"{', '.join(map(str, groups[0].expected_seeds)) or '—'}.", ""]
+        md += [
+            f"## {name}",
+            "",
+            f"{len(groups)} experiment(s), {n_done}/{n_runs} job(s) finished; "
+            f"mean ± sample std over seeds, n = finished seeds. Expected seeds: "
+            f"{', '.join(map(str, groups[0].expected_seeds)) or '—'}.",
+            "",
+        ]
         rows_key, cols_key = layout.get("rows"), layout.get("cols")
         cols = label_columns(groups)
         if main_metric and rows_key in cols:
@@ -235,8 +247,7 @@ def build_report(dirs: Sequence[Path], out: Path, metric: str | None = None,
         chosen = selection_lines(groups, layout)
         if chosen:
             md += ["Selection:", "", *chosen, ""]
-        notes = [f"- {', '.join(f'{k}={v}' for k, v in g.label.items())}: {n}"
-                 for g in groups for n in g.notes()]
+        notes = [f"- {', '.join(f'{k}={v}' for k, v in g.label.items())}: {n}" for g in groups for n in g.notes()]
         if notes:
             md += ["Notes:", "", *notes, ""]
         for g in groups:
@@ -245,9 +256,19 @@ def build_report(dirs: Sequence[Path], out: Path, metric: str | None = None,
             missing = ";".join(map(str, g.missing_seeds))
             for m in metrics:
                 mean, std, n = g.stat(m)
-                writer.writerow([name, *(g.label.get(k, "") for k in label_keys), m,
-                                 "" if math.isnan(mean) else f"{mean:.6g}",
-                                 "" if math.isnan(std) else f"{std:.6g}", n, seeds, failed, missing])
+                writer.writerow(
+                    [
+                        name,
+                        *(g.label.get(k, "") for k in label_keys),
+                        m,
+                        "" if math.isnan(mean) else f"{mean:.6g}",
+                        "" if math.isnan(std) else f"{std:.6g}",
+                        n,
+                        seeds,
+                        failed,
+                        missing,
+                    ]
+                )
         if plots and main_metric:
             png = out / f"{_slug(name)}.png"
             _plot(groups, main_metric, rows_key, cols_key, f"{name}: {main_metric} (mean ± std)", png)
@@ -255,8 +276,13 @@ def build_report(dirs: Sequence[Path], out: Path, metric: str | None = None,
             pngs.append(str(png))
     atomic_write_bytes(out / "report.md", "\n".join(md).encode())
     atomic_write_bytes(out / "report.csv", csv_buf.getvalue().encode())
-    return {"out": str(out), "tables": {n: len(g) for n, g in tables.items()}, "runs": len(runs),
-            "pngs": pngs, "groups": tables}
+    return {
+        "out": str(out),
+        "tables": {n: len(g) for n, g in tables.items()},
+        "runs": len(runs),
+        "pngs": pngs,
+        "groups": tables,
+    }
 
 
 def refuse_test_metric(metric: str, key: str = "--best") -> None:
@@ -282,8 +308,10 @@ def choose(groups: Sequence[Group], metric: str | None, minimize: bool | None = 
     if metric is None:
         chosen = selection_of(groups)
         if chosen is None:
-            raise ConfigError("--best: the runs record no common selection metric (metrics.json "
-                              "selection/metric); name a val/ metric: --best val/<metric>")
+            raise ConfigError(
+                "--best: the runs record no common selection metric (metrics.json "
+                "selection/metric); name a val/ metric: --best val/<metric>"
+            )
         metric = chosen[0]
     refuse_test_metric(metric)
     maximize = _direction(groups, metric, minimize)
@@ -303,8 +331,9 @@ def summarise_test_metrics(g: Group, first: str | None = None, limit: int = 8) -
     return ", ".join(f"{m} = {fmt(*g.stat(m)[:2])}" for m in names[:limit]) + more
 
 
-def best_setting(dirs: Sequence[Path], metric: str | None = None, minimize: bool | None = None,
-                 ignore: Sequence[str] = ()) -> str:
+def best_setting(
+    dirs: Sequence[Path], metric: str | None = None, minimize: bool | None = None, ignore: Sequence[str] = ()
+) -> str:
     """The best experiment by the mean of a validation metric, as the overrides that reproduce
     it, with its test metrics beside it (read, never used to choose)."""
     if metric is not None:
@@ -319,8 +348,10 @@ def best_setting(dirs: Sequence[Path], metric: str | None = None, minimize: bool
         mean, std, n = g.stat(used)
         overrides = " ".join(f"{k}={v}" for k, v in describe(Path(g.done[0].path)).items())
         layout_metric = _layout(groups).get("metric")
-        lines.append(f"{name}: best {used} ({'max' if maximize else 'min'}) = {fmt(mean, std)} (n={n}) with: "
-                     f"{overrides}\n  test metrics of that setting: {summarise_test_metrics(g, layout_metric)}")
+        lines.append(
+            f"{name}: best {used} ({'max' if maximize else 'min'}) = {fmt(mean, std)} (n={n}) with: "
+            f"{overrides}\n  test metrics of that setting: {summarise_test_metrics(g, layout_metric)}"
+        )
     return "\n".join(lines)
 
 
@@ -335,15 +366,19 @@ def selection_lines(groups: Sequence[Group], layout: dict[str, Any]) -> list[str
     except ConfigError:
         return []
     label = ", ".join(f"{k}={v}" for k, v in g.label.items())
-    out.append(f"- Chosen on validation ({metric}, {'max' if maximize else 'min'} of the mean over seeds): "
-               f"**{label}**; its test metrics: {summarise_test_metrics(g, layout.get('metric'))}.")
+    out.append(
+        f"- Chosen on validation ({metric}, {'max' if maximize else 'min'} of the mean over seeds): "
+        f"**{label}**; its test metrics: {summarise_test_metrics(g, layout.get('metric'))}."
+    )
     paper = layout.get("paper_choice")
     if paper:
         pg = best_group(groups, str(paper), not str(paper).endswith("loss"))
         if pg is not None:
             plabel = ", ".join(f"{k}={v}" for k, v in pg.label.items())
-            out.append(f"- The paper's way (best mean {paper}: chooses on the test split, so its test figure is "
-                       f"optimistic; shown for comparison only): {plabel} ({fmt(*pg.stat(str(paper))[:2])}).")
+            out.append(
+                f"- The paper's way (best mean {paper}: chooses on the test split, so its test figure is "
+                f"optimistic; shown for comparison only): {plabel} ({fmt(*pg.stat(str(paper))[:2])})."
+            )
     return out
 
 
@@ -352,15 +387,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="+", type=Path, help="multirun/sweep directories (or run directories)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default <first dir>/report)")
     parser.add_argument("--metric", default=None, help="metric of the pivot table and plot (default: the sweep's)")
-    parser.add_argument("--ignore", action="append", default=[],
-                        help="config key (prefix) that does not split experiments; repeatable")
-    parser.add_argument("--best", metavar="VAL_METRIC", nargs="?", const="", default=None,
-                        help="print the best experiment by a validation metric's mean (default: the metric "
-                             "that chose the runs' checkpoints) with its test metrics, and exit; "
-                             "test/ metrics are refused")
+    parser.add_argument(
+        "--ignore", action="append", default=[], help="config key (prefix) that does not split experiments; repeatable"
+    )
+    parser.add_argument(
+        "--best",
+        metavar="VAL_METRIC",
+        nargs="?",
+        const="",
+        default=None,
+        help="print the best experiment by a validation metric's mean (default: the metric "
+        "that chose the runs' checkpoints) with its test metrics, and exit; "
+        "test/ metrics are refused",
+    )
     direction = parser.add_mutually_exclusive_group()
-    direction.add_argument("--minimize", dest="minimize", action="store_const", const=True, default=None,
-                           help="with --best: lower is better (default: the runs' selection mode)")
+    direction.add_argument(
+        "--minimize",
+        dest="minimize",
+        action="store_const",
+        const=True,
+        default=None,
+        help="with --best: lower is better (default: the runs' selection mode)",
+    )
     direction.add_argument("--maximize", dest="minimize", action="store_const", const=False)
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
@@ -374,8 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     tables = ", ".join(f"{n} ({k} experiments)" for n, k in summary["tables"].items())
-    print(f"report: {summary['runs']} runs -> {tables}; wrote {out / 'report.md'}, {out / 'report.csv'}"
-          + (f", {len(summary['pngs'])} PNG" if summary["pngs"] else ""))
+    print(
+        f"report: {summary['runs']} runs -> {tables}; wrote {out / 'report.md'}, {out / 'report.csv'}"
+        + (f", {len(summary['pngs'])} PNG" if summary["pngs"] else "")
+    )
     return 0
 
 

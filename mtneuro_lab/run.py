@@ -5,6 +5,7 @@ fit -> test on the best checkpoint -> ``metrics.json``. Every run directory hold
 (the composed config, resolved), ``checkpoints/`` and ``metrics.json`` (flat JSON of final
 metrics), which is all the reporting code reads (:mod:`mtneuro_lab.rundir`).
 """
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,9 @@ def _test_metrics(trainer: pl.Trainer) -> dict[str, Any]:
 
 def selection_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
     """The checkpoint callback that chooses the tested checkpoint (the first one with a monitor)."""
-    return next((cb for cb in trainer.checkpoint_callbacks
-                 if isinstance(cb, ModelCheckpoint) and cb.monitor is not None), None)
+    return next(
+        (cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor is not None), None
+    )
 
 
 def check_selection_metric(method: pl.LightningModule, metric: str, key: str) -> None:
@@ -83,8 +85,9 @@ def check_selection_metric(method: pl.LightningModule, metric: str, key: str) ->
         raise ConfigError(f"{key}: {metric} selects on the test split; use a val/ metric")
     logged = method.validation_metrics()
     if metric not in logged:
-        raise ConfigError(f"{key}: {metric} is not logged by {type(method).__name__}; "
-                          f"choose one of {', '.join(sorted(logged))}")
+        raise ConfigError(
+            f"{key}: {metric} is not logged by {type(method).__name__}; choose one of {', '.join(sorted(logged))}"
+        )
 
 
 def _selection_record(trainer: pl.Trainer, method: pl.LightningModule, datamodule: Any) -> tuple[str, dict[str, Any]]:
@@ -103,9 +106,13 @@ def _selection_record(trainer: pl.Trainer, method: pl.LightningModule, datamodul
     position = checkpoint_position(best)
     trainer.validate(method, datamodule=datamodule, ckpt_path=best, verbose=False)
     score = callback.best_model_score
-    record = {**_stage_metrics(trainer, "val"), "selection/metric": str(callback.monitor),
-              "selection/mode": str(callback.mode),
-              "selection/value": float(score) if score is not None else float("nan"), **position}
+    record = {
+        **_stage_metrics(trainer, "val"),
+        "selection/metric": str(callback.monitor),
+        "selection/mode": str(callback.mode),
+        "selection/value": float(score) if score is not None else float("nan"),
+        **position,
+    }
     return best, record
 
 
@@ -188,8 +195,11 @@ def check_checkpoint_fits(method: pl.LightningModule, path: str | Path, model_ta
     if saved_cfg.is_file():
         other = OmegaConf.select(OmegaConf.load(saved_cfg), "model._target_", default=None)
         origin = f" (saved by {other})" if other else ""
-    what = (f"{len(missing)} of its parameters are missing, e.g. {missing[0]}" if missing
-            else f"{len(reshaped)} parameters have other shapes, e.g. {reshaped[0]}")
+    what = (
+        f"{len(missing)} of its parameters are missing, e.g. {missing[0]}"
+        if missing
+        else f"{len(reshaped)} parameters have other shapes, e.g. {reshaped[0]}"
+    )
     raise CheckpointError(f"ckpt_path: {path} is not a checkpoint of model {model_target}{origin}: {what}")
 
 
@@ -234,8 +244,10 @@ def check_selection(cfg: DictConfig, method: pl.LightningModule | None) -> None:
     if objective.startswith("test/"):
         raise ConfigError(f"sweep.objective: {objective} selects on the test split; use a val/ metric")
     if objective != "selection" and not objective.startswith("val/"):
-        raise ConfigError(f"sweep.objective: must be `selection` (the method's own validation metric) or a "
-                          f"val/ metric, got {objective}")
+        raise ConfigError(
+            f"sweep.objective: must be `selection` (the method's own validation metric) or a "
+            f"val/ metric, got {objective}"
+        )
     if method is None:
         return
     if objective == "selection":
@@ -245,9 +257,11 @@ def check_selection(cfg: DictConfig, method: pl.LightningModule | None) -> None:
         mode = str(default_mode) if objective == default_metric else None
     direction = _sweeper_direction()
     if mode and direction and not direction.startswith(mode):
-        raise ConfigError(f"hydra.sweeper.direction: {direction}, but the objective {objective} is "
-                          f"{'maximised' if mode == 'max' else 'minimised'}; set hydra.sweeper.direction="
-                          f"{'maximize' if mode == 'max' else 'minimize'}")
+        raise ConfigError(
+            f"hydra.sweeper.direction: {direction}, but the objective {objective} is "
+            f"{'maximised' if mode == 'max' else 'minimised'}; set hydra.sweeper.direction="
+            f"{'maximize' if mode == 'max' else 'minimize'}"
+        )
 
 
 def _preflight_sweep(cfg: DictConfig) -> None:
@@ -275,5 +289,9 @@ def _preflight_evaluate(cfg: DictConfig) -> None:
 
 
 #: checks run by the CLI before Hydra creates a run directory (see mtneuro_lab.cli.preflight)
-preflight_checks = {"train": _preflight_train, "evaluate": _preflight_evaluate, "sweep": _preflight_sweep,
-                    "sweep_names": _preflight_sweep_names}
+preflight_checks = {
+    "train": _preflight_train,
+    "evaluate": _preflight_evaluate,
+    "sweep": _preflight_sweep,
+    "sweep_names": _preflight_sweep_names,
+}

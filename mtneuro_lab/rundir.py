@@ -4,6 +4,7 @@ Every run directory holds ``config.yaml`` (the composed config, resolved), ``che
 ``metrics.json`` (flat JSON of final metrics), which is all the reporting code reads. Used by
 the flows (:mod:`mtneuro_lab.run`) and the Task 3 read-out (:mod:`mtneuro_lab.analysis.readout`).
 """
+
 from __future__ import annotations
 
 import json

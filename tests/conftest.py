@@ -4,6 +4,7 @@ The phantom cache is the project's default (``.cache/`` or ``$MTNEURO_CACHE``): 
 generated once and reused by later tests and later sessions (writes are atomic, so parallel
 generation is safe).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,7 @@ def compose(overrides: Iterable[str] = (), return_hydra_config: bool = False) ->
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides),
-                            return_hydra_config=return_hydra_config)
+        cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
     if return_hydra_config:  # let ${hydra:...} interpolations resolve, as in a real run
         from hydra.core.hydra_config import HydraConfig
 
@@ -57,9 +57,15 @@ def compose(overrides: Iterable[str] = (), return_hydra_config: bool = False) ->
     return cfg
 
 
-def run_cli(script: str, *overrides: str, run_dir: Path | None = None, fast: bool = True,
-            env: dict[str, str] | None = None, timeout: float = 600,
-            multirun: bool = False) -> subprocess.CompletedProcess:
+def run_cli(
+    script: str,
+    *overrides: str,
+    run_dir: Path | None = None,
+    fast: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    multirun: bool = False,
+) -> subprocess.CompletedProcess:
     """Run ``train.py``/``evaluate.py`` in a subprocess; returns the completed process."""
     args = [sys.executable, str(ROOT / script)]
     if multirun:
@@ -70,8 +76,7 @@ def run_cli(script: str, *overrides: str, run_dir: Path | None = None, fast: boo
     if run_dir is not None:
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         args.append(f"{key}={run_dir}")
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=cli_env(env))
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cli_env(env))
 
 
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -15,6 +15,7 @@ Usage::
         ... BossDBSource(host=boss.host, protocol="http", ...)
         assert boss.count("cutout") == 3
 """
+
 from __future__ import annotations
 
 import json
@@ -84,28 +85,43 @@ class _State:
 
 
 def paper_cubes() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "conf" / "cubes" / "paper.yaml").read_text())
+    return yaml.safe_load((ROOT / "mtneuro_lab" / "conf" / "cubes" / "paper.yaml").read_text())
 
 
 class FakeBoss:
     """The server; ``host`` is ``127.0.0.1:<port>`` (port chosen by the OS)."""
 
-    def __init__(self, z_extent: tuple[int, int] = (100, 140), token: str | None = None,
-                 cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        z_extent: tuple[int, int] = (100, 140),
+        token: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
         from mtneuro_lab.data.sources.phantom import PhantomXraySource
 
         cubes = paper_cubes()
         cache_dir = cache_dir or os.environ.get("MTNEURO_CACHE", str(ROOT / ".cache"))
-        self.phantom = PhantomXraySource(cubes=cubes["sets"], regions=cubes["regions"],
-                                         roi_ids=cubes["roi_ids"], cache_dir=str(cache_dir),
-                                         z_extent=z_extent)
+        self.phantom = PhantomXraySource(
+            cubes=cubes["sets"],
+            regions=cubes["regions"],
+            roi_ids=cubes["roi_ids"],
+            cache_dir=str(cache_dir),
+            z_extent=z_extent,
+        )
         boxes = [box for members in cubes["sets"].values() for box in members.values()]
         self.frame = {
-            "name": FRAME, "description": "fake", "x_start": 0,
-            "x_stop": max(b["x"][1] for b in boxes) + 64, "y_start": 0,
-            "y_stop": max(b["y"][1] for b in boxes) + 64, "z_start": int(z_extent[0]),
-            "z_stop": int(z_extent[1]), "x_voxel_size": 1.17, "y_voxel_size": 1.17,
-            "z_voxel_size": 1.17, "voxel_unit": "micrometers",
+            "name": FRAME,
+            "description": "fake",
+            "x_start": 0,
+            "x_stop": max(b["x"][1] for b in boxes) + 64,
+            "y_start": 0,
+            "y_stop": max(b["y"][1] for b in boxes) + 64,
+            "z_start": int(z_extent[0]),
+            "z_stop": int(z_extent[1]),
+            "x_voxel_size": 1.17,
+            "y_voxel_size": 1.17,
+            "z_voxel_size": 1.17,
+            "voxel_unit": "micrometers",
         }
         self.token = token
         self.state = _State()
@@ -120,8 +136,7 @@ class FakeBoss:
         self._server.daemon_threads = True
         self._server.handle_error = lambda request, address: None  # resets/timeouts are the point
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
 
@@ -233,8 +248,15 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(404, f"Channel {coll}/{exp}/{chan} not found")
             x0, x1, y0, y1, z0, z1 = map(int, r)
             f = self.boss.frame
-            if int(res) != 0 or x0 < f["x_start"] or x1 > f["x_stop"] or y0 < f["y_start"] or \
-                    y1 > f["y_stop"] or z0 < f["z_start"] or z1 > f["z_stop"]:
+            if (
+                int(res) != 0
+                or x0 < f["x_start"]
+                or x1 > f["x_stop"]
+                or y0 < f["y_start"]
+                or y1 > f["y_stop"]
+                or z0 < f["z_start"]
+                or z1 > f["z_stop"]
+            ):
                 return self._error(400, "Cutout request out of bounds of the coordinate frame")
             data = self.boss.cutout(chan, (x0, x1), (y0, y1), (z0, z1))
             return 200, blosc.compress(data.tobytes(), typesize=data.dtype.itemsize), "application/blosc"
@@ -244,18 +266,40 @@ class _Handler(BaseHTTPRequestHandler):
             if dtype is None:
                 return self._error(404, f"Channel {chan} not found")
             kind = "image" if chan == "image" else "annotation"
-            return self._ok({"name": chan, "description": "", "experiment": exp, "creator": "fake",
-                             "default_time_sample": 0, "type": kind, "base_resolution": 0,
-                             "datatype": dtype, "sources": [], "related": [],
-                             "downsample_status": "DOWNSAMPLED"})
+            return self._ok(
+                {
+                    "name": chan,
+                    "description": "",
+                    "experiment": exp,
+                    "creator": "fake",
+                    "default_time_sample": 0,
+                    "type": kind,
+                    "base_resolution": 0,
+                    "datatype": dtype,
+                    "sources": [],
+                    "related": [],
+                    "downsample_status": "DOWNSAMPLED",
+                }
+            )
         if m := _EXPERIMENT.match(path):
             coll, exp = m.groups()
             if coll != COLLECTION or exp not in EXPERIMENTS:
                 return self._error(404, f"Experiment {exp} not found")
-            return self._ok({"name": exp, "description": "", "collection": coll, "creator": "fake",
-                             "coord_frame": FRAME, "num_hierarchy_levels": 1,
-                             "hierarchy_method": "anisotropic", "num_time_samples": 1,
-                             "time_step": None, "time_step_unit": "", "channels": list(EXPERIMENTS[exp])})
+            return self._ok(
+                {
+                    "name": exp,
+                    "description": "",
+                    "collection": coll,
+                    "creator": "fake",
+                    "coord_frame": FRAME,
+                    "num_hierarchy_levels": 1,
+                    "hierarchy_method": "anisotropic",
+                    "num_time_samples": 1,
+                    "time_step": None,
+                    "time_step_unit": "",
+                    "channels": list(EXPERIMENTS[exp]),
+                }
+            )
         if m := _COORD.match(path):
             if m.group(1) != FRAME:
                 return self._error(404, f"Coordinate frame {m.group(1)} not found")
@@ -263,8 +307,9 @@ class _Handler(BaseHTTPRequestHandler):
         if m := _COLLECTION.match(path):
             if m.group(1) != COLLECTION:
                 return self._error(404, f"Collection {m.group(1)} not found")
-            return self._ok({"name": COLLECTION, "description": "", "creator": "fake",
-                             "experiments": list(EXPERIMENTS)})
+            return self._ok(
+                {"name": COLLECTION, "description": "", "creator": "fake", "experiments": list(EXPERIMENTS)}
+            )
         return self._error(404, f"no route for {path}")
 
     @staticmethod

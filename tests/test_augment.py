@@ -1,5 +1,6 @@
 """The fused crop + dihedral + normalise gather (augment.gather_crop_augment) against the
 sequential ops it replaces, and its transforms against hand-made tiles."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,12 @@ import torch
 from mtneuro_lab.data import augment
 from mtneuro_lab.data.augment import AugmentConfig
 
-CFGS = [AugmentConfig(), AugmentConfig(hflip=False), AugmentConfig(vflip=False, rot90=False),
-        AugmentConfig(hflip=False, vflip=False, rot90=False)]
+CFGS = [
+    AugmentConfig(),
+    AugmentConfig(hflip=False),
+    AugmentConfig(vflip=False, rot90=False),
+    AugmentConfig(hflip=False, vflip=False, rot90=False),
+]
 
 
 def _sequential(images, samples, size, cfg, mean, std, generator, aligned=()):
@@ -21,8 +26,9 @@ def _sequential(images, samples, size, cfg, mean, std, generator, aligned=()):
 
 
 @pytest.mark.parametrize("cfg", CFGS)
-@pytest.mark.parametrize("tile,size", [((24, 24), (16, 16)), ((20, 31), (9, 9)), ((16, 16), (16, 16)),
-                                       ((20, 24), (8, 12))])
+@pytest.mark.parametrize(
+    "tile,size", [((24, 24), (16, 16)), ((20, 31), (9, 9)), ((16, 16), (16, 16)), ((20, 24), (8, 12))]
+)
 def test_fused_equals_sequential(cfg, tile, size) -> None:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (40, *tile), dtype=torch.uint8, generator=g)
@@ -30,11 +36,12 @@ def test_fused_equals_sequential(cfg, tile, size) -> None:
     samples = torch.randperm(40, generator=g)[:33]
     mean, std = 0.43, 0.21
     for seed in range(3):
-        want, (want_mask,), want_u8 = _sequential(images, samples, size, cfg, mean, std,
-                                                  torch.Generator().manual_seed(seed), (mask,))
-        got, (got_mask,) = augment.gather_crop_augment(images, samples, size, cfg, mean, std,
-                                                       generator=torch.Generator().manual_seed(seed),
-                                                       aligned=(mask,))
+        want, (want_mask,), want_u8 = _sequential(
+            images, samples, size, cfg, mean, std, torch.Generator().manual_seed(seed), (mask,)
+        )
+        got, (got_mask,) = augment.gather_crop_augment(
+            images, samples, size, cfg, mean, std, generator=torch.Generator().manual_seed(seed), aligned=(mask,)
+        )
         assert got.shape == (33, 1, *size) and got.dtype == torch.float32
         assert got_mask.shape == (33, *size) and got_mask.dtype == torch.uint8
         assert torch.equal(got_mask, want_mask)
@@ -104,10 +111,16 @@ def test_non_square_crop_and_errors() -> None:
 
 
 def test_int64_index_for_large_splits_matches_int32() -> None:
-    args = (torch.tensor([1, 0]), torch.tensor([3, 0]), torch.tensor([2, 5]), torch.tensor([1, 0]),
-            torch.tensor([3, 2]), (12, 12), (7, 7))
-    assert torch.equal(augment.crop_dihedral_index(*args, dtype=torch.int32).long(),
-                       augment.crop_dihedral_index(*args))
+    args = (
+        torch.tensor([1, 0]),
+        torch.tensor([3, 0]),
+        torch.tensor([2, 5]),
+        torch.tensor([1, 0]),
+        torch.tensor([3, 2]),
+        (12, 12),
+        (7, 7),
+    )
+    assert torch.equal(augment.crop_dihedral_index(*args, dtype=torch.int32).long(), augment.crop_dihedral_index(*args))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
@@ -126,8 +139,9 @@ def test_leading_planes_share_one_transform(lead) -> None:
     samples = torch.tensor([4, 0, 8, 4, 2, 7])
     for seed in range(4):
         g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-        seq = augment.geometric(augment.random_crop([split.index_select(0, samples)], (8, 8), generator=g1),
-                                AugmentConfig(), generator=g1)[0]
+        seq = augment.geometric(
+            augment.random_crop([split.index_select(0, samples)], (8, 8), generator=g1), AugmentConfig(), generator=g1
+        )[0]
         got, _ = augment.gather_augmented(split, samples, (8, 8), AugmentConfig(), generator=g2)
         assert got.shape == (6, *lead, 8, 8)
         assert torch.equal(got, seq)
@@ -138,10 +152,19 @@ def test_workspace_reuse_gives_the_same_result_for_any_batch() -> None:
     ws = augment.Workspace()
     for batch in (12, 5, 20, 12):
         samples = torch.arange(batch)
-        with_ws, _ = augment.gather_crop_augment(images, samples, (10, 10), AugmentConfig(), 0.5, 0.25,
-                                                 generator=torch.Generator().manual_seed(batch), workspace=ws)
-        fresh, _ = augment.gather_crop_augment(images, samples, (10, 10), AugmentConfig(), 0.5, 0.25,
-                                               generator=torch.Generator().manual_seed(batch))
+        with_ws, _ = augment.gather_crop_augment(
+            images,
+            samples,
+            (10, 10),
+            AugmentConfig(),
+            0.5,
+            0.25,
+            generator=torch.Generator().manual_seed(batch),
+            workspace=ws,
+        )
+        fresh, _ = augment.gather_crop_augment(
+            images, samples, (10, 10), AugmentConfig(), 0.5, 0.25, generator=torch.Generator().manual_seed(batch)
+        )
         assert torch.equal(with_ws, fresh)
     assert ws._buffers["index"].numel() == 20 * 10 * 10  # grown once to the largest batch, then reused
 
@@ -152,8 +175,9 @@ def test_float_split_and_identity_config() -> None:
     off = AugmentConfig(hflip=False, vflip=False, rot90=False)
     same, _ = augment.gather_augmented(x, torch.arange(5), (8, 8), off)
     assert torch.equal(same, x) and same.data_ptr() != x.data_ptr()
-    rotated, _ = augment.gather_augmented(x, torch.arange(5), (8, 8), AugmentConfig(hflip=False, vflip=False),
-                                          generator=torch.Generator().manual_seed(0))
+    rotated, _ = augment.gather_augmented(
+        x, torch.arange(5), (8, 8), AugmentConfig(hflip=False, vflip=False), generator=torch.Generator().manual_seed(0)
+    )
     k = torch.randint(0, 4, (5,), generator=torch.Generator().manual_seed(0))
     for b in range(5):
         assert torch.equal(rotated[b], torch.rot90(x[b], int(k[b]), dims=(-2, -1)))
@@ -167,9 +191,12 @@ def test_grouped_path_is_the_reference_reordered(cfg, shape) -> None:
     mask = torch.randint(0, 5, shape, dtype=torch.uint8, generator=g)
     mean, std = 0.43, 0.21
     for seed in range(3):
-        ref = augment.geometric([images.unsqueeze(1), mask.unsqueeze(1)], cfg, generator=torch.Generator().manual_seed(seed))
+        ref = augment.geometric(
+            [images.unsqueeze(1), mask.unsqueeze(1)], cfg, generator=torch.Generator().manual_seed(seed)
+        )
         got, (got_mask,), order = augment.dihedral_to_float_grouped(
-            images, cfg, mean, std, generator=torch.Generator().manual_seed(seed), aligned=(mask,))
+            images, cfg, mean, std, generator=torch.Generator().manual_seed(seed), aligned=(mask,)
+        )
         assert sorted(order.tolist()) == list(range(40))
         assert got.shape == (40, 1, *shape[1:]) and got_mask.dtype == torch.uint8
         assert torch.equal(got_mask, ref[1][:, 0][order])

@@ -1,4 +1,5 @@
 """``source=bossdb`` against a fake Boss server: the real intern client over HTTP on 127.0.0.1."""
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,16 @@ def boss(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBoss]:
 
 
 def make(boss: FakeBoss, cache_dir: Path, **kwargs: Any) -> BossDBSource:
-    opts: dict[str, Any] = {"host": boss.host, "protocol": "http", "cache_dir": str(cache_dir),
-                            "chunk": CHUNK, "retries": 3, "backoff": 0.01, "timeout": 2.0,
-                            "progress": False}
+    opts: dict[str, Any] = {
+        "host": boss.host,
+        "protocol": "http",
+        "cache_dir": str(cache_dir),
+        "chunk": CHUNK,
+        "retries": 3,
+        "backoff": 0.01,
+        "timeout": 2.0,
+        "progress": False,
+    }
     return BossDBSource(**{**opts, **kwargs})
 
 
@@ -77,14 +85,18 @@ def test_second_instance_reads_only_the_cache(boss: FakeBoss, tmp_path: Path) ->
     assert boss.count() == 0
 
 
-@pytest.mark.parametrize("fault", [
-    {"what": "status", "status": 500, "times": 2},
-    {"what": "status", "status": 503, "match": "meta"},
-    {"what": "truncate"},
-    {"what": "corrupt"},
-    {"what": "reset"},
-    {"what": "delay", "delay": 1.5},
-], ids=["500x2", "503-meta", "truncated", "corrupt", "reset", "timeout"])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"what": "status", "status": 500, "times": 2},
+        {"what": "status", "status": 503, "match": "meta"},
+        {"what": "truncate"},
+        {"what": "corrupt"},
+        {"what": "reset"},
+        {"what": "delay", "delay": 1.5},
+    ],
+    ids=["500x2", "503-meta", "truncated", "corrupt", "reset", "timeout"],
+)
 def test_transient_faults_are_retried(boss: FakeBoss, tmp_path: Path, fault: dict) -> None:
     injected = boss.fail(**{"after": 1, **fault})
     src = make(boss, tmp_path, timeout=0.5)
@@ -123,8 +135,11 @@ def test_exhausted_retries_and_refused_connections(boss: FakeBoss, tmp_path: Pat
         src.cutout("image", CUBE["x"], CUBE["y"], Z)
     assert boss.count("cutout") == 3
     boss.stop()
-    with pytest.raises(DataError, match=r"pixel_labels.* after 2 attempt\(s\): connection failed: "
-                                         r"Connection refused"):
+    with pytest.raises(
+        DataError,
+        match=r"pixel_labels.* after 2 attempt\(s\): connection failed: "
+        r"Connection refused",
+    ):
         make(boss, tmp_path, retries=1).cutout("pixel_labels", CUBE["x"], CUBE["y"], Z)
     _assert_nothing_cached(tmp_path)
 
@@ -189,13 +204,16 @@ def test_token_is_never_written_or_shown(boss: FakeBoss, tmp_path: Path) -> None
         make(boss, tmp_path, token=TOKEN)
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({"host": "https://api.bossdb.io/v1"}, "source.host"),
-    ({"chunk": [512, 512]}, "source.chunk"),
-    ({"channels": {"image": "prasad/prasad2020/image"}}, "source.channels.image"),
-    ({"timeout": 0}, "source.timeout"),
-    ({"retries": -1}, "source.retries"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"host": "https://api.bossdb.io/v1"}, "source.host"),
+        ({"chunk": [512, 512]}, "source.chunk"),
+        ({"channels": {"image": "prasad/prasad2020/image"}}, "source.channels.image"),
+        ({"timeout": 0}, "source.timeout"),
+        ({"retries": -1}, "source.retries"),
+    ],
+)
 def test_bad_config_values_name_their_key(kwargs: dict, key: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         BossDBSource(cache_dir=str(tmp_path), **kwargs)
@@ -218,14 +236,23 @@ def test_source_group_composes() -> None:
     assert cfg.source._target_.endswith("BossDBSource") and cfg.source.token is None
 
 
-SPLITS = ("task.splits.train=[{set:A,z:[110,118]}]", "task.splits.val=[{set:A,z:[118,122]}]",
-          "task.splits.test=[{set:A,z:[132,136]}]")
+SPLITS = (
+    "task.splits.train=[{set:A,z:[110,118]}]",
+    "task.splits.val=[{set:A,z:[118,122]}]",
+    "task.splits.test=[{set:A,z:[132,136]}]",
+)
 
 
 def test_cli_train_downloads_once_then_runs_from_cache(boss: FakeBoss, tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
-    args = ("source=bossdb", f"source.host={boss.host}", "source.protocol=http", "source.backoff=0.01",
-            f"paths.cache_dir={cache_dir}", *SPLITS)
+    args = (
+        "source=bossdb",
+        f"source.host={boss.host}",
+        "source.protocol=http",
+        "source.backoff=0.01",
+        f"paths.cache_dir={cache_dir}",
+        *SPLITS,
+    )
     env = {"BOSSDB_TOKEN": TOKEN}
     first = run_cli("train.py", *args, run_dir=tmp_path / "run1", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -247,10 +274,21 @@ def test_download_command_fills_the_cache_for_an_offline_run(boss: FakeBoss, tmp
     from conftest import ROOT
 
     cache_dir = tmp_path / "cache"
-    args = (f"source.host={boss.host}", "source.protocol=http", "task.label_mode=roi_majority",
-            f"paths.cache_dir={cache_dir}", *SPLITS)
-    proc = subprocess.run([sys.executable, "-m", "mtneuro_lab.download", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, check=False)
+    args = (
+        f"source.host={boss.host}",
+        "source.protocol=http",
+        "task.label_mode=roi_majority",
+        f"paths.cache_dir={cache_dir}",
+        *SPLITS,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtneuro_lab.download", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "roi_c1/test: 16 samples" in proc.stdout
     assert boss.count("cutout") == 2 * 4 * 4  # image and roi_labels (roi_majority reads both)
@@ -258,8 +296,14 @@ def test_download_command_fills_the_cache_for_an_offline_run(boss: FakeBoss, tmp
     run = run_cli("train.py", "source=bossdb", "source.offline=true", *args, run_dir=tmp_path / "run")
     assert run.returncode == 0, run.stderr[-3000:]
     assert boss.count() == 0 and read_metrics(tmp_path / "run")
-    bad = run_cli("train.py", "source=bossdb", "source.offline=true", *args[:-1],
-                  "task.splits.test=[{set:B,z:[132,136]}]", run_dir=tmp_path / "bad")
+    bad = run_cli(
+        "train.py",
+        "source=bossdb",
+        "source.offline=true",
+        *args[:-1],
+        "task.splits.test=[{set:B,z:[132,136]}]",
+        run_dir=tmp_path / "bad",
+    )
     assert bad.returncode == 2
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("error: bossdb offline: image cutout") and "x=[5312, 5568)" in last

@@ -1,4 +1,5 @@
 """The CLI contract end to end: train, metrics.json, evaluate round trip, one-line errors."""
+
 from __future__ import annotations
 
 from pathlib import Path

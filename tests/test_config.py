@@ -1,4 +1,5 @@
-"""Every YAML under conf/ and sweeps/ composes and passes schema validation."""
+"""Every YAML under mtneuro_lab/conf/ and sweeps/ composes and passes schema validation."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,7 @@ from omegaconf import OmegaConf
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.errors import ConfigError
 
-CONF = ROOT / "conf"
+CONF = ROOT / "mtneuro_lab" / "conf"
 #: groups whose options are selected on the command line as `<group>=<option>`
 TOP_GROUPS = ("task", "model", "source", "trainer", "logger", "callbacks", "paths", "experiment", "cubes")
 
@@ -22,7 +23,7 @@ def _all_choices() -> list[tuple[str, str]]:
 
 
 def test_every_top_level_yaml_is_covered() -> None:
-    """No YAML sits in conf/ outside the groups composed below (none shipped untested)."""
+    """No YAML sits in mtneuro_lab/conf/ outside the groups composed below (none shipped untested)."""
     covered = {CONF / g / f"{o}.yaml" for g, o in _all_choices()} | {CONF / "config.yaml"}
     nested = {p for p in CONF.rglob("*.yaml") if p.parent.parent != CONF and p.parent != CONF}
     loose = set(CONF.glob("*/*.yaml")) - covered - {p for p in CONF.glob("hydra/*.yaml")}
@@ -70,7 +71,12 @@ def test_defaults_are_the_documented_ones() -> None:
     cfg = compose([], return_hydra_config=True)
     choices = cfg.hydra.runtime.choices
     assert (choices.task, choices.model, choices.source, choices.trainer, choices.logger) == (
-        "roi_c1", "supervised", "phantom", "auto", "csv")
+        "roi_c1",
+        "supervised",
+        "phantom",
+        "auto",
+        "csv",
+    )
     assert cfg.seed == 1
     assert cfg.task.downsample == 2
 
@@ -83,12 +89,11 @@ def test_roi_c1_cubes_and_ranges_match_the_paper() -> None:
     assert list(a.vp.x) == [3063, 3319] and list(a.vp.y) == [850, 1106]
     assert list(a.zi.x) == [1543, 1799] and list(a.zi.y) == [650, 906]
     splits = cfg.task.splits
-    assert [list(s.z) for s in (splits.train[0], splits.val[0], splits.test[0])] == [
-        [110, 380], [380, 410], [420, 470]]
+    assert [list(s.z) for s in (splits.train[0], splits.val[0], splits.test[0])] == [[110, 380], [380, 410], [420, 470]]
 
 
 def test_sweeps_compose() -> None:
-    sweep_dir = ROOT / "sweeps"
+    sweep_dir = ROOT / "mtneuro_lab" / "sweeps"
     files = sorted(sweep_dir.rglob("*.yaml")) if sweep_dir.is_dir() else []
     for path in files:
         name = path.stem

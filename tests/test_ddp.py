@@ -1,5 +1,6 @@
 """DDP: trainer options compose into Trainers; a ddp_cpu multirun (2 gloo processes per job)
 runs each job once, with metrics.json from rank 0 only and a failed job recorded."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ def test_gpu_trainers_ask_for_bf16_and_sync_bn() -> None:
 @pytest.mark.slow
 def test_ddp_cpu_inside_a_multirun(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    proc = run_cli("train.py", "trainer=ddp_cpu", "seed=1,2,3", "+extras.fail_on_seed=2",
-                   run_dir=sweep, multirun=True, timeout=900)
+    proc = run_cli(
+        "train.py", "trainer=ddp_cpu", "seed=1,2,3", "+extras.fail_on_seed=2", run_dir=sweep, multirun=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = {yaml.safe_load(p.read_text())["seed"]: p.parent for p in sweep.glob("*/config.yaml")}
     assert sorted(jobs) == [1, 2, 3], "each job ran once: no nested sweep in the DDP worker"

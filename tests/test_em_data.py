@@ -1,4 +1,5 @@
 """EM phantom, EM tasks and their datamodule (phantom and the real gala FIB-SEM volume)."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -17,9 +18,16 @@ from mtneuro_lab.errors import ConfigError, DataError
 from mtneuro_lab.methods.mae_finetune import evaluate_volume
 from mtneuro_lab.run import build_components
 
-SMALL = ["source.em_shape=[24,64,64]", "task.crop=[4,32,32]", "task.samples_per_epoch=16",
-         "task.splits.train.z=[0,14]", "task.splits.val.z=[14,18]", "task.splits.test.z=[18,24]",
-         "data.batch_size=4", "model=mae_finetune"]
+SMALL = [
+    "source.em_shape=[24,64,64]",
+    "task.crop=[4,32,32]",
+    "task.samples_per_epoch=16",
+    "task.splits.train.z=[0,14]",
+    "task.splits.val.z=[14,18]",
+    "task.splits.test.z=[18,24]",
+    "data.batch_size=4",
+    "model=mae_finetune",
+]
 
 
 def components(*overrides: str):

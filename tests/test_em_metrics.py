@@ -1,4 +1,5 @@
 """EM metrics, targets and post-processing on small hand-made volumes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -77,8 +78,8 @@ def test_ap_thresholds_and_missing_objects():
     # ranking matters: a confident false positive lowers AP, an unconfident one (ranked last) does not
     fp = gt.copy()
     fp[0, 28:32, 0:4] = 9
-    high = evaluate_instances(fp, gt, ignore_zero=False, scores={1: .5, 2: .5, 3: .5, 9: .99})["ap50"]
-    low = evaluate_instances(fp, gt, ignore_zero=False, scores={1: .5, 2: .5, 3: .5, 9: .01})["ap50"]
+    high = evaluate_instances(fp, gt, ignore_zero=False, scores={1: 0.5, 2: 0.5, 3: 0.5, 9: 0.99})["ap50"]
+    low = evaluate_instances(fp, gt, ignore_zero=False, scores={1: 0.5, 2: 0.5, 3: 0.5, 9: 0.01})["ap50"]
     assert low == 1.0 and high < 1.0
 
 

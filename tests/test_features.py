@@ -1,4 +1,5 @@
 """Task 3 semantic features: hand-made volumes with known answers, real masks, phantom counts."""
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,8 @@ def blank(z: int = 1, size: int = 16) -> np.ndarray:
 
 def test_two_cells_at_a_known_distance_give_that_distance():
     vol = blank()
-    vol[0, 2:4, 2:4] = C      # centroid (2.5, 2.5)
-    vol[0, 2:4, 8:10] = C     # centroid (2.5, 8.5): 6 px away
+    vol[0, 2:4, 2:4] = C  # centroid (2.5, 2.5)
+    vol[0, 2:4, 8:10] = C  # centroid (2.5, 8.5): 6 px away
     f = cube_features(vol, grid=1)[0]
     assert f[COL["cell_count"]] == 2
     assert f[COL["cell_size"]] == 4
@@ -41,7 +42,7 @@ def test_two_cells_at_a_known_distance_give_that_distance():
 
 def test_nearest_neighbour_is_never_the_cell_itself():
     vol = blank(size=20)
-    for x in (0, 3, 8):       # single pixels on a line: neighbour distances 3, 3, 5
+    for x in (0, 3, 8):  # single pixels on a line: neighbour distances 3, 3, 5
         vol[0, 5, x] = C
     f = cube_features(vol, grid=1)[0]
     assert f[COL["nn_distance"]] == pytest.approx((3 + 3 + 5) / 3)
@@ -59,19 +60,19 @@ def test_one_cell_has_no_distance_and_no_cell_has_no_size():
 
 
 def test_densities_per_quadrant():
-    vol = blank(size=8)           # quadrants of 4x4 = 16 px
-    vol[0, 0:2, 0:4] = V          # TL: 8 vessel px
-    vol[0, 0:1, 4:8] = A          # TR: 4 axon px
-    vol[0, 4:8, 4:8] = A          # BR: all axon
+    vol = blank(size=8)  # quadrants of 4x4 = 16 px
+    vol[0, 0:2, 0:4] = V  # TL: 8 vessel px
+    vol[0, 0:1, 4:8] = A  # TR: 4 axon px
+    vol[0, 4:8, 4:8] = A  # BR: all axon
     f = cube_features(vol, grid=2)
     np.testing.assert_allclose(f[:, COL["vessel_density"]], [0.5, 0, 0, 0])
     np.testing.assert_allclose(f[:, COL["axon_density"]], [0, 0.25, 0, 1.0])
 
 
 def test_cell_split_across_two_quadrants_counts_in_both_with_its_part():
-    vol = blank(size=16)          # quadrants of 8x8
-    vol[0, 2:4, 5:11] = C         # 3 columns left of x=8, 3 right
-    vol[0, 12, 12] = C            # a second cell in BR
+    vol = blank(size=16)  # quadrants of 8x8
+    vol[0, 2:4, 5:11] = C  # 3 columns left of x=8, 3 right
+    vol[0, 12, 12] = C  # a second cell in BR
     f = cube_features(vol, grid=2)
     np.testing.assert_array_equal(f[:, COL["cell_count"]], [1, 1, 0, 1])
     np.testing.assert_allclose(f[:, COL["cell_size"]], [6, 6, np.nan, 1])
@@ -84,7 +85,7 @@ def test_cell_in_two_pieces_within_a_slice_is_one_3d_cell():
     vol = blank(z=2)
     vol[0, 2:4, 2:4] = C
     vol[0, 2:4, 8:10] = C
-    vol[1, 2:4, 2:10] = C         # joins the two pieces one slice up
+    vol[1, 2:4, 2:10] = C  # joins the two pieces one slice up
     f = cube_features(vol, grid=1)
     assert f[0, COL["cell_count"]] == 1 and f[0, COL["cell_size"]] == 8
     assert np.isnan(f[0, COL["nn_distance"]])
@@ -96,13 +97,19 @@ def test_cells_of_two_regions_are_never_merged():
     a, b = blank(z=3), blank(z=3)
     a[:, 4:8, 4:8] = C
     a[0, 12, 12] = C
-    b[:, 4:8, 4:8] = C            # would continue a's first cell if the cubes were stacked
+    b[:, 4:8, 4:8] = C  # would continue a's first cell if the cubes were stacked
     b[2, 12, 2] = C
     for centroid in ("2d", "3d"):
-        table = cubes_features({"A/cortex": a, "A/zi": b}, grid=1, centroid=centroid,
-                               z0={"A/cortex": 110, "A/zi": 110}, regions={"A/cortex": 0, "A/zi": 3})
-        np.testing.assert_array_equal(table.values, np.vstack([cube_features(a, 1, centroid=centroid),
-                                                              cube_features(b, 1, centroid=centroid)]))
+        table = cubes_features(
+            {"A/cortex": a, "A/zi": b},
+            grid=1,
+            centroid=centroid,
+            z0={"A/cortex": 110, "A/zi": 110},
+            regions={"A/cortex": 0, "A/zi": 3},
+        )
+        np.testing.assert_array_equal(
+            table.values, np.vstack([cube_features(a, 1, centroid=centroid), cube_features(b, 1, centroid=centroid)])
+        )
         assert list(table.cube) == ["A/cortex"] * 3 + ["A/zi"] * 3
         assert list(table.z) == [110, 111, 112] * 2 and list(table.region) == [0] * 3 + [3] * 3
     # the test can fail: labelled as one stack, the 3D centroids of the joined cell move
@@ -113,8 +120,8 @@ def test_cells_of_two_regions_are_never_merged():
 
 def test_3d_centroids_use_the_whole_cell():
     vol = blank(z=5, size=20)
-    vol[0:5, 2, 2] = C            # a column: 3D centroid z = 2
-    vol[4, 2, 10] = C             # a single voxel at z = 4
+    vol[0:5, 2, 2] = C  # a column: 3D centroid z = 2
+    vol[4, 2, 10] = C  # a single voxel at z = 4
     f = cube_features(vol, grid=1, centroid="3d")
     assert f[4, COL["nn_distance"]] == pytest.approx(np.hypot(2, 8))
     assert cube_features(vol, grid=1)[4, COL["nn_distance"]] == pytest.approx(8.0)
@@ -159,7 +166,7 @@ def test_real_masks_agree_with_an_independent_computation(shared_data, region):
         slice_cells, _ = ndimage.label(mask[z] == 3)  # 4-connectivity, this slice only
         for qy in range(2):
             for qx in range(2):
-                crop = np.s_[qy * h:(qy + 1) * h, qx * h:(qx + 1) * h]
+                crop = np.s_[qy * h : (qy + 1) * h, qx * h : (qx + 1) * h]
                 expected.append(_independent(slice_cells[crop], mask[z][crop]))
     np.testing.assert_allclose(ours, np.array(expected), rtol=1e-9, atol=1e-12, equal_nan=True)
     # totals match the README's class counts under the older encoding

@@ -6,6 +6,7 @@ in :data:`LAZY` with the reason it is lazy (a heavy third-party dependency kept 
 never to dodge a cycle. Imports under ``if __name__ == "__main__":`` run only when the module is
 started as a program: they are entry-point code and must be listed in :data:`ENTRY_POINTS`.
 """
+
 from __future__ import annotations
 
 import ast
@@ -18,14 +19,18 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mtneuro_lab"
 
 #: (importing module, imported module) -> why the import is inside a function
 LAZY: dict[tuple[str, str], str] = {
-    ("mtneuro_lab.cli", "mtneuro_lab.run"):
-        "run imports torch and Lightning; `--cfg job`, `--help` and `-m` sweeps start without them",
+    (
+        "mtneuro_lab.cli",
+        "mtneuro_lab.run",
+    ): "run imports torch and Lightning; `--cfg job`, `--help` and `-m` sweeps start without them",
 }
 
 #: (module, imported module) -> why its ``if __name__ == "__main__":`` block imports upwards
 ENTRY_POINTS: dict[tuple[str, str], str] = {
-    ("mtneuro_lab.data.sources.bossdb", "mtneuro_lab.download"):
-        "the former command line `python -m mtneuro_lab.data.sources.bossdb` hands over to the download command",
+    (
+        "mtneuro_lab.data.sources.bossdb",
+        "mtneuro_lab.download",
+    ): "the former command line `python -m mtneuro_lab.data.sources.bossdb` hands over to the download command",
 }
 
 
@@ -52,8 +57,12 @@ MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 def _is_main_guard(node: ast.AST) -> bool:
     test = getattr(node, "test", None)
-    return (isinstance(node, ast.If) and isinstance(test, ast.Compare) and isinstance(test.left, ast.Name)
-            and test.left.id == "__name__")
+    return (
+        isinstance(node, ast.If)
+        and isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "__name__"
+    )
 
 
 def imports_of(module: str) -> list[Import]:
@@ -109,13 +118,18 @@ def test_no_import_goes_up_or_sideways() -> None:
 
 def test_no_function_local_project_imports() -> None:
     bad = [str(imp) for imp in ALL if imp.local and (imp.module, imp.target) not in LAZY]
-    assert not bad, ("function-local mtneuro_lab imports (import at module level, or add to LAZY with the "
-                     "heavy dependency it keeps out of start-up):\n" + "\n".join(bad))
+    assert not bad, (
+        "function-local mtneuro_lab imports (import at module level, or add to LAZY with the "
+        "heavy dependency it keeps out of start-up):\n" + "\n".join(bad)
+    )
 
 
 def test_main_blocks_are_listed() -> None:
-    bad = [str(imp) for imp in ALL if imp.main and (imp.module, imp.target) not in ENTRY_POINTS
-           and wing_of(imp.module) != wing_of(imp.target)]
+    bad = [
+        str(imp)
+        for imp in ALL
+        if imp.main and (imp.module, imp.target) not in ENTRY_POINTS and wing_of(imp.module) != wing_of(imp.target)
+    ]
     assert not bad, "__main__ blocks importing other wings (list them in ENTRY_POINTS):\n" + "\n".join(bad)
 
 

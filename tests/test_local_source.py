@@ -1,5 +1,6 @@
 """source=local: every file format, the real ISBI TIFF and gala HDF5 stacks, one-line errors for
 bad paths/keys/dtypes/shapes/ranges, and a CLI run on files written to tmp_path."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,9 +24,11 @@ SHAPE = (12, 20, 30)  # (z, y, x)
 @pytest.fixture(scope="module")
 def volumes() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {"image": rng.integers(0, 256, SHAPE, dtype=np.uint8),
-            "labels": rng.integers(0, 70000, SHAPE, dtype=np.uint32),
-            "labels16": rng.integers(0, 5000, SHAPE, dtype=np.uint16)}
+    return {
+        "image": rng.integers(0, 256, SHAPE, dtype=np.uint8),
+        "labels": rng.integers(0, 70000, SHAPE, dtype=np.uint32),
+        "labels16": rng.integers(0, 5000, SHAPE, dtype=np.uint16),
+    }
 
 
 def write(fmt: str, directory: Path, image: np.ndarray, labels: np.ndarray) -> dict[str, dict]:
@@ -37,24 +40,33 @@ def write(fmt: str, directory: Path, image: np.ndarray, labels: np.ndarray) -> d
         return {"image": {"path": str(directory / "image.npy")}, "pixel_labels": str(directory / "labels.npy")}
     if fmt == "npz":
         np.savez_compressed(directory / "vol.npz", raw=image, seg=labels)
-        return {"image": {"path": str(directory / "vol.npz"), "key": "raw"},
-                "pixel_labels": {"path": str(directory / "vol.npz"), "key": "seg"}}
+        return {
+            "image": {"path": str(directory / "vol.npz"), "key": "raw"},
+            "pixel_labels": {"path": str(directory / "vol.npz"), "key": "seg"},
+        }
     if fmt == "tiff":
         tifffile.imwrite(directory / "image.tif", image, compression="zlib")
         tifffile.imwrite(directory / "labels.tiff", labels)
-        return {"image": {"path": str(directory / "image.tif"), "key": None},
-                "pixel_labels": {"path": str(directory / "labels.tiff")}}
+        return {
+            "image": {"path": str(directory / "image.tif"), "key": None},
+            "pixel_labels": {"path": str(directory / "labels.tiff")},
+        }
     if fmt == "hdf5":
         with h5py.File(directory / "vol.h5", "w") as fh:
             fh.create_dataset("volumes/raw", data=image, chunks=(4, 10, 10))
             fh.create_dataset("volumes/labels/neuron_ids", data=labels)
-        return {"image": {"path": str(directory / "vol.h5"), "key": "volumes/raw"},
-                "pixel_labels": {"path": str(directory / "vol.h5"), "key": "volumes/labels/neuron_ids"}}
+        return {
+            "image": {"path": str(directory / "vol.h5"), "key": "volumes/raw"},
+            "pixel_labels": {"path": str(directory / "vol.h5"), "key": "volumes/labels/neuron_ids"},
+        }
     if fmt == "zarr":
         zarr.save_array(str(directory / "image.zarr"), image)
         group = zarr.open_group(str(directory / "labels.zarr"), mode="w")
         group.create_array("seg", shape=labels.shape, dtype=labels.dtype, chunks=(4, 8, 8))[:] = labels
-        return {"image": {"path": str(directory / "image.zarr")}, "pixel_labels": {"path": str(directory / "labels.zarr")}}
+        return {
+            "image": {"path": str(directory / "image.zarr")},
+            "pixel_labels": {"path": str(directory / "labels.zarr")},
+        }
     if fmt == "png":
         for name, vol in (("image", image), ("labels", labels)):
             (directory / name).mkdir()
@@ -101,8 +113,12 @@ def test_construction_reads_headers_only(tmp_path: Path, volumes, monkeypatch) -
 # -- the real stacks in ../shared/data -------------------------------------------------------
 def test_isbi2012_tiff(shared_data: Path) -> None:
     folder = shared_data / "isbi2012"
-    source = LocalVolumeSource({"image": str(folder / "train-volume.tif"),
-                                "pixel_labels": {"path": str(folder / "train-labels.tif"), "key": None}})
+    source = LocalVolumeSource(
+        {
+            "image": str(folder / "train-volume.tif"),
+            "pixel_labels": {"path": str(folder / "train-labels.tif"), "key": None},
+        }
+    )
     assert source.extent == ((0, 512), (0, 512), (0, 30))
     image = source.cutout("image", (100, 228), (0, 64), (28, 30))
     labels = source.cutout("pixel_labels", (0, 512), (0, 512), (0, 30))
@@ -113,15 +129,17 @@ def test_isbi2012_tiff(shared_data: Path) -> None:
 
 def test_gala_fibsem_hdf5(shared_data: Path) -> None:
     folder = shared_data / "gala_fibsem"
-    source = LocalVolumeSource({"image": str(folder / "train-image.h5"),
-                                "neuron_ids": {"path": str(folder / "train-gt.h5"), "key": "stack"}},
-                               origin=[0, 0, 1000])
+    source = LocalVolumeSource(
+        {"image": str(folder / "train-image.h5"), "neuron_ids": {"path": str(folder / "train-gt.h5"), "key": "stack"}},
+        origin=[0, 0, 1000],
+    )
     assert source.extent == ((0, 200), (0, 100), (1000, 1050))
     ids = source.cutout("neuron_ids", (0, 200), (0, 100), (1000, 1050))
     assert ids.dtype == np.int32 and len(np.setdiff1d(np.unique(ids), [0])) == 87
     with h5py.File(folder / "train-image.h5", "r") as fh:
-        assert np.array_equal(source.cutout("image", (50, 150), (10, 90), (1010, 1020)),
-                              fh["stack"][10:20, 10:90, 50:150])
+        assert np.array_equal(
+            source.cutout("image", (50, 150), (10, 90), (1010, 1020)), fh["stack"][10:20, 10:90, 50:150]
+        )
 
 
 # -- one line per bad input ------------------------------------------------------------------
@@ -143,17 +161,36 @@ def _bad_inputs(tmp: Path, volumes) -> list[tuple[dict, dict, str]]:
         ({"image": {"path": str(tmp / "vol.h5"), "key": "volume"}}, {}, "no array 'volume'; available keys: raw, seg"),
         ({"image": {"path": str(tmp / "vol.h5")}}, {}, "holds 2 arrays, set key to one of: raw, seg"),
         ({"image": {"path": str(tmp / "vol.npz"), "key": "arr_0"}}, {}, "no array 'arr_0'; available keys: raw, seg"),
-        ({"image": ok, "pixel_labels": {"path": str(tmp / "z" / "labels.zarr"), "key": "labels"}}, {},
-         "no array 'labels'; available keys: seg"),
-        ({"image": {"path": str(tmp / "image.npy"), "key": "raw"}}, {}, ".npy files hold one array, so key must be null"),
+        (
+            {"image": ok, "pixel_labels": {"path": str(tmp / "z" / "labels.zarr"), "key": "labels"}},
+            {},
+            "no array 'labels'; available keys: seg",
+        ),
+        (
+            {"image": {"path": str(tmp / "image.npy"), "key": "raw"}},
+            {},
+            ".npy files hold one array, so key must be null",
+        ),
         ({"image": str(tmp / "notes.txt")}, {}, "unsupported file type .txt; supported: .npy, .npz"),
         ({"image": str(tmp / "empty")}, {}, "folder holds no .png/.tif/.tiff slices"),
-        ({"image": ok, "pixel_labels": str(tmp / "float.npy")}, {},
-         "source.channels.pixel_labels: " + str(tmp / "float.npy") + " has dtype float32; label channels must hold integers"),
+        (
+            {"image": ok, "pixel_labels": str(tmp / "float.npy")},
+            {},
+            "source.channels.pixel_labels: "
+            + str(tmp / "float.npy")
+            + " has dtype float32; label channels must hold integers",
+        ),
         ({"image": str(tmp / "image16.npy")}, {}, "has dtype uint16, expected uint8"),
-        ({"image": ok, "pixel_labels": str(tmp / "short.npy")}, {},
-         "pixel_labels (" + str(tmp / "short.npy") + ") has shape (5, 20, 30) but image"),
-        ({"image": {"path": str(tmp / "image.npy"), "file": "x"}}, {}, "source.channels.image: unknown key(s) ['file']; allowed: path, key"),
+        (
+            {"image": ok, "pixel_labels": str(tmp / "short.npy")},
+            {},
+            "pixel_labels (" + str(tmp / "short.npy") + ") has shape (5, 20, 30) but image",
+        ),
+        (
+            {"image": {"path": str(tmp / "image.npy"), "file": "x"}},
+            {},
+            "source.channels.image: unknown key(s) ['file']; allowed: path, key",
+        ),
         ({"image": {"path": None}}, {}, "source.channels: no channel has a path"),
         ({"image": ok}, {"origin": [0, 0]}, "source.origin: expected [x, y, z]"),
         ({"image": ok}, {"origin": [0, -1, 0]}, "source.origin: expected [x, y, z] with non-negative values"),
@@ -171,10 +208,15 @@ def test_bad_inputs_are_one_line_naming_the_file_or_key(tmp_path: Path, volumes)
 def test_bad_cutouts_are_one_line(tmp_path: Path, volumes) -> None:
     np.save(tmp_path / "image.npy", volumes["image"])
     source = LocalVolumeSource({"image": str(tmp_path / "image.npy"), "roi_labels": None}, origin=[10, 0, 100])
-    with pytest.raises(DataError, match=r"image cutout x=\[0, 20\] y=\[0, 5\] z=\[100, 101\] lies outside "
-                                        r".*image.npy's box x=\[10, 40\] y=\[0, 20\] z=\[100, 112\]"):
+    with pytest.raises(
+        DataError,
+        match=r"image cutout x=\[0, 20\] y=\[0, 5\] z=\[100, 101\] lies outside "
+        r".*image.npy's box x=\[10, 40\] y=\[0, 20\] z=\[100, 112\]",
+    ):
         source.cutout("image", (0, 20), (0, 5), (100, 101))
-    with pytest.raises(DataError, match=r"channel 'roi_labels' is not configured \(set source.channels.roi_labels.path\)"):
+    with pytest.raises(
+        DataError, match=r"channel 'roi_labels' is not configured \(set source.channels.roi_labels.path\)"
+    ):
         source.cutout("roi_labels", (10, 20), (0, 5), (100, 101))
 
 
@@ -200,17 +242,33 @@ def test_cli_trains_on_local_files(tmp_path: Path) -> None:
     with h5py.File(tmp_path / "cutout.h5", "w") as fh:
         fh["raw"] = image
     run_dir = tmp_path / "run"
-    proc = run_cli("train.py", "source=local", f"source.channels.image.path={tmp_path / 'cutout.h5'}",
-                   "source.channels.pixel_labels=null", "source.origin=[0,0,0]", *BOX_SPLITS, run_dir=run_dir)
+    proc = run_cli(
+        "train.py",
+        "source=local",
+        f"source.channels.image.path={tmp_path / 'cutout.h5'}",
+        "source.channels.pixel_labels=null",
+        "source.origin=[0,0,0]",
+        *BOX_SPLITS,
+        run_dir=run_dir,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "roi_c1/train: 60 samples of 32x32" in log and "roi_c1/test: 20 samples" in log
     assert 0.0 <= read_metrics(run_dir)["test/acc"] <= 1.0
 
     # same file shifted so the boxes fall outside it: one line at preflight, before any read
-    cfg = compose(["source=local", f"source.channels.image.path={tmp_path / 'cutout.h5'}",
-                   "source.channels.pixel_labels=null", "source.origin=[0,100,0]", *BOX_SPLITS])
+    cfg = compose(
+        [
+            "source=local",
+            f"source.channels.image.path={tmp_path / 'cutout.h5'}",
+            "source.channels.pixel_labels=null",
+            "source.origin=[0,100,0]",
+            *BOX_SPLITS,
+        ]
+    )
     with pytest.raises(ConfigError) as err:
         build_components(cfg)
-    assert "task.splits.train: box_x0_y0/cortex x[0, 128] y[0, 128] lies outside the source's box " \
-           "x[0, 256] y[100, 228]" in str(err.value)
+    assert (
+        "task.splits.train: box_x0_y0/cortex x[0, 128] y[0, 128] lies outside the source's box "
+        "x[0, 256] y[100, 228]" in str(err.value)
+    )

@@ -1,4 +1,5 @@
 """3D MAE pretraining and UNETR fine-tuning: token order, masking, loss, checkpoints, CLI."""
+
 from __future__ import annotations
 
 import math
@@ -39,14 +40,28 @@ SMALL_DECODER = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 4}
 
 
 def pretrain(**kw) -> MAEPretrain:
-    args = {"num_classes": 2, "class_names": BC, "input_shape": CROP, "preset": "tiny", "patch_size": PATCH,
-            **SMALL_DECODER, **kw}
+    args = {
+        "num_classes": 2,
+        "class_names": BC,
+        "input_shape": CROP,
+        "preset": "tiny",
+        "patch_size": PATCH,
+        **SMALL_DECODER,
+        **kw,
+    }
     return MAEPretrain(**args)
 
 
 def finetune(**kw) -> MAEFinetune:
-    args = {"num_classes": 2, "class_names": BC, "input_shape": CROP, "preset": "tiny", "patch_size": PATCH,
-            "feature_size": 4, **kw}
+    args = {
+        "num_classes": 2,
+        "class_names": BC,
+        "input_shape": CROP,
+        "preset": "tiny",
+        "patch_size": PATCH,
+        "feature_size": 4,
+        **kw,
+    }
     return MAEFinetune(**args)
 
 
@@ -166,16 +181,19 @@ def test_pretrain_eval_tiles_whole_volumes_deterministically():
     assert torch.equal(tiles[-1], vol[0, :, 1:5, 4:20, 0:16])
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({"mask_ratio": 1.0}, "model.mask_ratio"),
-    ({"mask_ratio": -0.1}, "model.mask_ratio"),
-    ({"mask_ratio": 0.995}, "model.mask_ratio"),  # no visible token of 64
-    ({"patch_size": (1, 5, 4)}, "model.patch_size"),
-    ({"patch_size": 4}, "model.patch_size"),
-    ({"input_shape": (4, 18, 16)}, "model.patch_size"),
-    ({"preset": "huge"}, "model.preset"),
-    ({"decoder_dim": 30}, "model.decoder_dim"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"mask_ratio": 1.0}, "model.mask_ratio"),
+        ({"mask_ratio": -0.1}, "model.mask_ratio"),
+        ({"mask_ratio": 0.995}, "model.mask_ratio"),  # no visible token of 64
+        ({"patch_size": (1, 5, 4)}, "model.patch_size"),
+        ({"patch_size": 4}, "model.patch_size"),
+        ({"input_shape": (4, 18, 16)}, "model.patch_size"),
+        ({"preset": "huge"}, "model.preset"),
+        ({"decoder_dim": 30}, "model.decoder_dim"),
+    ],
+)
 def test_pretrain_rejects_bad_values_with_one_line(kwargs, key):
     with pytest.raises(ConfigError, match=key) as err:
         pretrain(**kwargs)
@@ -256,8 +274,8 @@ def test_layer_decay_groups_scale_lr_by_depth():
     opt = build_optimizer(groups, cfg, global_batch=8)
     lr_of = {name: g["lr"] for g in opt.param_groups for name in g["names"]}
     wd_of = {name: g["weight_decay"] for g in opt.param_groups for name in g["names"]}
-    assert math.isclose(lr_of["encoder.patch_embed.weight"], 0.1 * 0.5 ** 13)
-    assert math.isclose(lr_of["encoder.blocks.0.attn.qkv.weight"], 0.1 * 0.5 ** 12)
+    assert math.isclose(lr_of["encoder.patch_embed.weight"], 0.1 * 0.5**13)
+    assert math.isclose(lr_of["encoder.blocks.0.attn.qkv.weight"], 0.1 * 0.5**12)
     assert math.isclose(lr_of["encoder.blocks.11.mlp.0.weight"], 0.1 * 0.5)
     assert math.isclose(lr_of["encoder.norm.weight"], 0.1)
     assert math.isclose(lr_of["head.conv.conv.weight"], 0.1)
@@ -289,13 +307,19 @@ def test_target_kind_and_loss():
     loss = target_loss(logits, target, "bcd", mask)
     grad = torch.autograd.grad(loss, logits)[0]
     assert (grad[..., 0, :, :] == 0).all() and (grad[..., 1, :, :] != 0).any()
-    assert torch.isclose(target_loss(logits, target, "bcd"),
-                         math.log(2) + (target[:, 2] ** 2).mean(), atol=1e-5)
+    assert torch.isclose(target_loss(logits, target, "bcd"), math.log(2) + (target[:, 2] ** 2).mean(), atol=1e-5)
 
 
 # -- config and CLI ---------------------------------------------------------------------------
-TINY_CLI = ("task.downsample=1", "model.preset=tiny", "model.patch_size=[2,16,16]", "task.crop=[8,32,64]", "data.batch_size=2",
-            "task.eval_overlap=0.0", "task.splits.test.z=[0,16]")
+TINY_CLI = (
+    "task.downsample=1",
+    "model.preset=tiny",
+    "model.patch_size=[2,16,16]",
+    "task.crop=[8,32,64]",
+    "data.batch_size=2",
+    "task.eval_overlap=0.0",
+    "task.splits.test.z=[0,16]",
+)
 
 
 @pytest.mark.parametrize("model", ["mae_pretrain", "mae_finetune"])
@@ -313,12 +337,15 @@ def test_model_configs_compose_validate_and_build(model, task):
     assert comps.method.encoder.grid == (6, 6, 6)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.mask_strategy=tube", "model.mask_strategy: must be one of random, space, section"),
-    ("model.preset=huge", "model.preset: must be one of tiny, small, base, large"),
-    ("task.crop=[6,90,96]", "model.patch_size: crop [6, 90, 96]"),
-    ("model.mask_ratio=0.999", "model.mask_ratio"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.mask_strategy=tube", "model.mask_strategy: must be one of random, space, section"),
+        ("model.preset=huge", "model.preset: must be one of tiny, small, base, large"),
+        ("task.crop=[6,90,96]", "model.patch_size: crop [6, 90, 96]"),
+        ("model.mask_ratio=0.999", "model.mask_ratio"),
+    ],
+)
 def test_bad_mae_config_fails_before_training_with_one_line(override, key):
     from conftest import compose
 
@@ -336,8 +363,9 @@ def test_cli_rejects_bad_mae_values_with_one_line(tmp_path):
     from conftest import run_cli
 
     for override, key in (("model.mask_ratio=1.0", "model.mask_ratio"),):
-        proc = run_cli("train.py", "task=snemi3d", "model=mae_pretrain", "model.preset=tiny", override,
-                       run_dir=tmp_path / key)
+        proc = run_cli(
+            "train.py", "task=snemi3d", "model=mae_pretrain", "model.preset=tiny", override, run_dir=tmp_path / key
+        )
         assert proc.returncode == 2, proc.stderr[-2000:]
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and key in lines[0], proc.stderr[-2000:]
@@ -349,16 +377,31 @@ def test_cli_pretrain_then_finetune_on_real_fibsem(tmp_path, shared_data):
     from conftest import read_metrics, run_cli
 
     assert (shared_data / "gala_fibsem" / "train-image.h5").is_file()
-    pre = run_cli("train.py", "task=gala_fibsem", "model=mae_pretrain", *TINY_CLI, "model.decoder_dim=64",
-                  "model.decoder_depth=1", "model.decoder_heads=4", run_dir=tmp_path / "pre")
+    pre = run_cli(
+        "train.py",
+        "task=gala_fibsem",
+        "model=mae_pretrain",
+        *TINY_CLI,
+        "model.decoder_dim=64",
+        "model.decoder_depth=1",
+        "model.decoder_heads=4",
+        run_dir=tmp_path / "pre",
+    )
     assert pre.returncode == 0, pre.stderr[-3000:]
     encoder = tmp_path / "pre" / "encoder.pt"
     payload = torch.load(encoder, weights_only=True)
     assert payload["meta"]["preset"] == "tiny" and payload["meta"]["input_shape"] == [8, 32, 64]
     assert math.isfinite(read_metrics(tmp_path / "pre")["test/loss"])
 
-    ft = run_cli("train.py", "task=gala_fibsem", "model=mae_finetune", *TINY_CLI, "model.feature_size=4",
-                 f"model.pretrained={encoder}", run_dir=tmp_path / "ft")
+    ft = run_cli(
+        "train.py",
+        "task=gala_fibsem",
+        "model=mae_finetune",
+        *TINY_CLI,
+        "model.feature_size=4",
+        f"model.pretrained={encoder}",
+        run_dir=tmp_path / "ft",
+    )
     assert ft.returncode == 0, ft.stderr[-3000:]
     metrics = read_metrics(tmp_path / "ft")
     for key in ("test/arand", "test/voi_split", "test/voi_merge"):

@@ -1,4 +1,5 @@
-"""Task 2 defaults are the paper's Table A4 (conf/paper_hparams/), overridable, and documented."""
+"""Task 2 defaults are the paper's Table A4 (mtneuro_lab/conf/paper_hparams/), overridable, and documented."""
+
 from __future__ import annotations
 
 import sys
@@ -27,8 +28,11 @@ TABLE_A4 = {
     "highresnet": ((0.005, 1), (0.001, 1)),
 }
 DIMS = {m: 3 if m in ("unet3d", "vnet_light", "highresnet") else 2 for m in TABLE_A4}
-CASES = [(f"seg{DIMS[m]}d_{c}class", m, lr, batch)
-         for m, settings in TABLE_A4.items() for c, (lr, batch) in zip((3, 4), settings)]
+CASES = [
+    (f"seg{DIMS[m]}d_{c}class", m, lr, batch)
+    for m, settings in TABLE_A4.items()
+    for c, (lr, batch) in zip((3, 4), settings)
+]
 
 
 @pytest.mark.parametrize("task, model, lr, batch", CASES)
@@ -44,13 +48,14 @@ def test_table_a4_is_the_default(task: str, model: str, lr: float, batch: int) -
 
 
 def test_every_paper_hparams_file_belongs_to_one_table_a4_entry() -> None:
-    files = {p.stem for p in (ROOT / "conf" / "paper_hparams").glob("*.yaml")}
+    files = {p.stem for p in (ROOT / "mtneuro_lab" / "conf" / "paper_hparams").glob("*.yaml")}
     assert files == {f"{task}_{model}" for task, model, _, _ in CASES}
 
 
 def test_command_line_and_experiment_overrides_win() -> None:
-    cfg = compose(["task=seg2d_3class", "model=unet2d", "data.batch_size=16", "model.optimizer.lr=0.3",
-                   "trainer.max_epochs=2"])
+    cfg = compose(
+        ["task=seg2d_3class", "model=unet2d", "data.batch_size=16", "model.optimizer.lr=0.3", "trainer.max_epochs=2"]
+    )
     assert (cfg.data.batch_size, cfg.model.optimizer.lr, cfg.trainer.max_epochs) == (16, 0.3, 2)
     cfg = compose(["task=seg3d_4class", "model=highresnet", "experiment=quickstart"])
     assert (cfg.data.batch_size, cfg.trainer.max_epochs) == (32, 6)
@@ -72,8 +77,9 @@ def test_seg_grid_sweep_still_sweeps_lr_and_batch_size() -> None:
     assert params["model.optimizer.lr"] == "0.1,0.05,0.01,0.005,0.001"
     assert params["data.batch_size"] == "2,4,6,8,10"
     # a grid job's values are command-line overrides, so they beat Table A4 (lr 0.01, batch 4)
-    job = compose(["+sweep=seg_grid", "task=seg2d_4class", "model=unet2d", "model.optimizer.lr=0.05",
-                   "data.batch_size=6"])
+    job = compose(
+        ["+sweep=seg_grid", "task=seg2d_4class", "model=unet2d", "model.optimizer.lr=0.05", "data.batch_size=6"]
+    )
     assert (job.model.optimizer.lr, job.data.batch_size, job.trainer.max_epochs) == (0.05, 6, 20)
 
 
@@ -94,17 +100,24 @@ def test_docs_task2_holds_the_table_rendered_from_the_configs() -> None:
     table = paper_hparams_table()
     assert "| `pan` (2D) | 0.01, 10 | 0.001, 8 | adam, 20 |" in table.splitlines()
     doc = (ROOT / "docs" / "task2.md").read_text()
-    assert f"<!-- bench:task2_hparams -->\n{table}\n\n_written by" in doc, \
+    assert f"<!-- bench:task2_hparams -->\n{table}\n\n_written by" in doc, (
         "docs/task2.md is stale: run python benchmarks/bench_seg.py --hparams-only"
+    )
 
 
 def test_bench_row_reads_the_selection_keys_when_present() -> None:
     run = Run("seg2d_3class", "unet2d", 10, 2, ("model.encoder_name=resnet18",))
-    base = {"test/iou_mean": 0.5, "test/iou_bg_axon": 0.9, "test/iou_vessel": 0.2, "test/iou_cell": 0.4,
-            "wall_s": 120.0}
-    new = [{**base, "selection/metric": "val/iou_mean", "selection/value": 0.61, "best_epoch": 7},
-           {**base, "test/iou_mean": 0.7, "selection/metric": "val/iou_mean", "selection/value": 0.65,
-            "best_epoch": 9}]
+    base = {
+        "test/iou_mean": 0.5,
+        "test/iou_bg_axon": 0.9,
+        "test/iou_vessel": 0.2,
+        "test/iou_cell": 0.4,
+        "wall_s": 120.0,
+    }
+    new = [
+        {**base, "selection/metric": "val/iou_mean", "selection/value": 0.61, "best_epoch": 7},
+        {**base, "test/iou_mean": 0.7, "selection/metric": "val/iou_mean", "selection/value": 0.65, "best_epoch": 9},
+    ]
     row = result_row(run, [1, 2], new, [])
     assert "| val/iou_mean 0.630 ± 0.028 | 7, 9 | **0.600 ± 0.141** |" in row
     assert "10 epochs, 128x128, model.encoder_name=resnet18" in row

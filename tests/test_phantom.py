@@ -50,9 +50,7 @@ def box(region: str, set_cubes=SET_A) -> tuple[tuple[int, int], tuple[int, int]]
 def full_cubes() -> dict[str, dict[str, np.ndarray]]:
     """All four regions of set A at full paper height (z 100-480)."""
     return {
-        region: generate_cube(
-            region, seed_key(0, region, *[SET_A[region][k][0] for k in "xy"]), (380, 256, 256)
-        )
+        region: generate_cube(region, seed_key(0, region, *[SET_A[region][k][0] for k in "xy"]), (380, 256, 256))
         for region in PROFILES
     }
 
@@ -86,12 +84,8 @@ def test_same_seed_identical_different_seed_differs(tmp_path):
     again = make_source(tmp_path / "b")
     other = make_source(tmp_path / "c", seed=1)
     for channel in ("image", "pixel_labels", "roi_labels"):
-        np.testing.assert_array_equal(
-            first.cutout(channel, x, y, SMALL_Z), again.cutout(channel, x, y, SMALL_Z)
-        )
-    assert not np.array_equal(
-        first.cutout("image", x, y, SMALL_Z), other.cutout("image", x, y, SMALL_Z)
-    )
+        np.testing.assert_array_equal(first.cutout(channel, x, y, SMALL_Z), again.cutout(channel, x, y, SMALL_Z))
+    assert not np.array_equal(first.cutout("image", x, y, SMALL_Z), other.cutout("image", x, y, SMALL_Z))
     assert first.cell_count("A", "striatum") == again.cell_count("A", "striatum")
 
 

@@ -1,4 +1,5 @@
 """The report on synthetic sweep directories: grouping, mean ± std, failed and missing seeds."""
+
 from __future__ import annotations
 
 import csv
@@ -14,25 +15,52 @@ from mtneuro_lab.analysis.tables import mean_std
 from mtneuro_lab.report import build_report, main
 
 
-def make_job(root: Path, name: str, *, task: str, model: str, seed: int, lr: float = 0.03,
-             acc: float | None = None, error: str | None = None, sweep: dict | None = None,
-             extra_overrides: tuple[str, ...] = ()) -> Path:
+def make_job(
+    root: Path,
+    name: str,
+    *,
+    task: str,
+    model: str,
+    seed: int,
+    lr: float = 0.03,
+    acc: float | None = None,
+    error: str | None = None,
+    sweep: dict | None = None,
+    extra_overrides: tuple[str, ...] = (),
+) -> Path:
     """A job directory as train.py writes it (config.yaml, .hydra/, metrics.json or failed.json)."""
     job = root / name
     (job / ".hydra").mkdir(parents=True)
-    config = {"seed": seed, "task": {"name": task}, "model": {"name": model, "optimizer": {"lr": lr}},
-              "paths": {"output_dir": str(job)}, "logger": {"csv": {"save_dir": str(job)}}}
+    config = {
+        "seed": seed,
+        "task": {"name": task},
+        "model": {"name": model, "optimizer": {"lr": lr}},
+        "paths": {"output_dir": str(job)},
+        "logger": {"csv": {"save_dir": str(job)}},
+    }
     if sweep:
         config["sweep"] = sweep
     (job / "config.yaml").write_text(yaml.safe_dump(config))
     overrides = [f"task={task}", f"model={model}", f"seed={seed}", *extra_overrides]
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
-        {"hydra": {"runtime": {"choices": {"task": task, "model": model, "trainer": "auto"}}}}))
+    (job / ".hydra" / "hydra.yaml").write_text(
+        yaml.safe_dump({"hydra": {"runtime": {"choices": {"task": task, "model": model, "trainer": "auto"}}}})
+    )
     if acc is not None:
-        (job / "metrics.json").write_text(json.dumps({
-            "test/acc": acc, "test/loss": 1 - acc, "val/acc": acc + 0.01, "selection/metric": "val/acc",
-            "selection/mode": "max", "selection/value": acc + 0.01, "best_epoch": 3, "best_step": 40}))
+        (job / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "test/acc": acc,
+                    "test/loss": 1 - acc,
+                    "val/acc": acc + 0.01,
+                    "selection/metric": "val/acc",
+                    "selection/mode": "max",
+                    "selection/value": acc + 0.01,
+                    "best_epoch": 3,
+                    "best_step": 40,
+                }
+            )
+        )
     if error is not None:
         (job / "failed.json").write_text(json.dumps({"error": error, "type": "RuntimeError"}))
     return job
@@ -45,19 +73,27 @@ TABLE1 = {"name": "table1", "seeds": SEEDS, "report": {"rows": "model", "cols": 
 @pytest.fixture
 def sweep(tmp_path: Path) -> Path:
     root = tmp_path / "sweep"
-    accs = {("roi_c1", "supervised"): [0.8, 0.82, 0.84, 0.81, 0.83],
-            ("roi_c1", "byol"): [0.7, 0.72, 0.71, 0.69, 0.73],
-            ("roi_c2", "supervised"): [0.6, 0.62, 0.64, 0.61, 0.63]}
+    accs = {
+        ("roi_c1", "supervised"): [0.8, 0.82, 0.84, 0.81, 0.83],
+        ("roi_c1", "byol"): [0.7, 0.72, 0.71, 0.69, 0.73],
+        ("roi_c2", "supervised"): [0.6, 0.62, 0.64, 0.61, 0.63],
+    }
     for (task, model), values in accs.items():
         for seed, acc in zip(SEEDS, values):
             if (task, model, seed) == ("roi_c1", "byol", 350):
-                make_job(root, f"{task}-{model}-{seed}", task=task, model=model, seed=seed,
-                         error="CUDA out of memory", sweep=TABLE1)
+                make_job(
+                    root,
+                    f"{task}-{model}-{seed}",
+                    task=task,
+                    model=model,
+                    seed=seed,
+                    error="CUDA out of memory",
+                    sweep=TABLE1,
+                )
             elif (task, model, seed) == ("roi_c2", "supervised", 872):
                 continue  # never ran
             else:
-                make_job(root, f"{task}-{model}-{seed}", task=task, model=model, seed=seed, acc=acc,
-                         sweep=TABLE1)
+                make_job(root, f"{task}-{model}-{seed}", task=task, model=model, seed=seed, acc=acc, sweep=TABLE1)
     return root
 
 
@@ -100,8 +136,16 @@ def test_seeds_are_inferred_when_the_sweep_does_not_list_them(tmp_path: Path) ->
     for seed in (1, 2, 3):
         make_job(root, f"a{seed}", task="roi_c1", model="supervised", seed=seed, acc=0.5 + seed / 10)
     for seed in (1, 2):
-        make_job(root, f"b{seed}", task="roi_c1", model="supervised", seed=seed, lr=0.1, acc=0.4,
-                 extra_overrides=("model.optimizer.lr=0.1",))
+        make_job(
+            root,
+            f"b{seed}",
+            task="roi_c1",
+            model="supervised",
+            seed=seed,
+            lr=0.1,
+            acc=0.4,
+            extra_overrides=("model.optimizer.lr=0.1",),
+        )
     build_report([root], tmp_path / "out", plots=False)
     rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
     by_lr = {r["model.optimizer.lr"]: r for r in rows if r["metric"] == "test/acc"}

@@ -1,4 +1,5 @@
 """Exact resume: a run killed with SIGKILL mid-epoch and resumed ends like an uninterrupted one."""
+
 from __future__ import annotations
 
 import signal
@@ -27,8 +28,13 @@ RESUME_ARGS = (
 CASES = {
     "supervised": ("task=roi_c1", "model=supervised", "model.mixup_prob=0.5"),
     # EMA target network + online probe + in-fit linear evaluation epoch
-    "byol": ("task=roi_c1", "model=byol", "model.linear_eval.epochs=1", "trainer.limit_train_batches=4",
-             "callbacks.last_checkpoint.every_n_train_steps=2"),
+    "byol": (
+        "task=roi_c1",
+        "model=byol",
+        "model.linear_eval.epochs=1",
+        "trainer.limit_train_batches=4",
+        "callbacks.last_checkpoint.every_n_train_steps=2",
+    ),
     "unet2d": ("task=seg2d_3class", "model=unet2d", "model.encoder_name=resnet18"),
 }
 SLOW = {"byol", "unet2d"}
@@ -36,8 +42,13 @@ SLOW = {"byol", "unet2d"}
 
 def _kill_after_checkpoints(args: list[str], last: Path, writes: int, timeout: float = 600) -> int:
     """Start a run, SIGKILL it right after ``last`` has been (re)written ``writes`` times."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     seen, mtime, deadline = 0, None, time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -55,8 +66,7 @@ def _kill_after_checkpoints(args: list[str], last: Path, writes: int, timeout: f
             proc.kill()
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(CASES)])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(CASES)])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(name: str, tmp_path: Path) -> None:
     args = (*RESUME_ARGS, *CASES[name])
     reference = tmp_path / "reference"

@@ -5,6 +5,7 @@ The secret scan runs real ``train.py`` jobs with fake W&B / Boss secrets in the 
 reads every file the run wrote (run directory, new cache entries, W&B's offline directory)
 byte by byte, also inside zip containers (torch checkpoints), plus the process output.
 """
+
 from __future__ import annotations
 
 import io
@@ -57,8 +58,9 @@ def _train_and_scan(tmp_path: Path, *overrides: str, env: dict[str, str] | None 
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = [p for p in run_dir.rglob("*") if p.is_file()]
     assert any(p.suffix == ".ckpt" for p in written) and (run_dir / "metrics.json").is_file()
-    roots = [run_dir] + ([cache] if cache.is_dir() else []) + [Path(v) for k, v in (env or {}).items()
-                                                                 if k == "WANDB_DIR"]
+    roots = (
+        [run_dir] + ([cache] if cache.is_dir() else []) + [Path(v) for k, v in (env or {}).items() if k == "WANDB_DIR"]
+    )
     assert leaks(roots, since=start) == []
     assert not [name for name, value in SECRETS.items() if value in proc.stdout + proc.stderr]
     return run_dir
@@ -82,10 +84,17 @@ def test_scanner_finds_a_planted_secret(tmp_path: Path) -> None:
 def test_wandb_offline_run_writes_no_secret(tmp_path: Path) -> None:
     wandb_dir = tmp_path / "wandb_dir"
     wandb_dir.mkdir()
-    run_dir = _train_and_scan(tmp_path, "logger=wandb", "logger.wandb.offline=true",
-                              env={"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir),
-                                   "WANDB_CACHE_DIR": str(wandb_dir / "cache"),
-                                   "WANDB_CONFIG_DIR": str(wandb_dir / "config")})
+    run_dir = _train_and_scan(
+        tmp_path,
+        "logger=wandb",
+        "logger.wandb.offline=true",
+        env={
+            "WANDB_MODE": "offline",
+            "WANDB_DIR": str(wandb_dir),
+            "WANDB_CACHE_DIR": str(wandb_dir / "cache"),
+            "WANDB_CONFIG_DIR": str(wandb_dir / "config"),
+        },
+    )
     assert list(run_dir.rglob("*.wandb")) or list(wandb_dir.rglob("*.wandb")), "no W&B offline run was written"
 
 

@@ -1,4 +1,5 @@
 """Pooled segmentation metrics checked against hand-computed confusion counts and torchmetrics."""
+
 from __future__ import annotations
 
 import math
@@ -59,7 +60,9 @@ def test_pooled_over_batches_not_averaged_per_image() -> None:
 def test_iou_equals_f1_over_two_minus_f1_and_matches_torchmetrics() -> None:
     g = torch.Generator().manual_seed(0)
     truth = torch.randint(0, 4, (6, 16, 16), generator=g)
-    logits = torch.randn(6, 4, 16, 16, generator=g) + 2 * one_hot_logits(truth, 4) * (torch.rand(6, 1, 16, 16, generator=g) > 0.5)
+    logits = torch.randn(6, 4, 16, 16, generator=g) + 2 * one_hot_logits(truth, 4) * (
+        torch.rand(6, 1, 16, 16, generator=g) > 0.5
+    )
     metrics = SegmentationMetrics(["bg", "vessel", "cell", "axon"])
     for s in range(0, 6, 2):  # three batches, pooled
         metrics.update("test", logits[s : s + 2], truth[s : s + 2])

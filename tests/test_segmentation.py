@@ -1,4 +1,5 @@
 """Task 2: segmentation splits, nets, config errors, and CLI runs (phantom and ISBI 2012)."""
+
 from __future__ import annotations
 
 import csv
@@ -91,12 +92,15 @@ def test_unmapped_label_values_are_a_one_line_data_error() -> None:
         task.build("val", CoordinateSource(labels_plus=1))
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["task.class_map={0: 0, 1: 1, 2: 7, 3: 0}"], "task.class_map"),
-    (["task.class_map={2: 1}"], r"class indices \[2\] get no label value"),
-    (["task.volume_z=40"], "task.volume_z: 40 slices do not fit in val"),
-    (["task.class_names=[a]", "task.class_map={0: 0}"], "task.class_names"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["task.class_map={0: 0, 1: 1, 2: 7, 3: 0}"], "task.class_map"),
+        (["task.class_map={2: 1}"], r"class indices \[2\] get no label value"),
+        (["task.volume_z=40"], "task.volume_z: 40 slices do not fit in val"),
+        (["task.class_names=[a]", "task.class_map={0: 0}"], "task.class_names"),
+    ],
+)
 def test_task_config_errors(overrides: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         make_task("seg3d_3class", *overrides)
@@ -159,8 +163,7 @@ def test_imagenet_weights_offline_fail_at_once_with_one_line(monkeypatch, tmp_pa
 def test_class_weights_change_the_cross_entropy() -> None:
     logits, target = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
     plain = Volumetric3DSegmentation(3, NAMES3, (8, 8, 8), base_channels=2, levels=1)
-    weighted = Volumetric3DSegmentation(3, NAMES3, (8, 8, 8), base_channels=2, levels=1,
-                                        class_weights=[0.0, 1.0, 1.0])
+    weighted = Volumetric3DSegmentation(3, NAMES3, (8, 8, 8), base_channels=2, levels=1, class_weights=[0.0, 1.0, 1.0])
     expected = torch.nn.functional.cross_entropy(logits, target, weight=torch.tensor([0.0, 1.0, 1.0]))
     assert weighted.loss(logits, target).item() == pytest.approx(expected.item())
     assert plain.loss(logits, target).item() != pytest.approx(expected.item())
@@ -187,54 +190,84 @@ def _check_jobs(sweep_dir: Path, n: int, class_names: list[str]) -> None:
 
 def test_cli_every_2d_model_trains_on_seg2d_3class(tmp_path: Path) -> None:
     # "++": in a multirun Hydra first composes with the default model, which has no encoder_name
-    proc = run_cli("train.py", "task=seg2d_3class", f"model={','.join(QUICK_2D)}", "++model.encoder_name=resnet18",
-                   run_dir=tmp_path / "sweep", multirun=True)
+    proc = run_cli(
+        "train.py",
+        "task=seg2d_3class",
+        f"model={','.join(QUICK_2D)}",
+        "++model.encoder_name=resnet18",
+        run_dir=tmp_path / "sweep",
+        multirun=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not list((tmp_path / "sweep").glob("*/failed.json"))
     _check_jobs(tmp_path / "sweep", len(QUICK_2D), NAMES3)
 
 
 def test_cli_every_3d_model_trains_on_seg3d_4class(tmp_path: Path) -> None:
-    proc = run_cli("train.py", "task=seg3d_4class", f"model={','.join(MODELS_3D)}", "++model.base_channels=4",
-                   "data.batch_size=2", run_dir=tmp_path / "sweep", multirun=True)
+    proc = run_cli(
+        "train.py",
+        "task=seg3d_4class",
+        f"model={','.join(MODELS_3D)}",
+        "++model.base_channels=4",
+        "data.batch_size=2",
+        run_dir=tmp_path / "sweep",
+        multirun=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not list((tmp_path / "sweep").glob("*/failed.json"))
     _check_jobs(tmp_path / "sweep", len(MODELS_3D), ["bg", "vessel", "cell", "axon"])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task, models, extra", [
-    ("seg2d_4class", MODELS_2D, ["++model.encoder_name=resnet18", "task.downsample=2"]),
-    ("seg3d_3class", MODELS_3D, ["++model.base_channels=4", "data.batch_size=2"]),
-])
-def test_cli_every_model_trains_on_its_other_task(tmp_path: Path, task: str, models: list[str],
-                                                  extra: list[str]) -> None:
-    proc = run_cli("train.py", f"task={task}", f"model={','.join(models)}", *extra,
-                   run_dir=tmp_path / "sweep", multirun=True)
+@pytest.mark.parametrize(
+    "task, models, extra",
+    [
+        ("seg2d_4class", MODELS_2D, ["++model.encoder_name=resnet18", "task.downsample=2"]),
+        ("seg3d_3class", MODELS_3D, ["++model.base_channels=4", "data.batch_size=2"]),
+    ],
+)
+def test_cli_every_model_trains_on_its_other_task(
+    tmp_path: Path, task: str, models: list[str], extra: list[str]
+) -> None:
+    proc = run_cli(
+        "train.py", f"task={task}", f"model={','.join(models)}", *extra, run_dir=tmp_path / "sweep", multirun=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = NAMES3 if "3class" in task else ["bg", "vessel", "cell", "axon"]
     _check_jobs(tmp_path / "sweep", len(models), names)
 
 
 def test_cli_model_task_mismatch_is_one_line(tmp_path: Path) -> None:
-    proc = run_cli("train.py", "task=seg3d_3class", "model=unet2d", "model.encoder_name=resnet18",
-                   run_dir=tmp_path / "run")
+    proc = run_cli(
+        "train.py", "task=seg3d_3class", "model=unet2d", "model.encoder_name=resnet18", run_dir=tmp_path / "run"
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model=unet: is a 2D model")
     assert not (tmp_path / "run").exists()
 
 
 def test_evaluate_writes_overlays_and_pooled_confusion_matrix(tmp_path: Path) -> None:
-    train = run_cli("train.py", "task=seg2d_3class", "model=unet2d", "model.encoder_name=resnet18",
-                    run_dir=tmp_path / "train")
+    train = run_cli(
+        "train.py", "task=seg2d_3class", "model=unet2d", "model.encoder_name=resnet18", run_dir=tmp_path / "train"
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
-    ev = run_cli("evaluate.py", f"ckpt_path={ckpt}", "trainer.limit_test_batches=2", "++model.overlay_samples=2",
-                 run_dir=tmp_path / "eval", fast=False)
+    ev = run_cli(
+        "evaluate.py",
+        f"ckpt_path={ckpt}",
+        "trainer.limit_test_batches=2",
+        "++model.overlay_samples=2",
+        run_dir=tmp_path / "eval",
+        fast=False,
+    )
     assert ev.returncode == 0, ev.stderr[-3000:]
     out = tmp_path / "eval"
     assert sorted(p.name for p in (out / "overlays").glob("*.png")) == [
-        "cortex.png", "striatum.png", "vp.png", "zi.png"]
+        "cortex.png",
+        "striatum.png",
+        "vp.png",
+        "zi.png",
+    ]
     assert (out / "confusion_matrix.png").stat().st_size > 1000
     with open(out / "confusion_matrix.csv") as fh:
         rows = list(csv.reader(fh))
@@ -250,10 +283,20 @@ def test_evaluate_writes_overlays_and_pooled_confusion_matrix(tmp_path: Path) ->
 def test_isbi2012_membrane_segmentation_beats_all_cell(tmp_path: Path, shared_data: Path) -> None:
     import tifffile
 
-    proc = run_cli("train.py", "task=isbi2012", "model=unet2d", "model.encoder_name=resnet18",
-                   "task.downsample=4", "trainer.max_epochs=12", "data.batch_size=4",
-                   "trainer.enable_progress_bar=false", "logger=none", run_dir=tmp_path / "run", fast=False,
-                   env={"OMP_NUM_THREADS": "1"})
+    proc = run_cli(
+        "train.py",
+        "task=isbi2012",
+        "model=unet2d",
+        "model.encoder_name=resnet18",
+        "task.downsample=4",
+        "trainer.max_epochs=12",
+        "data.batch_size=4",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        run_dir=tmp_path / "run",
+        fast=False,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(tmp_path / "run")
     labels = tifffile.imread(shared_data / "isbi2012" / "train-labels.tif")[26:30, 2::4, 2::4]

@@ -1,4 +1,5 @@
 """Choices are made on validation: the run record, sweep objectives, `report --best`."""
+
 from __future__ import annotations
 
 import json
@@ -26,14 +27,18 @@ def test_methods_name_what_they_log_on_validation() -> None:
     assert seg.monitor[0] in seg.validation_metrics() and sup.monitor[0] in sup.validation_metrics()
 
 
-@pytest.mark.parametrize("metric,message", [
-    ("test/acc", "callbacks.model_checkpoint.monitor: test/acc selects on the test split; use a val/ metric"),
-    ("val/iou_mean", "callbacks.model_checkpoint.monitor: val/iou_mean is not logged by SupervisedClassifier"),
-])
+@pytest.mark.parametrize(
+    "metric,message",
+    [
+        ("test/acc", "callbacks.model_checkpoint.monitor: test/acc selects on the test split; use a val/ metric"),
+        ("val/iou_mean", "callbacks.model_checkpoint.monitor: val/iou_mean is not logged by SupervisedClassifier"),
+    ],
+)
 def test_a_selection_metric_must_be_a_logged_validation_metric(metric: str, message: str) -> None:
     with pytest.raises(ConfigError, match="^" + message.replace("/", "/")):
-        run.check_selection_metric(SupervisedClassifier(4, CLASSES, (64, 64)), metric,
-                                   "callbacks.model_checkpoint.monitor")
+        run.check_selection_metric(
+            SupervisedClassifier(4, CLASSES, (64, 64)), metric, "callbacks.model_checkpoint.monitor"
+        )
 
 
 def _preflight_error(overrides: list[str], capsys: pytest.CaptureFixture, check: str = "train") -> str:
@@ -45,35 +50,49 @@ def _preflight_error(overrides: list[str], capsys: pytest.CaptureFixture, check:
     return lines[0]
 
 
-@pytest.mark.parametrize("overrides,expected", [
-    (["+sweep=optuna", "sweep.objective=test/acc"],
-     "error: sweep.objective: test/acc selects on the test split; use a val/ metric"),
-    (["+sweep=optuna", "sweep.objective=val/iou_mean"], "error: sweep.objective: val/iou_mean is not logged by"),
-    (["+sweep=optuna", "hydra.sweeper.direction=minimize"],
-     "error: hydra.sweeper.direction: minimize, but the objective val/acc is maximised"),
-    (["callbacks.model_checkpoint.monitor=val/dice"],
-     "error: callbacks.model_checkpoint.monitor: val/dice is not logged by SupervisedClassifier"),
-    # ROI-C2 has touching cubes: their warnings belong to the run's log, not to a failing preflight
-    (["task=roi_c2", "callbacks.model_checkpoint.monitor=test/acc"],
-     "error: callbacks.model_checkpoint.monitor: test/acc selects on the test split; use a val/ metric"),
-])
-def test_bad_selection_is_one_line_before_any_work(overrides: list[str], expected: str,
-                                                   capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (
+            ["+sweep=optuna", "sweep.objective=test/acc"],
+            "error: sweep.objective: test/acc selects on the test split; use a val/ metric",
+        ),
+        (["+sweep=optuna", "sweep.objective=val/iou_mean"], "error: sweep.objective: val/iou_mean is not logged by"),
+        (
+            ["+sweep=optuna", "hydra.sweeper.direction=minimize"],
+            "error: hydra.sweeper.direction: minimize, but the objective val/acc is maximised",
+        ),
+        (
+            ["callbacks.model_checkpoint.monitor=val/dice"],
+            "error: callbacks.model_checkpoint.monitor: val/dice is not logged by SupervisedClassifier",
+        ),
+        # ROI-C2 has touching cubes: their warnings belong to the run's log, not to a failing preflight
+        (
+            ["task=roi_c2", "callbacks.model_checkpoint.monitor=test/acc"],
+            "error: callbacks.model_checkpoint.monitor: test/acc selects on the test split; use a val/ metric",
+        ),
+    ],
+)
+def test_bad_selection_is_one_line_before_any_work(
+    overrides: list[str], expected: str, capsys: pytest.CaptureFixture
+) -> None:
     assert _preflight_error(["task.downsample=4", *overrides], capsys).startswith(expected)
 
 
 def test_multirun_objective_is_checked_before_the_first_job(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    proc = run_cli("train.py", "+sweep=optuna", "sweep.objective=test/acc", "seed=1,2", run_dir=sweep_dir,
-                   multirun=True)
+    proc = run_cli(
+        "train.py", "+sweep=optuna", "sweep.objective=test/acc", "seed=1,2", run_dir=sweep_dir, multirun=True
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == "error: sweep.objective: test/acc selects on the test split; use a val/ metric"
     assert not sweep_dir.exists()
 
 
 def test_sweep_overrides_are_told_apart_by_hydras_parser() -> None:
-    plain, swept = cli.split_sweep_overrides(["+sweep=optuna", "seed=1,2", "model=byol,myow", "task.x=[1,2]",
-                                              "model.optimizer.lr=choice(0.1,0.01)"])
+    plain, swept = cli.split_sweep_overrides(
+        ["+sweep=optuna", "seed=1,2", "model=byol,myow", "task.x=[1,2]", "model.optimizer.lr=choice(0.1,0.01)"]
+    )
     assert plain == ["+sweep=optuna", "task.x=[1,2]"]
     assert swept == ["seed", "model", "model.optimizer.lr"]
     assert cli.is_multirun_launch(["-m", "seed=1,2"]) and not cli.is_multirun_launch(["-m", "--cfg", "job"])
@@ -95,18 +114,33 @@ def _job(root: Path, name: str, lr: float, seed: int, val: float, test: float, s
     config = {"seed": seed, "task": {"name": "roi_c1"}, "model": {"optimizer": {"lr": lr}}, "sweep": sweep}
     (job / "config.yaml").write_text(yaml.safe_dump(config))
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"model.optimizer.lr={lr}", f"seed={seed}"]))
-    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
-        {"hydra": {"runtime": {"choices": {"task": "roi_c1", "model": "supervised"}}}}))
-    (job / "metrics.json").write_text(json.dumps({
-        "val/acc": val, "selection/metric": "val/acc", "selection/mode": "max", "selection/value": val,
-        "best_epoch": 3, "best_step": 40, "test/acc": test, "test/loss": 1 - test}))
+    (job / ".hydra" / "hydra.yaml").write_text(
+        yaml.safe_dump({"hydra": {"runtime": {"choices": {"task": "roi_c1", "model": "supervised"}}}})
+    )
+    (job / "metrics.json").write_text(
+        json.dumps(
+            {
+                "val/acc": val,
+                "selection/metric": "val/acc",
+                "selection/mode": "max",
+                "selection/value": val,
+                "best_epoch": 3,
+                "best_step": 40,
+                "test/acc": test,
+                "test/loss": 1 - test,
+            }
+        )
+    )
 
 
 @pytest.fixture
 def disagreeing_sweep(tmp_path: Path) -> Path:
     """lr 0.1 is best on validation, lr 0.01 on test."""
-    sweep = {"name": "grid", "seeds": [1, 2], "report": {"rows": "model.optimizer.lr", "cols": None,
-                                                         "metric": "test/acc", "paper_choice": "test/acc"}}
+    sweep = {
+        "name": "grid",
+        "seeds": [1, 2],
+        "report": {"rows": "model.optimizer.lr", "cols": None, "metric": "test/acc", "paper_choice": "test/acc"},
+    }
     root = tmp_path / "sweep"
     for seed in (1, 2):
         _job(root, f"lr0.1_s{seed}", 0.1, seed, val=0.90 + seed / 100, test=0.70, sweep=sweep)
@@ -114,11 +148,15 @@ def disagreeing_sweep(tmp_path: Path) -> Path:
     return root
 
 
-def test_best_chooses_by_validation_and_shows_test_beside_it(disagreeing_sweep: Path,
-                                                              capsys: pytest.CaptureFixture) -> None:
+def test_best_chooses_by_validation_and_shows_test_beside_it(
+    disagreeing_sweep: Path, capsys: pytest.CaptureFixture
+) -> None:
     assert main([str(disagreeing_sweep), "--best"]) == 0
     out = capsys.readouterr().out
-    assert "grid: best val/acc (max) = 0.915 ± 0.007 (n=2) with: task=roi_c1 model=supervised model.optimizer.lr=0.1\n" in out
+    assert (
+        "grid: best val/acc (max) = 0.915 ± 0.007 (n=2) with: task=roi_c1 model=supervised model.optimizer.lr=0.1\n"
+        in out
+    )
     assert "test/acc = 0.700 ± 0.000" in out
 
 
@@ -137,8 +175,9 @@ def test_report_labels_the_papers_test_split_choice(disagreeing_sweep: Path) -> 
     assert "model.optimizer.lr=0.01 (0.965 ± 0.007)" in md
 
 
-def test_report_without_a_common_selection_metric_asks_for_one(disagreeing_sweep: Path,
-                                                               capsys: pytest.CaptureFixture) -> None:
+def test_report_without_a_common_selection_metric_asks_for_one(
+    disagreeing_sweep: Path, capsys: pytest.CaptureFixture
+) -> None:
     first = disagreeing_sweep / "lr0.1_s1" / "metrics.json"
     record = json.loads(first.read_text())
     first.write_text(json.dumps({**record, "selection/metric": "val/loss", "selection/mode": "min"}))
@@ -149,8 +188,16 @@ def test_report_without_a_common_selection_metric_asks_for_one(disagreeing_sweep
 def test_optuna_sweep_chooses_the_trial_best_on_validation(tmp_path: Path) -> None:
     """Four tiny trials; the study's best trial is the one with the highest val/acc."""
     sweep_dir = tmp_path / "optuna"
-    proc = run_cli("train.py", "+sweep=optuna", "hydra.sweeper.n_trials=4", "trainer.limit_train_batches=1",
-                   "data.eval_batch_size=120", run_dir=sweep_dir, multirun=True, timeout=900)
+    proc = run_cli(
+        "train.py",
+        "+sweep=optuna",
+        "hydra.sweeper.n_trials=4",
+        "trainer.limit_train_batches=1",
+        "data.eval_batch_size=120",
+        run_dir=sweep_dir,
+        multirun=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     trials = []

@@ -1,4 +1,5 @@
 """Task 3 task split, read-out and the ``evaluate.py task=semantic`` entry point."""
+
 from __future__ import annotations
 
 import math
@@ -16,14 +17,18 @@ from mtneuro_lab.errors import ConfigError
 from mtneuro_lab.run import instantiate_cfg
 
 SMALL = "task.samples=[{set: A, z: [110, 130]}]"  # 20 slices x 4 regions x 4 quadrants = 320 samples
-SMALL_GAP = "task.cv_gap=1"                       # the default 12-slice gap needs more than 20 slices
+SMALL_GAP = "task.cv_gap=1"  # the default 12-slice gap needs more than 20 slices
 
 
 def _table(values: np.ndarray, z: np.ndarray | None = None, region: np.ndarray | None = None) -> FeatureTable:
     n = len(values)
-    return FeatureTable(values=values, cube=np.full(n, "A/cortex", dtype=object),
-                        z=np.arange(n) if z is None else z, tile=np.zeros(n, dtype=np.int64),
-                        region=np.arange(n) % 4 if region is None else region)
+    return FeatureTable(
+        values=values,
+        cube=np.full(n, "A/cortex", dtype=object),
+        z=np.arange(n) if z is None else z,
+        tile=np.zeros(n, dtype=np.int64),
+        region=np.arange(n) % 4 if region is None else region,
+    )
 
 
 # -- the task ------------------------------------------------------------------------------------
@@ -38,7 +43,7 @@ def test_semantic_split_is_all_360_annotated_slices_of_set_a():
     slabs = task._slabs("test")
     assert [c.region for c, _ in slabs] == ["cortex", "striatum", "vp", "zi"]
     assert {z for _, z in slabs} == {(110, 470)} and {c.set_name for c, _ in slabs} == {"A"}
-    assert task._slabs("val") == slabs            # same slices: an in-sample read-out
+    assert task._slabs("val") == slabs  # same slices: an in-sample read-out
     assert {z for _, z in task._slabs("train")} == {(110, 380)}
     assert task.tiles_per_image == 4 and task.downsample_from_encoder
 
@@ -52,12 +57,17 @@ def test_encoder_resolution_is_adopted_only_when_downsample_is_null():
     assert fixed.downsample == 1
 
 
-@pytest.mark.parametrize("override, key", [("task.sample_unit=half", "task.sample_unit"),
-                                           ("task.folds=1", "task.folds"),
-                                           ("task.cv=random", "task.cv"),
-                                           ("task.cv_gap=-1", "task.cv_gap"),
-                                           ("task.connectivity=8", "task.connectivity"),
-                                           ("task.alpha=-1", "task.alpha")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("task.sample_unit=half", "task.sample_unit"),
+        ("task.folds=1", "task.folds"),
+        ("task.cv=random", "task.cv"),
+        ("task.cv_gap=-1", "task.cv_gap"),
+        ("task.connectivity=8", "task.connectivity"),
+        ("task.alpha=-1", "task.alpha"),
+    ],
+)
 def test_bad_task_values_are_rejected(override, key):
     from mtneuro_lab.config.schema import validate_config
 
@@ -71,10 +81,10 @@ def test_blocked_folds_with_a_gap_are_the_default_and_checked_before_any_data_re
     task = _task()
     assert (task.cv, task.cv_gap, task.folds) == ("blocked", 12, 5)
     with pytest.raises(ConfigError, match=r"^task\.cv_gap: 12 slices on each side of held-out block 2 of 5"):
-        _task(SMALL)                              # 20 slices: a middle block keeps no training slice
+        _task(SMALL)  # 20 slices: a middle block keeps no training slice
     with pytest.raises(ConfigError, match=r"^task\.folds: 5 z-block folds need at least 5 slices, samples have 3"):
         _task("task.samples=[{set: A, z: [110, 113]}]", "task.cv_gap=0")
-    assert _task(SMALL, "task.cv=shuffled").cv == "shuffled"   # shuffled folds stay available
+    assert _task(SMALL, "task.cv=shuffled").cv == "shuffled"  # shuffled folds stay available
     assert _task(SMALL, SMALL_GAP).cv_gap == 1
 
 
@@ -83,10 +93,14 @@ def test_features_align_with_the_built_images():
     cfg = compose(["task=semantic"])
     from mtneuro_lab.run import instantiate_filtered
 
-    source = instantiate_filtered(cfg.source, modality="xray",
-                                  cubes={k: {r: dict(b) for r, b in v.items()} for k, v in cfg.cubes.sets.items()},
-                                  regions=list(task.catalog.regions), roi_ids=dict(task.catalog.roi_ids),
-                                  cache_dir=str(cfg.paths.cache_dir))
+    source = instantiate_filtered(
+        cfg.source,
+        modality="xray",
+        cubes={k: {r: dict(b) for r, b in v.items()} for k, v in cfg.cubes.sets.items()},
+        regions=list(task.catalog.regions),
+        roi_ids=dict(task.catalog.roi_ids),
+        cache_dir=str(cfg.paths.cache_dir),
+    )
     arrays = task.build("test", source)
     table = task.features(source)
     assert len(table) == 4 * len(arrays) == 4 * 12
@@ -99,7 +113,7 @@ def test_features_align_with_the_built_images():
 def test_quadrant_crops_are_row_major_like_the_features():
     images = np.zeros((2, 4, 4), dtype=np.uint8)
     for q, (y, x) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)]):
-        images[:, y:y + 2, x:x + 2] = 10 * q + np.array([[1], [2]])[:, :1]
+        images[:, y : y + 2, x : x + 2] = 10 * q + np.array([[1], [2]])[:, :1]
     images[1] += 100
     crops = split_tiles(images, 2)
     assert crops.shape == (8, 2, 2)
@@ -111,8 +125,8 @@ def test_readout_recovers_a_linear_feature_and_excludes_nan_rows():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 6))
     values = np.column_stack([x @ rng.normal(size=6) for _ in FEATURES])
-    values[:, 1] = rng.normal(size=400)           # unrelated to the embeddings
-    values[:37, 4] = np.nan                       # e.g. samples with < 2 cells
+    values[:, 1] = rng.normal(size=400)  # unrelated to the embeddings
+    values[:37, 4] = np.nan  # e.g. samples with < 2 cells
     res = linear_readout(x, _table(values), folds=5, seed=3)
     assert res["vessel_density"]["r2"] == pytest.approx(1.0) and res["vessel_density"]["r2_cv"] == pytest.approx(1.0)
     assert res["axon_density"]["r2"] < 0.1 and res["axon_density"]["r2_cv"] < 0.05
@@ -156,9 +170,9 @@ def test_region_only_and_within_region_r2_separate_the_region_from_what_the_embe
     region, z = _regions_and_slices()
     n = len(region)
     signal = rng.normal(size=(n, 5))
-    x = np.column_stack([np.eye(4)[region], signal])          # the embedding knows region and signal
-    offset = np.array([0.0, 2.0, 4.0, 6.0])[region]            # between-region variance 5
-    mixed = offset + signal @ np.array([1.0, 0, 0, 0, 0]) + rng.normal(scale=0.1 ** 0.5, size=n)
+    x = np.column_stack([np.eye(4)[region], signal])  # the embedding knows region and signal
+    offset = np.array([0.0, 2.0, 4.0, 6.0])[region]  # between-region variance 5
+    mixed = offset + signal @ np.array([1.0, 0, 0, 0, 0]) + rng.normal(scale=0.1**0.5, size=n)
     region_only = offset + rng.normal(scale=0.3, size=n)
     values = np.column_stack([mixed, region_only, mixed, mixed, mixed])
     res = linear_readout(x, _table(values, z=z, region=region), folds=5, cv="blocked", gap=2)
@@ -194,14 +208,14 @@ def test_cv_region_means_never_use_the_held_out_rows():
     fit, held = blocked_folds(z, 3)[1]
     base = fold_predictions(x, y, region, fit, held, LinearRegression())
     shifted_y = y.copy()
-    shifted_y[held[region[held] == 0]] += 100.0                # the held-out level of region 0 moves
+    shifted_y[held[region[held] == 0]] += 100.0  # the held-out level of region 0 moves
     moved = fold_predictions(x, shifted_y, region, fit, held, LinearRegression())
-    for kind in ("r2", "r2_region_only", "r2_within"):         # predictions know nothing of held-out answers
+    for kind in ("r2", "r2_region_only", "r2_within"):  # predictions know nothing of held-out answers
         np.testing.assert_allclose(moved[kind][1], base[kind][1])
     zero = region[held] == 0
     np.testing.assert_allclose(moved["r2_within"][0][zero], base["r2_within"][0][zero] + 100.0)
     shifted_x = x.copy()
-    shifted_x[held[zero]] += 2.0                               # held-out embeddings of region 0 move
+    shifted_x[held[zero]] += 2.0  # held-out embeddings of region 0 move
     moved = fold_predictions(shifted_x, y, region, fit, held, LinearRegression())
     # centred with the FITTING rows' region mean, the shift reaches the prediction (own-mean centring would erase it)
     assert np.abs(moved["r2_within"][1][zero] - base["r2_within"][1][zero]).min() > 0.5
@@ -213,13 +227,13 @@ def test_blocked_folds_hold_whole_contiguous_slices_balanced_with_a_gap():
     z = z + 110
     splits = blocked_folds(z, 5, gap=3)
     held_all = np.concatenate([h for _, h in splits])
-    assert sorted(held_all) == list(range(len(z)))             # every row held out exactly once
+    assert sorted(held_all) == list(range(len(z)))  # every row held out exactly once
     sizes = []
     for train, held in splits:
         slices = np.unique(z[held])
-        assert slices[-1] - slices[0] + 1 == len(slices)       # one contiguous z run
-        assert len(held) == len(slices) * 4 * 4                # whole slices: every region, every quadrant
-        assert np.abs(z[train][:, None] - slices[None, :]).min() == 4   # gap 3: nearest training slice 4 away
+        assert slices[-1] - slices[0] + 1 == len(slices)  # one contiguous z run
+        assert len(held) == len(slices) * 4 * 4  # whole slices: every region, every quadrant
+        assert np.abs(z[train][:, None] - slices[None, :]).min() == 4  # gap 3: nearest training slice 4 away
         assert set(np.unique(region[held])) == {0, 1, 2, 3}
         sizes.append(len(slices))
     assert sorted(sizes) == [4, 4, 5, 5, 5]
@@ -232,7 +246,7 @@ def test_shuffled_folds_overstate_r2_on_near_duplicate_quadrants():
     region, z = _regions_and_slices(n_slices=60, per_slice=4)
     slice_id = region * 60 + z
     x = rng.normal(size=(240, 40))[slice_id] + rng.normal(scale=0.1, size=(len(z), 40))
-    y = rng.normal(size=240)[slice_id]                         # a per-slice value the embedding cannot generalise
+    y = rng.normal(size=240)[slice_id]  # a per-slice value the embedding cannot generalise
     values = np.column_stack([y] * len(FEATURES))
     table = _table(values, z=z, region=region)
     blocked = linear_readout(x, table, folds=5, cv="blocked", gap=1)["cell_count"]
@@ -251,14 +265,24 @@ def task1_ckpt(tmp_path_factory):
 
 def test_evaluate_semantic_writes_r2_table_and_umaps(task1_ckpt, tmp_path):
     run = tmp_path / "eval"
-    proc = run_cli("evaluate.py", "task=semantic", f"ckpt_path={task1_ckpt}", SMALL, SMALL_GAP, "task.alpha=1.0",
-                   run_dir=run, fast=False)
+    proc = run_cli(
+        "evaluate.py",
+        "task=semantic",
+        f"ckpt_path={task1_ckpt}",
+        SMALL,
+        SMALL_GAP,
+        "task.alpha=1.0",
+        run_dir=run,
+        fast=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = read_metrics(run)
     for f in FEATURES:
         assert -1e6 < metrics[f"r2_cv/{f}"] <= 1.0 and 0.0 <= metrics[f"r2/{f}"] <= 1.0
         assert metrics[f"n/{f}"] + metrics[f"n_nan/{f}"] == 320
-        assert {f"test/r2_region_only/{f}", f"test/r2_within/{f}", f"r2_region_only/{f}", f"r2_within/{f}"} <= set(metrics)
+        assert {f"test/r2_region_only/{f}", f"test/r2_within/{f}", f"r2_region_only/{f}", f"r2_within/{f}"} <= set(
+            metrics
+        )
         assert (run / f"umap_{f}.png").stat().st_size > 1000
     assert np.load(run / "embeddings.npy").shape == (320, 512)
     table = (run / "semantic_r2.md").read_text()
@@ -268,8 +292,9 @@ def test_evaluate_semantic_writes_r2_table_and_umaps(task1_ckpt, tmp_path):
 
 
 def test_evaluate_semantic_without_a_usable_checkpoint_fails_in_one_line(tmp_path):
-    missing = run_cli("evaluate.py", "task=semantic", f"ckpt_path={tmp_path}/nope.ckpt", fast=False,
-                      run_dir=tmp_path / "a")
+    missing = run_cli(
+        "evaluate.py", "task=semantic", f"ckpt_path={tmp_path}/nope.ckpt", fast=False, run_dir=tmp_path / "a"
+    )
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"error: ckpt_path: no checkpoint file at {tmp_path}/nope.ckpt"]
     none = run_cli("evaluate.py", "task=semantic", fast=False, run_dir=tmp_path / "b")
@@ -282,9 +307,19 @@ def test_evaluate_semantic_without_a_usable_checkpoint_fails_in_one_line(tmp_pat
 @pytest.mark.slow
 def test_evaluate_semantic_fits_pca_on_quadrants_without_a_checkpoint(tmp_path):
     run = tmp_path / "pca"
-    proc = run_cli("evaluate.py", "task=semantic", "model=pca", "task.downsample=4", SMALL, SMALL_GAP,
-                   "task.fit_samples=[{set: A, z: [130, 150]}]", "task.umap=false", "task.alpha=1.0",
-                   run_dir=run, fast=False)
+    proc = run_cli(
+        "evaluate.py",
+        "task=semantic",
+        "model=pca",
+        "task.downsample=4",
+        SMALL,
+        SMALL_GAP,
+        "task.fit_samples=[{set: A, z: [130, 150]}]",
+        "task.umap=false",
+        "task.alpha=1.0",
+        run_dir=run,
+        fast=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = read_metrics(run)
     assert {f"r2_cv/{f}" for f in FEATURES} <= set(metrics)

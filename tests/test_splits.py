@@ -1,5 +1,6 @@
 """Every MTNeuro Task 1 split: counts per split (hand-computed), leak checks, box entries,
 roi_majority labels, downsampling; the CLI runs task=roi_c2 / roi_c3 end to end."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -106,9 +107,12 @@ def test_leaks_are_one_line_naming_the_key(override: str, fragment: str) -> None
 
 def test_buffer_applies_only_to_the_same_physical_cube() -> None:
     # D's cortex shares A's cortex x window but not its y window: a different cube, no buffer
-    task = make_task("roi_c1", "task.splits.train=[{set: A, z: [110, 470], regions: [cortex]}]",
-                     "task.splits.val=[{set: D, z: [110, 470], regions: [cortex]}]",
-                     "task.splits.test=[{set: C, z: [110, 470]}]")
+    task = make_task(
+        "roi_c1",
+        "task.splits.train=[{set: A, z: [110, 470], regions: [cortex]}]",
+        "task.splits.val=[{set: D, z: [110, 470], regions: [cortex]}]",
+        "task.splits.test=[{set: C, z: [110, 470]}]",
+    )
     assert [len(task._slabs(s)) for s in ("train", "val", "test")] == [1, 1, 4]
     # a box intersecting A's cortex window is the same tissue
     with pytest.raises(ConfigError, match=r"overlapping box_x4700_y1000/cortex"):
@@ -116,10 +120,14 @@ def test_buffer_applies_only_to_the_same_physical_cube() -> None:
 
 
 def test_box_entries_address_plain_files() -> None:
-    splits = (("task.splits.train=[{box: {x: [0, 64], y: [0, 64]}, z: [0, 20], regions: [vp]},"
-               "{box: {x: [64, 128], y: [0, 64]}, z: [0, 20]}]"),
-              "task.splits.val=[{box: {x: [0, 64], y: [0, 64]}, z: [20, 25], regions: [vp]}]",
-              "task.splits.test=[{box: {x: [0, 64], y: [64, 128]}, z: [0, 30], regions: [zi]}]")
+    splits = (
+        (
+            "task.splits.train=[{box: {x: [0, 64], y: [0, 64]}, z: [0, 20], regions: [vp]},"
+            "{box: {x: [64, 128], y: [0, 64]}, z: [0, 20]}]"
+        ),
+        "task.splits.val=[{box: {x: [0, 64], y: [0, 64]}, z: [20, 25], regions: [vp]}]",
+        "task.splits.test=[{box: {x: [0, 64], y: [64, 128]}, z: [0, 30], regions: [zi]}]",
+    )
     task = make_task("roi_c1", "task.downsample=1", *splits)
     assert task.sample_shape() == (64, 64)
     train = task.build("train", FakeSource())
@@ -137,10 +145,22 @@ def test_box_entries_address_plain_files() -> None:
 @pytest.mark.parametrize(
     "override,fragment",
     [
-        ("task.splits.train=[{box: {x: [0, 64]}, z: [0, 9]}]", "task.splits.train[0].box: expected {x: [x0, x1], y: [y0, y1]}"),
-        ("task.splits.train=[{box: {x: [0, 64], y: [9, 3]}, z: [0, 9]}]", "task.splits.train[0].box.y: expected [start, stop)"),
-        ("task.splits.train=[{box: {x: [0, 64], y: [0, 64]}, z: [0, 9], regions: [cortex, zi]}]", "task.splits.train[0].regions: a box entry takes one region"),
-        ("task.splits.train=[{set: A, box: {x: [0, 64], y: [0, 64]}, z: [0, 9]}]", "task.splits.train[0]: needs 'z' and exactly one of 'set'"),
+        (
+            "task.splits.train=[{box: {x: [0, 64]}, z: [0, 9]}]",
+            "task.splits.train[0].box: expected {x: [x0, x1], y: [y0, y1]}",
+        ),
+        (
+            "task.splits.train=[{box: {x: [0, 64], y: [9, 3]}, z: [0, 9]}]",
+            "task.splits.train[0].box.y: expected [start, stop)",
+        ),
+        (
+            "task.splits.train=[{box: {x: [0, 64], y: [0, 64]}, z: [0, 9], regions: [cortex, zi]}]",
+            "task.splits.train[0].regions: a box entry takes one region",
+        ),
+        (
+            "task.splits.train=[{set: A, box: {x: [0, 64], y: [0, 64]}, z: [0, 9]}]",
+            "task.splits.train[0]: needs 'z' and exactly one of 'set'",
+        ),
         ("task.splits.train=[{box: {x: [0, 64], y: [0, 64]}, z: [0, 9]}]", "tiles must share one in-plane shape"),
     ],
 )
@@ -184,8 +204,7 @@ def test_roi_majority_drops_unlabelled_tiles() -> None:
 
 @pytest.mark.parametrize("downsample,side", [(1, 256), (2, 128), (4, 64)])
 def test_downsample_shapes(downsample: int, side: int) -> None:
-    task = make_task("roi_c1", f"task.downsample={downsample}",
-                     "task.splits.train=[{set: A, z: [110, 114]}]")
+    task = make_task("roi_c1", f"task.downsample={downsample}", "task.splits.train=[{set: A, z: [110, 114]}]")
     arr = task.build("train", FakeSource())
     assert task.sample_shape() == (side, side) and arr.images.shape == (16, side, side)
 
@@ -200,13 +219,12 @@ def test_datamodule_train_stats_match_numpy() -> None:
     assert task.num_classes == 4
 
 
-
 # -- touching windows (contacts) and task.guard_px --------------------------------------------
 def contact_rows(task) -> set[tuple]:
     return {(c.split, c.eval_cube.key, c.train_cube.key, c.kind, c.side, c.length_px, c.z) for c in task.contacts}
 
 
-# from conf/cubes/paper.yaml by hand: D/zi x[1799, 2055) starts where A/zi x[1543, 1799) ends (same y);
+# from mtneuro_lab/conf/cubes/paper.yaml by hand: D/zi x[1799, 2055) starts where A/zi x[1543, 1799) ends (same y);
 # D/striatum y[244, 500) ends where A/striatum y[500, 756) starts, x overlap [3800, 3956) = 156 px;
 # C/zi x[1031, 1287) ends where B/zi x[1287, 1543) starts (same y); D/vp x[2295, 2551) ends where
 # B/vp starts, y overlap [850, 950) = 100 px; C/cortex's corner (5312, 644) is B/cortex's corner;
@@ -232,8 +250,7 @@ def test_paper_cubes_name_their_contacts(caplog) -> None:
         task.log_contacts()
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(lines) == 6
-    assert ("roi_c3: test cube D/zi touches training cube A/zi along its x- face (256 px, z[110, 380))"
-            in lines)
+    assert "roi_c3: test cube D/zi touches training cube A/zi along its x- face (256 px, z[110, 380))" in lines
     assert "roi_c3: test cube C/cortex touches training cube B/cortex at its x+/y- corner" in "\n".join(lines)
 
 
@@ -269,8 +286,10 @@ def test_overlapping_windows_stay_an_error() -> None:
 
 @pytest.mark.parametrize(
     "override,fragment",
-    [("task.guard_px=-1", "task.guard_px: must be >= 0, got -1"),
-     ("task.guard_px=128", "task.guard_px: must be < half the 256x256 tile (full resolution), got 128")],
+    [
+        ("task.guard_px=-1", "task.guard_px: must be >= 0, got -1"),
+        ("task.guard_px=128", "task.guard_px: must be < half the 256x256 tile (full resolution), got 128"),
+    ],
 )
 def test_bad_guard_is_one_line(override: str, fragment: str) -> None:
     from mtneuro_lab.run import instantiate_cfg
@@ -285,7 +304,8 @@ def test_bad_guard_stops_the_cli_before_any_work(tmp_path: Path) -> None:
     proc = run_cli("train.py", "task=roi_c2", "task.guard_px=200", run_dir=tmp_path / "run")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: task.guard_px: must be < half the 256x256 tile (full resolution), got 200")
+        "error: task.guard_px: must be < half the 256x256 tile (full resolution), got 200"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -320,8 +340,10 @@ def test_guard_trims_each_touching_side_and_needs_a_whole_window_left() -> None:
     # a corner contact trims both sides of the corner; no test window left is one line
     with pytest.raises(ConfigError, match=r"^task.guard_px: 4 px guards leave no whole test window"):
         box_task("{box: {x: [64, 128], y: [64, 128]}, z: [0, 30]}", "task.guard_px=4")
-    task = box_task("{box: {x: [64, 128], y: [64, 128]}, z: [0, 30]}, {box: {x: [200, 264], y: [0, 64]}, z: [0, 30]}",
-                    "task.guard_px=4")
+    task = box_task(
+        "{box: {x: [64, 128], y: [64, 128]}, z: [0, 30]}, {box: {x: [200, 264], y: [0, 64]}, z: [0, 30]}",
+        "task.guard_px=4",
+    )
     assert [(c.x, c.y) for c, _ in task._slabs("test")] == [((200, 264), (0, 64))]
     assert [(s, t.x, t.y) for s, _, t, _ in task._left_out] == [("test", (68, 128), (68, 128))]
 
@@ -330,6 +352,7 @@ def test_segmentation_tasks_take_the_guard() -> None:
     test = "task.splits.test=[{set: D, z: [110, 470], regions: [cortex, zi]}]"
     task = make_task("seg2d_3class", "task.downsample=4", test, "task.guard_px=16")
     assert [c.key for c, _ in task._slabs("test")] == ["D/cortex"]
+
     class LabelSource(FakeSource):
         def cutout(self, channel, x, y, z):
             out = super().cutout("image", x, y, z)
@@ -338,16 +361,26 @@ def test_segmentation_tasks_take_the_guard() -> None:
     arr = task.build("test", LabelSource())
     assert len(arr) == 360 and arr.images.shape[1:] == (64, 64) and arr.cubes == ["D/cortex"]
     assert [c.key for c, _ in make_task("seg3d_4class", "task.guard_px=16")._slabs("test")] == [
-        "A/cortex", "A/striatum", "A/vp"]
+        "A/cortex",
+        "A/striatum",
+        "A/vp",
+    ]
+
 
 # -- end to end on the phantom ----------------------------------------------------------------
 FAST_SPLITS = {  # few slices (phantom cubes generated over z 100-160 only)
-    "roi_c2": ("source.z_extent=[100,160]", "task.splits.train=[{set: A, z: [110, 130]}]",
-               "task.splits.val=[{set: A, z: [130, 140]}]",
-               "task.splits.test=[{set: C, z: [110, 160]}, {set: D, z: [110, 160]}]"),
-    "roi_c3": ("source.z_extent=[100,160]", "task.splits.train=[{set: A, z: [110, 130]}, {set: B, z: [110, 160]}]",
-               "task.splits.val=[{set: A, z: [130, 140]}]",
-               "task.splits.test=[{set: C, z: [110, 160]}, {set: D, z: [110, 160]}]"),
+    "roi_c2": (
+        "source.z_extent=[100,160]",
+        "task.splits.train=[{set: A, z: [110, 130]}]",
+        "task.splits.val=[{set: A, z: [130, 140]}]",
+        "task.splits.test=[{set: C, z: [110, 160]}, {set: D, z: [110, 160]}]",
+    ),
+    "roi_c3": (
+        "source.z_extent=[100,160]",
+        "task.splits.train=[{set: A, z: [110, 130]}, {set: B, z: [110, 160]}]",
+        "task.splits.val=[{set: A, z: [130, 140]}]",
+        "task.splits.test=[{set: C, z: [110, 160]}, {set: D, z: [110, 160]}]",
+    ),
 }
 FAST_COUNTS = {"roi_c2": (80, 40, 400), "roi_c3": (280, 40, 400)}
 

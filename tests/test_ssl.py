@@ -1,4 +1,5 @@
 """SSL machinery (in-process, no data read): mining, EMA targets, linear evaluation, mixup."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,15 +39,28 @@ def _loader(n: int, size: int = 8, tile: int = 16, seed: int = 0) -> _Loader:
 
 def _batches(n: int, size: int = 8, tile: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [{"image": torch.randn(size, 1, tile, tile, generator=g),
-             "target": torch.arange(size) % len(CLASSES),
-             "index": torch.arange(i * size, (i + 1) * size)} for i in range(n)]
+    return [
+        {
+            "image": torch.randn(size, 1, tile, tile, generator=g),
+            "target": torch.arange(size) % len(CLASSES),
+            "index": torch.arange(i * size, (i + 1) * size),
+        }
+        for i in range(n)
+    ]
 
 
 def _trainer(callbacks: list[pl.Callback], epochs: int = 1, batches: int = 2) -> pl.Trainer:
-    return pl.Trainer(max_epochs=epochs, limit_train_batches=batches, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                      callbacks=callbacks, num_sanity_val_steps=0)
+    return pl.Trainer(
+        max_epochs=epochs,
+        limit_train_batches=batches,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+    )
 
 
 # -- mining --------------------------------------------------------------------------------------
@@ -110,9 +124,11 @@ class _Recorder(pl.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if pl_module.in_linear_phase and self.linear_start is None:
-            self.linear_start = {**{f"enc.{k}": v for k, v in self._copy(pl_module.encoder).items()},
-                                 **{f"tgt.{k}": v for k, v in self._copy(pl_module.target_encoder).items()},
-                                 **{f"lin.{k}": v for k, v in self._copy(pl_module.linear).items()}}
+            self.linear_start = {
+                **{f"enc.{k}": v for k, v in self._copy(pl_module.encoder).items()},
+                **{f"tgt.{k}": v for k, v in self._copy(pl_module.target_encoder).items()},
+                **{f"lin.{k}": v for k, v in self._copy(pl_module.linear).items()},
+            }
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +150,7 @@ def test_target_gets_no_gradient_and_moves_only_by_ema(trained_byol) -> None:
     m = model.ema_momentum(0)
     assert 0.996 <= m < 1
     moved = 0
-    for name, param in model.target_encoder.named_parameters():
+    for name, _ in model.target_encoder.named_parameters():
         expected = m * rec.before["target"][name] + (1 - m) * rec.after["online"][name]
         torch.testing.assert_close(rec.after["target"][name], expected)
         moved += int(not torch.equal(rec.after["target"][name], rec.before["target"][name]))
@@ -154,15 +170,18 @@ def test_linear_evaluation_leaves_encoder_parameters_and_buffers_unchanged(train
     model, rec = trained_byol
     assert rec.linear_start is not None, "the linear phase never started"
     assert rec.linear_modes and not any(rec.linear_modes), "encoder must be in eval mode during linear eval"
-    end = {**{f"enc.{k}": v for k, v in model.encoder.state_dict().items()},
-           **{f"tgt.{k}": v for k, v in model.target_encoder.state_dict().items()},
-           **{f"lin.{k}": v for k, v in model.linear.state_dict().items()}}
+    end = {
+        **{f"enc.{k}": v for k, v in model.encoder.state_dict().items()},
+        **{f"tgt.{k}": v for k, v in model.target_encoder.state_dict().items()},
+        **{f"lin.{k}": v for k, v in model.linear.state_dict().items()},
+    }
     for key, value in rec.linear_start.items():
         if key.startswith("lin."):
             continue
         assert torch.equal(value, end[key]), f"{key} changed during linear evaluation"
-    assert any(not torch.equal(v, end[k]) for k, v in rec.linear_start.items() if k.startswith("lin.")), \
+    assert any(not torch.equal(v, end[k]) for k, v in rec.linear_start.items() if k.startswith("lin.")), (
         "the linear head did not train"
+    )
 
 
 @pytest.mark.parametrize("cls", [pytest.param(MYOW, marks=pytest.mark.slow), MYOWMerged])
@@ -194,10 +213,15 @@ def test_views_are_half_size_crops_by_default() -> None:
         torch.testing.assert_close(v[0], x[0, 0, top : top + 32, left : left + 32])
 
 
-@pytest.mark.parametrize("bad, key", [({"views": {"crop_fraction": 0}}, "model.views.crop_fraction"),
-                                      ({"linear_eval": {"epochs": 0}}, "model.linear_eval.epochs"),
-                                      ({"ema_start": 1.2}, "model.ema_start"),
-                                      ({"k": 0}, "model.k")])
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        ({"views": {"crop_fraction": 0}}, "model.views.crop_fraction"),
+        ({"linear_eval": {"epochs": 0}}, "model.linear_eval.epochs"),
+        ({"ema_start": 1.2}, "model.ema_start"),
+        ({"k": 0}, "model.k"),
+    ],
+)
 def test_constructor_rejects_bad_values(bad: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         MYOW(len(CLASSES), CLASSES, (64, 64), **bad)

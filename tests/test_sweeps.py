@@ -1,5 +1,6 @@
 """Sweeps: every sweep config composes, launchers compose, SLURM script renders, and a real
 multirun with one failing job is recorded, reported and resumed."""
+
 from __future__ import annotations
 
 import json
@@ -12,16 +13,21 @@ import yaml
 from conftest import ROOT, compose, read_metrics, run_cli
 from omegaconf import OmegaConf, open_dict
 
-SWEEPS = sorted(p.stem for p in (ROOT / "sweeps" / "sweep").glob("*.yaml"))
-GROUPS = {p.name for p in (ROOT / "conf").iterdir() if p.is_dir()}
+SWEEPS = sorted(p.stem for p in (ROOT / "mtneuro_lab" / "sweeps" / "sweep").glob("*.yaml"))
+GROUPS = {p.name for p in (ROOT / "mtneuro_lab" / "conf").iterdir() if p.is_dir()}
 
 
 def _sweep_values() -> list[tuple[str, str, str]]:
     """(sweep, key, value) for every value a sweep config sweeps over."""
     out = []
     for name in SWEEPS:
-        params = (yaml.safe_load((ROOT / "sweeps" / "sweep" / f"{name}.yaml").read_text())
-                  .get("hydra", {}).get("sweeper", {}).get("params") or {})
+        params = (
+            yaml.safe_load((ROOT / "mtneuro_lab" / "sweeps" / "sweep" / f"{name}.yaml").read_text())
+            .get("hydra", {})
+            .get("sweeper", {})
+            .get("params")
+            or {}
+        )
         for key, spec in params.items():
             if key == "seed":  # seeds are checked as lists of integers in test_paper_protocol_values
                 continue
@@ -34,8 +40,17 @@ def _sweep_values() -> list[tuple[str, str, str]]:
 
 
 def test_sweep_configs_exist() -> None:
-    assert {"seeds", "seg_grid", "seg_seeds", "mixup_grid", "table1", "table2_2d", "table2_3d", "table3",
-            "optuna"} <= set(SWEEPS)
+    assert {
+        "seeds",
+        "seg_grid",
+        "seg_seeds",
+        "mixup_grid",
+        "table1",
+        "table2_2d",
+        "table2_3d",
+        "table3",
+        "optuna",
+    } <= set(SWEEPS)
 
 
 @pytest.mark.parametrize("name", SWEEPS)
@@ -54,7 +69,7 @@ def test_every_sweep_config_composes(name: str) -> None:
 def test_every_swept_value_composes(name: str, key: str, value: str) -> None:
     from mtneuro_lab.config.schema import validate_config
 
-    if key in GROUPS and not (ROOT / "conf" / key / f"{value}.yaml").is_file():
+    if key in GROUPS and not (ROOT / "mtneuro_lab" / "conf" / key / f"{value}.yaml").is_file():
         pytest.skip(f"conf/{key}/{value}.yaml not in the tree yet (another issue adds it)")
     overrides = [f"+sweep={name}"] + ([f"{key}={value}"] if value else [])
     cfg = compose(overrides)
@@ -78,9 +93,14 @@ def test_paper_protocol_values() -> None:
     assert mix["model.mixup_prob"] == "0.01,0.1,0.3,0.5,0.7" and mix["seed"] == "1,100,350,631,872"
 
 
-@pytest.mark.parametrize("launcher,target", [
-    ("basic", "BasicLauncher"), ("parallel", "JoblibLauncher"), ("slurm", "SlurmLauncher"),
-])
+@pytest.mark.parametrize(
+    "launcher,target",
+    [
+        ("basic", "BasicLauncher"),
+        ("parallel", "JoblibLauncher"),
+        ("slurm", "SlurmLauncher"),
+    ],
+)
 def test_launcher_configs_compose(launcher: str, target: str) -> None:
     cfg = compose(["+sweep=seeds", f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(target)
@@ -130,19 +150,37 @@ def test_slurm_launcher_renders_a_submission_script(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(submitit.core.core.Job, "results", lambda self: [JobReturn()])
 
     sweep_dir = tmp_path / "sweep"
-    cfg = compose(["+sweep=seeds", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                   "hydra.launcher.gpus_per_node=4", "hydra.launcher.timeout_min=720",
-                   "hydra.launcher.array_parallelism=3", "hydra.launcher.account=lab",
-                   f"hydra.sweep.dir={sweep_dir}", "trainer=ddp"], return_hydra_config=True)
+    cfg = compose(
+        [
+            "+sweep=seeds",
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.gpus_per_node=4",
+            "hydra.launcher.timeout_min=720",
+            "hydra.launcher.array_parallelism=3",
+            "hydra.launcher.account=lab",
+            f"hydra.sweep.dir={sweep_dir}",
+            "trainer=ddp",
+        ],
+        return_hydra_config=True,
+    )
     loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))
     launcher = Plugins.instance().instantiate_launcher(
         hydra_context=HydraContext(config_loader=loader, callbacks=Callbacks()),
-        task_function=lambda c: None, config=cfg)
+        task_function=lambda c: None,
+        config=cfg,
+    )
     seeds = [["seed=1"], ["seed=100"], ["seed=350"], ["seed=631"], ["seed=872"]]
     launcher.launch(seeds, initial_job_idx=0)
     script = (tmp_path / "submitted.sh").read_text()
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4",
-                 "#SBATCH --time=720", "#SBATCH --array=0-4%3", "#SBATCH --account=lab"):
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --time=720",
+        "#SBATCH --array=0-4%3",
+        "#SBATCH --account=lab",
+    ):
         assert line in script, script
     assert f"{sweep_dir}/.submitit" in script
 

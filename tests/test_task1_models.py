@@ -1,4 +1,5 @@
 """Task 1 models through the CLI on the ROI tasks, checkpoint reproduction, and PCA/NMF fits."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,14 @@ CLASSES = ["cortex", "striatum", "vp", "zi"]
 REGIONS = ("cortex", "striatum", "vp", "zi")
 #: keeps the SSL models small enough for a CPU test (the encoder stays a ResNet-18)
 SSL_FAST = ("model.linear_eval.epochs=1", "model.stem=small", "model.hidden_dim=64", "model.proj_dim=32")
-EXTRA = {"byol": SSL_FAST, "myow": SSL_FAST, "myow_m": SSL_FAST, "mixup": (), "pca": ("model.n_components=32",),
-         "nmf": ("model.n_components=16", "model.max_iter=10")}
+EXTRA = {
+    "byol": SSL_FAST,
+    "myow": SSL_FAST,
+    "myow_m": SSL_FAST,
+    "mixup": (),
+    "pca": ("model.n_components=32",),
+    "nmf": ("model.n_components=16", "model.max_iter=10"),
+}
 SSL_MODELS = {"byol", "myow", "myow_m"}
 #: default suite: every ROI task once, the SSL base and MYOW mining, a decomposition with evaluate.py;
 #: MYOW, NMF and mixup also run in-process (test_ssl.py, the spy test) and in the slow full grid
@@ -84,14 +91,17 @@ def test_bad_model_value_fails_in_one_line_before_training(tmp_path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("model, override, key", [
-    ("byol", "model.views.crop_fraction=1.5", "model.views.crop_fraction"),
-    ("myow_m", "model.views.hflip=sometimes", "model.views.hflip"),
-    ("byol", "model.linear_eval.lr=0", "model.linear_eval.lr"),
-    ("pca", "model.kind=ica", "model.kind"),
-    ("nmf", "model.n_components=0", "model.n_components"),
-    ("mixup", "model.mixup_prob=1.5", "model.mixup_prob"),
-])
+@pytest.mark.parametrize(
+    "model, override, key",
+    [
+        ("byol", "model.views.crop_fraction=1.5", "model.views.crop_fraction"),
+        ("myow_m", "model.views.hflip=sometimes", "model.views.hflip"),
+        ("byol", "model.linear_eval.lr=0", "model.linear_eval.lr"),
+        ("pca", "model.kind=ica", "model.kind"),
+        ("nmf", "model.n_components=0", "model.n_components"),
+        ("mixup", "model.mixup_prob=1.5", "model.mixup_prob"),
+    ],
+)
 def test_bad_model_values_raise_config_errors_naming_the_key(model: str, override: str, key: str) -> None:
     from mtneuro_lab.run import build_components
 
@@ -145,18 +155,37 @@ def test_decomposition_never_sees_test_data(monkeypatch, kind: str) -> None:
             return super().fit(X, y, **kw)
 
     monkeypatch.setattr(decomposition, kind.upper(), Spy)
-    cfg = compose([f"model={kind}", "task.downsample=4", "data.batch_size=8", "model.n_components=16",
-                   "model.max_iter=5", "model.max_fit_samples=300", "logger=none"])
+    cfg = compose(
+        [
+            f"model={kind}",
+            "task.downsample=4",
+            "data.batch_size=8",
+            "model.n_components=16",
+            "model.max_iter=5",
+            "model.max_fit_samples=300",
+            "logger=none",
+        ]
+    )
     comps = build_components(cfg)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        limit_test_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+    )
     trainer.fit(comps.method, datamodule=comps.datamodule)
     assert "test" not in comps.datamodule.arrays, "the test split was built during fit"
     trainer.test(comps.method, datamodule=comps.datamodule)
     (fitted,) = seen
     assert len(fitted) == 300
+
     def to_rows(a: np.ndarray) -> set[bytes]:
         return {r.tobytes() for r in (a.reshape(len(a), -1).astype(np.float32) / 255)}
+
     train_rows = to_rows(comps.datamodule.arrays["train"].images)
     test_rows = to_rows(comps.datamodule.arrays["test"].images)
     fitted_rows = {r.astype(np.float32).tobytes() for r in fitted}

@@ -1,5 +1,6 @@
 """The hand-crafted texture baseline (``model=texture``): feature values, fit on the training split
 only, checkpoint round trip, a tiny fit through the real flow, and one-line config errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -147,12 +148,28 @@ def test_checkpoint_round_trip_needs_no_refit() -> None:
 def test_tiny_fit_on_the_phantom_uses_only_training_tiles() -> None:
     from mtneuro_lab.run import build_components
 
-    cfg = compose(["model=texture", "task.downsample=4", "data.batch_size=16", "logger=none",
-                   "model.gabor_frequencies=[0.2]", "model.lbp_radii=[1]"])
+    cfg = compose(
+        [
+            "model=texture",
+            "task.downsample=4",
+            "data.batch_size=16",
+            "logger=none",
+            "model.gabor_frequencies=[0.2]",
+            "model.lbp_radii=[1]",
+        ]
+    )
     validate_config(cfg)
     comps = build_components(cfg)
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=8, limit_val_batches=1, limit_test_batches=4,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_train_batches=8,
+        limit_val_batches=1,
+        limit_test_batches=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+    )
     trainer.fit(comps.method, datamodule=comps.datamodule)
     assert "test" not in comps.datamodule.arrays, "the test split was built during fit"
     method, dm = comps.method, comps.datamodule
@@ -175,17 +192,20 @@ def test_texture_on_a_non_classification_task_fails_in_one_line(task: str) -> No
     assert "\n" not in str(info.value) and "classification" in str(info.value)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.glcm_levels=1", "model.glcm_levels"),
-    ("model.glcm_distances=[0,1]", "model.glcm_distances"),
-    ("model.glcm_angles=0", "model.glcm_angles"),
-    ("model.lbp_points=2", "model.lbp_points"),
-    ("model.lbp_radii=[200]", "model.lbp_radii"),
-    ("model.gabor_frequencies=[0.7]", "model.gabor_frequencies"),
-    ("model.gabor_orientations=0", "model.gabor_orientations"),
-    ("model.quantiles=[1.5]", "model.quantiles"),
-    ("model.feature_cache=-1", "model.feature_cache"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.glcm_levels=1", "model.glcm_levels"),
+        ("model.glcm_distances=[0,1]", "model.glcm_distances"),
+        ("model.glcm_angles=0", "model.glcm_angles"),
+        ("model.lbp_points=2", "model.lbp_points"),
+        ("model.lbp_radii=[200]", "model.lbp_radii"),
+        ("model.gabor_frequencies=[0.7]", "model.gabor_frequencies"),
+        ("model.gabor_orientations=0", "model.gabor_orientations"),
+        ("model.quantiles=[1.5]", "model.quantiles"),
+        ("model.feature_cache=-1", "model.feature_cache"),
+    ],
+)
 def test_bad_texture_values_raise_one_line_config_errors(override: str, key: str) -> None:
     from mtneuro_lab.run import build_components
 

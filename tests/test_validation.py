@@ -6,6 +6,7 @@ on stderr that contains the expected key and hint, and nothing written to the ca
 output directories. A handful of cases also run as real ``train.py``/``evaluate.py``
 subprocesses. The table in docs/reliability.md lists these inputs and their messages.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -86,22 +87,24 @@ BAD_INPUTS: list[tuple[list[str], tuple[str, ...]]] = [
     # missing local files and HDF5 keys
     (["source=local"], ("source.channels", "path")),
     (["source=local", "source.channels.image.path={files}/missing.h5"], ("source.channels.image", "missing.h5")),
-    (["source=local", "source.channels.image.path={files}/vol.h5", "source.channels.image.key=data"],
-     ("source.channels.image", "'data'", "available keys: raw")),
+    (
+        ["source=local", "source.channels.image.path={files}/vol.h5", "source.channels.image.key=data"],
+        ("source.channels.image", "'data'", "available keys: raw"),
+    ),
     # checkpoints: missing, unsafe pickle, another model's
     (["ckpt_path={files}/missing.ckpt"], ("ckpt_path", "missing.ckpt")),
     (["ckpt_path={files}/evil.ckpt"], ("ckpt_path", "evil.ckpt", "safely")),
-    (["model=byol", "ckpt_path={files}/run/checkpoints/best.ckpt"],
-     ("ckpt_path", "not a checkpoint of model", "BYOL", "SupervisedClassifier")),
+    (
+        ["model=byol", "ckpt_path={files}/run/checkpoints/best.ckpt"],
+        ("ckpt_path", "not a checkpoint of model", "BYOL", "SupervisedClassifier"),
+    ),
 ]
 
 EVALUATE_BAD_INPUTS: list[tuple[list[str], tuple[str, ...]]] = [
     ([], ("ckpt_path", "evaluate.py needs")),
     (["ckpt_path={files}/missing.ckpt"], ("ckpt_path", "missing.ckpt")),
-    (["ckpt_path={files}/run/checkpoints/best.ckpt", "model=byol"],
-     ("ckpt_path", "not a checkpoint of model", "BYOL")),
-    (["ckpt_path={files}/run/checkpoints/best.ckpt", "task.downsample=2"],
-     ("ckpt_path", "other shapes")),
+    (["ckpt_path={files}/run/checkpoints/best.ckpt", "model=byol"], ("ckpt_path", "not a checkpoint of model", "BYOL")),
+    (["ckpt_path={files}/run/checkpoints/best.ckpt", "task.downsample=2"], ("ckpt_path", "other shapes")),
 ]
 
 FAST_MODEL = ("task.downsample=4", "data.batch_size=8", "logger=none")
@@ -127,8 +130,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _preflight(flow: str, overrides: list[str], tmp: Path, capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
-    sandbox = [f"paths.cache_dir={tmp / 'cache'}", f"paths.output_root={tmp / 'out'}",
-               f"paths.data_dir={tmp / 'data'}"]
+    sandbox = [f"paths.cache_dir={tmp / 'cache'}", f"paths.output_root={tmp / 'out'}", f"paths.data_dir={tmp / 'data'}"]
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         cli.preflight([*overrides, *sandbox], run.preflight_checks[flow])
@@ -136,8 +138,14 @@ def _preflight(flow: str, overrides: list[str], tmp: Path, capsys: pytest.Captur
     return int(exc.value.code), lines
 
 
-def _check(flow: str, overrides: list[str], expected: tuple[str, ...], files: Path, tmp_path: Path,
-           capsys: pytest.CaptureFixture) -> None:
+def _check(
+    flow: str,
+    overrides: list[str],
+    expected: tuple[str, ...],
+    files: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
     overrides = [o.replace("{files}", str(files)) for o in overrides]
     code, lines = _preflight(flow, overrides, tmp_path, capsys)
     assert code == 2
@@ -153,17 +161,18 @@ def test_at_least_25_bad_inputs_are_covered() -> None:
 
 
 @pytest.mark.parametrize("overrides,expected", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
-def test_bad_train_input_is_one_line_before_any_work(overrides: list[str], expected: tuple[str, ...],
-                                                     files: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture) -> None:
+def test_bad_train_input_is_one_line_before_any_work(
+    overrides: list[str], expected: tuple[str, ...], files: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     _check("train", overrides, expected, files, tmp_path, capsys)
 
 
-@pytest.mark.parametrize("overrides,expected", EVALUATE_BAD_INPUTS,
-                         ids=[" ".join(o) or "no ckpt_path" for o, _ in EVALUATE_BAD_INPUTS])
-def test_bad_evaluate_input_is_one_line_before_any_work(overrides: list[str], expected: tuple[str, ...],
-                                                        files: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "overrides,expected", EVALUATE_BAD_INPUTS, ids=[" ".join(o) or "no ckpt_path" for o, _ in EVALUATE_BAD_INPUTS]
+)
+def test_bad_evaluate_input_is_one_line_before_any_work(
+    overrides: list[str], expected: tuple[str, ...], files: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     _check("evaluate", overrides, expected, files, tmp_path, capsys)
 
 
@@ -186,13 +195,17 @@ def test_unsafe_checkpoint_is_refused_by_load_checkpoint(files: Path) -> None:
     "script,overrides,expected",
     [
         ("train.py", ["model=byol", "task=seg2d_3class"], "model=byol"),
-        ("train.py", ["source=local", "source.channels.image.path={files}/vol.h5",
-                      "source.channels.image.key=data"], "source.channels.image"),
+        (
+            "train.py",
+            ["source=local", "source.channels.image.path={files}/vol.h5", "source.channels.image.key=data"],
+            "source.channels.image",
+        ),
         ("evaluate.py", ["ckpt_path={files}/run/checkpoints/best.ckpt", "model=byol"], "ckpt_path"),
     ],
 )
-def test_cli_bad_input_writes_nothing(script: str, overrides: list[str], expected: str, files: Path,
-                                      tmp_path: Path) -> None:
+def test_cli_bad_input_writes_nothing(
+    script: str, overrides: list[str], expected: str, files: Path, tmp_path: Path
+) -> None:
     """Real subprocesses: exit 2, one line, no run directory, no cache entry."""
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
     overrides = [o.replace("{files}", str(files)) for o in overrides]
@@ -223,7 +236,8 @@ def test_channels_last_keeps_the_outputs() -> None:
     assert conv.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
     batch = comps.datamodule.on_after_batch_transfer(
-        {"image": torch.zeros(2, 64, 64, dtype=torch.uint8), "target": torch.zeros(2, dtype=torch.long)}, 0)
+        {"image": torch.zeros(2, 64, 64, dtype=torch.uint8), "target": torch.zeros(2, dtype=torch.long)}, 0
+    )
     assert batch["image"].shape == (2, 1, 64, 64)
     assert batch["image"].is_contiguous(memory_format=torch.channels_last)
 
@@ -253,8 +267,15 @@ def test_data_on_device_trains_and_gathers_on_the_trainer_device(tmp_path: Path)
 
     comps = _built()
     perf.apply({"data_on_device": True}, comps.method, comps.datamodule)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(comps.method, datamodule=comps.datamodule)
     assert trainer.global_step == 2
     on_device = comps.datamodule._device_tensors["train"]

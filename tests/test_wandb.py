@@ -1,5 +1,6 @@
 """W&B logger: project/entity/mode from config or environment, one group per experiment
 (all but the seed), and the API key never lands in a file the project writes."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +35,13 @@ def test_group_is_the_experiment_without_its_seed(monkeypatch: pytest.MonkeyPatc
 def test_api_key_is_never_written(tmp_path: Path, mode: str) -> None:
     secret = "0123456789abcdef0123456789abcdef" + "sentinel"
     run_dir = tmp_path / "run"
-    env = {"WANDB_API_KEY": secret, "WANDB_MODE": mode, "WANDB_DIR": str(tmp_path / "wandb_dir"),
-           "WANDB_CONFIG_DIR": str(tmp_path / "wandb_cfg"), "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache")}
+    env = {
+        "WANDB_API_KEY": secret,
+        "WANDB_MODE": mode,
+        "WANDB_DIR": str(tmp_path / "wandb_dir"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb_cfg"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
+    }
     proc = run_cli("train.py", "logger=wandb", run_dir=run_dir, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -4,6 +4,7 @@ A method exposes either ``embed(x) -> (B, D)`` (decompositions such as PCA/NMF) 
 ``encoder`` module (every Task 1 network: supervised, mixup, BYOL, MYOW, MYOW-m) taking the
 normalised float batch ``(B, 1, H, W)`` the datamodule would produce.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,10 @@ def embedding_fn(method: Any, model_name: str = "model") -> Callable[[torch.Tens
     encoder = getattr(method, "encoder", None)
     if isinstance(encoder, torch.nn.Module):
         return encoder
-    raise ConfigError(f"model={model_name}: has neither an `encoder` module nor an `embed()` method, "
-                      f"so there is nothing to read semantic features from")
+    raise ConfigError(
+        f"model={model_name}: has neither an `encoder` module nor an `embed()` method, "
+        f"so there is nothing to read semantic features from"
+    )
 
 
 def split_tiles(images: np.ndarray, grid: int) -> np.ndarray:
@@ -45,14 +48,18 @@ def split_tiles(images: np.ndarray, grid: int) -> np.ndarray:
 
 
 @torch.inference_mode()
-def embed_images(method: Any, images: np.ndarray, mean: float, std: float, batch_size: int = 256,
-                 model_name: str = "model") -> np.ndarray:
+def embed_images(
+    method: Any, images: np.ndarray, mean: float, std: float, batch_size: int = 256, model_name: str = "model"
+) -> np.ndarray:
     """Embeddings ``(N, D)`` float64 of uint8 ``images`` ``(N, H, W)``, method in eval mode."""
     fn = embedding_fn(method, model_name)
     if isinstance(method, torch.nn.Module):
         method.eval()
-    device = next((p.device for p in method.parameters()), torch.device("cpu")) \
-        if isinstance(method, torch.nn.Module) else torch.device("cpu")
+    device = (
+        next((p.device for p in method.parameters()), torch.device("cpu"))
+        if isinstance(method, torch.nn.Module)
+        else torch.device("cpu")
+    )
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
@@ -72,8 +79,9 @@ def umap_coordinates(embeddings: np.ndarray, seed: int, n_neighbors: int = 15) -
     return reducer.fit_transform(x)
 
 
-def plot_umaps(coords: np.ndarray, values: np.ndarray, names: Sequence[str], out_dir: Path,
-               title: str = "") -> list[Path]:
+def plot_umaps(
+    coords: np.ndarray, values: np.ndarray, names: Sequence[str], out_dir: Path, title: str = ""
+) -> list[Path]:
     """One PNG per feature: UMAP points coloured by the feature (NaN samples in grey)."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib

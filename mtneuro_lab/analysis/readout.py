@@ -15,6 +15,7 @@
    ``test/r2_region_only/<f>``, ``test/r2_within/<f>``), ``semantic_r2.md``/``.csv`` (the table), ``features.csv``,
    ``embeddings.npy`` and ``umap_<feature>.png``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,9 +59,19 @@ log = logging.getLogger(__name__)
 # -- the regression -----------------------------------------------------------------------------
 #: per-feature results: in-sample and CV (mean, std over folds) of the three R^2 kinds
 R2_KINDS: tuple[str, ...] = ("r2", "r2_region_only", "r2_within")
-RESULT_KEYS: tuple[str, ...] = ("r2", "r2_cv", "r2_cv_std", "r2_region_only", "r2_region_only_cv",
-                                "r2_region_only_cv_std", "r2_within", "r2_within_cv", "r2_within_cv_std",
-                                "n", "n_nan")
+RESULT_KEYS: tuple[str, ...] = (
+    "r2",
+    "r2_cv",
+    "r2_cv_std",
+    "r2_region_only",
+    "r2_region_only_cv",
+    "r2_region_only_cv_std",
+    "r2_within",
+    "r2_within_cv",
+    "r2_within_cv_std",
+    "n",
+    "n_nan",
+)
 
 
 def cv_splits(z: np.ndarray, folds: int, cv: str, seed: int, gap: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -88,8 +99,9 @@ def _lookup(means: Mapping[int, np.ndarray], region: np.ndarray) -> np.ndarray:
     return np.stack([means.get(int(r), means[-1]) for r in region])
 
 
-def fold_predictions(x: np.ndarray, y: np.ndarray, region: np.ndarray, fit: np.ndarray, held: np.ndarray,
-                     model: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def fold_predictions(
+    x: np.ndarray, y: np.ndarray, region: np.ndarray, fit: np.ndarray, held: np.ndarray, model: Any
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per R^2 kind, ``(target, prediction)`` on the ``held`` rows, learnt from the ``fit`` rows only.
 
     ``r2``: the embedding regressed on the feature. ``r2_region_only``: the feature's mean over
@@ -105,8 +117,11 @@ def fold_predictions(x: np.ndarray, y: np.ndarray, region: np.ndarray, fit: np.n
     y_res, x_res = y - _lookup(y_means, region), x - _lookup(x_means, region)
     pooled = clone(model).fit(x[fit], y[fit]).predict(x[held])
     within = clone(model).fit(x_res[fit], y_res[fit]).predict(x_res[held])
-    return {"r2": (y[held], pooled), "r2_region_only": (y[held], _lookup(y_means, region[held])),
-            "r2_within": (y_res[held], within)}
+    return {
+        "r2": (y[held], pooled),
+        "r2_region_only": (y[held], _lookup(y_means, region[held])),
+        "r2_within": (y_res[held], within),
+    }
 
 
 def _score(target: np.ndarray, prediction: np.ndarray) -> float:
@@ -120,8 +135,15 @@ def _no_r2(name: str, n: int, constant: bool) -> None:
     log.warning("semantic: no R^2 for %s (%d valid samples, constant=%s)", name, n, constant)
 
 
-def linear_readout(embeddings: np.ndarray, table: FeatureTable, folds: int = 5, cv: str = "blocked",
-                   seed: int = 0, alpha: float = 0.0, gap: int = 0) -> dict[str, dict[str, float]]:
+def linear_readout(
+    embeddings: np.ndarray,
+    table: FeatureTable,
+    folds: int = 5,
+    cv: str = "blocked",
+    seed: int = 0,
+    alpha: float = 0.0,
+    gap: int = 0,
+) -> dict[str, dict[str, float]]:
     """Per feature, pooled, region-only and within-region R^2, in-sample and k-fold CV.
 
     Why three numbers: the four regions differ so much in vessel, axon and cell content that a
@@ -179,10 +201,17 @@ def linear_readout(embeddings: np.ndarray, table: FeatureTable, folds: int = 5, 
 
 #: metrics.json key of each result: in-sample under today's names, the CV headline under test/
 METRIC_KEYS: dict[str, str] = {
-    "r2": "r2", "r2_cv": "r2_cv", "r2_cv_std": "r2_cv_std", "n": "n", "n_nan": "n_nan",
-    "r2_region_only": "r2_region_only", "r2_within": "r2_within",
-    "r2_region_only_cv": "test/r2_region_only", "r2_region_only_cv_std": "test/r2_region_only_std",
-    "r2_within_cv": "test/r2_within", "r2_within_cv_std": "test/r2_within_std",
+    "r2": "r2",
+    "r2_cv": "r2_cv",
+    "r2_cv_std": "r2_cv_std",
+    "n": "n",
+    "n_nan": "n_nan",
+    "r2_region_only": "r2_region_only",
+    "r2_within": "r2_within",
+    "r2_region_only_cv": "test/r2_region_only",
+    "r2_region_only_cv_std": "test/r2_region_only_std",
+    "r2_within_cv": "test/r2_within",
+    "r2_within_cv_std": "test/r2_within_std",
 }
 
 
@@ -198,6 +227,7 @@ def metrics_of(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
 
 def table_text(results: Mapping[str, Mapping[str, float]], folds: int, cv: str, title: str) -> tuple[str, str]:
     """The R^2 table as Markdown and CSV: pooled, region-only and within-region, in-sample and CV."""
+
     def fmt(v: float) -> str:
         return "n/a" if math.isnan(v) else f"{v:.3f}"
 
@@ -206,10 +236,13 @@ def table_text(results: Mapping[str, Mapping[str, float]], folds: int, cv: str, 
         return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
 
     head = f"{folds}-fold CV ({cv})"
-    md = [f"### {title}", "",
-          f"| feature | R² in-sample | R² {head} | region-only R² in-sample | region-only R² {head} "
-          f"| within-region R² in-sample | within-region R² {head} | samples | NaN excluded |",
-          "|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        f"### {title}",
+        "",
+        f"| feature | R² in-sample | R² {head} | region-only R² in-sample | region-only R² {head} "
+        f"| within-region R² in-sample | within-region R² {head} | samples | NaN excluded |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     csv = ["feature," + ",".join(RESULT_KEYS)]
     for name, r in results.items():
         cells = [f"{fmt(r[k])} | {cv_fmt(r, k)}" for k in R2_KINDS]
@@ -251,8 +284,10 @@ def preflight(cfg: DictConfig) -> None:
     validate_config(cfg)
     method_cls = import_target(cfg.model._target_, "model")
     if not _fits_itself(method_cls):
-        raise ConfigError(f"ckpt_path: task=semantic with model={_model_name(cfg)} needs ckpt_path=<Task 1 "
-                          f"checkpoint>; only decompositions (model=pca, model=nmf) run without one")
+        raise ConfigError(
+            f"ckpt_path: task=semantic with model={_model_name(cfg)} needs ckpt_path=<Task 1 "
+            f"checkpoint>; only decompositions (model=pca, model=nmf) run without one"
+        )
 
 
 def _normalisation(state: Mapping[str, Any] | None, data: DataConfig, task: Any, source: Any) -> tuple[float, float]:
@@ -283,11 +318,16 @@ def run_semantic(cfg: DictConfig) -> dict[str, float]:
         facts = task_facts(task1)
     else:
         if not _fits_itself(method_cls):
-            raise ConfigError(f"ckpt_path: task=semantic with model={model_name} needs ckpt_path=<Task 1 "
-                              f"checkpoint>; only decompositions (model=pca, model=nmf) run without one")
+            raise ConfigError(
+                f"ckpt_path: task=semantic with model={model_name} needs ckpt_path=<Task 1 "
+                f"checkpoint>; only decompositions (model=pca, model=nmf) run without one"
+            )
         shape = task.sample_shape()  # a decomposition fitted here embeds exactly the read-out crops
-        facts = {"num_classes": len(catalog.regions), "class_names": list(catalog.regions),
-                     "input_shape": (shape[0] // task.grid, shape[1] // task.grid)}
+        facts = {
+            "num_classes": len(catalog.regions),
+            "class_names": list(catalog.regions),
+            "input_shape": (shape[0] // task.grid, shape[1] // task.grid),
+        }
     method = build_method(ecfg, facts)
     embedding_fn(method, model_name)  # fail before reading data if there is nothing to embed with
     _check_fixed_size(method, task, model_name)
@@ -309,14 +349,23 @@ def run_semantic(cfg: DictConfig) -> dict[str, float]:
     table = task.features(source)
     images = task.build("test", source).images
     crops = split_tiles(images, task.grid)
-    log.info("semantic: embedding %d samples (%s of %d slices, %dx%d px) with %s", len(crops),
-             task.sample_unit, len(images), crops.shape[1], crops.shape[2], model_name)
+    log.info(
+        "semantic: embedding %d samples (%s of %d slices, %dx%d px) with %s",
+        len(crops),
+        task.sample_unit,
+        len(images),
+        crops.shape[1],
+        crops.shape[2],
+        model_name,
+    )
     embeddings = embed_images(method, crops, mean, std, task.embed_batch_size, model_name)
     results = linear_readout(embeddings, table, task.folds, task.cv, int(ecfg.seed), task.alpha, task.cv_gap)
 
     fit = "least squares" if task.alpha == 0 else f"ridge alpha={task.alpha:g}"
-    title = (f"Task 3 read-out: {model_name} ({Path(str(ckpt)).name if ckpt else 'fitted here'}), "
-             f"{len(crops)} {task.sample_unit} samples, {fit}")
+    title = (
+        f"Task 3 read-out: {model_name} ({Path(str(ckpt)).name if ckpt else 'fitted here'}), "
+        f"{len(crops)} {task.sample_unit} samples, {fit}"
+    )
     cv = f"{task.cv}, gap {task.cv_gap}" if task.cv == "blocked" else task.cv
     md, csv = table_text(results, task.folds, cv, title)
     atomic_write_bytes(run_dir / "semantic_r2.md", md.encode())
@@ -338,6 +387,8 @@ def _check_fixed_size(method: Any, task: Any, model_name: str) -> None:
     crop = (shape[0] // task.grid, shape[1] // task.grid)
     fitted = tuple(getattr(method, "input_shape", crop))[-2:]
     if fitted != crop:
-        raise ConfigError(f"task.sample_unit: model={model_name} embeds {fitted[0]}x{fitted[1]} tiles but "
-                          f"sample_unit={task.sample_unit} gives {crop[0]}x{crop[1]} crops; use "
-                          f"task.sample_unit=tile with this checkpoint, or no ckpt_path to fit on quadrants")
+        raise ConfigError(
+            f"task.sample_unit: model={model_name} embeds {fitted[0]}x{fitted[1]} tiles but "
+            f"sample_unit={task.sample_unit} gives {crop[0]}x{crop[1]} crops; use "
+            f"task.sample_unit=tile with this checkpoint, or no ckpt_path to fit on quadrants"
+        )

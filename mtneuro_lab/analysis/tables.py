@@ -3,6 +3,7 @@
 Pure functions over :class:`RunRecord` lists (no file access), so the report module and
 notebooks share one definition of "a group", "a missing seed" and "mean ± std".
 """
+
 from __future__ import annotations
 
 import math
@@ -11,9 +12,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: flat config keys (prefixes) that never make two runs different experiments
-IGNORED_PREFIXES = ("seed", "paths", "hydra", "ckpt_path", "logger", "callbacks", "extras", "sweep",
-                    "tags", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-                    "trainer.log_every_n_steps", "trainer.default_root_dir")
+IGNORED_PREFIXES = (
+    "seed",
+    "paths",
+    "hydra",
+    "ckpt_path",
+    "logger",
+    "callbacks",
+    "extras",
+    "sweep",
+    "tags",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "trainer.default_root_dir",
+)
 IGNORED_SUFFIXES = ("save_dir", "dirpath", "cache_dir", "data_dir")
 
 
@@ -22,15 +35,15 @@ class RunRecord:
     """One job directory: its status, seed, config (flattened), label and metrics."""
 
     path: str
-    status: str                      # done | failed | incomplete
+    status: str  # done | failed | incomplete
     seed: int | None
     config: dict[str, Any]
-    label: dict[str, str]            # what a reader calls the experiment: task, model, swept keys
+    label: dict[str, str]  # what a reader calls the experiment: task, model, swept keys
     metrics: dict[str, float] = field(default_factory=dict)
     #: the text entries of metrics.json, e.g. ``selection/metric: val/acc``, ``selection/mode: max``
     info: dict[str, str] = field(default_factory=dict)
     error: str = ""
-    table: str = "runs"              # sweep.name, or "runs"
+    table: str = "runs"  # sweep.name, or "runs"
     expected_seeds: tuple[int, ...] = ()
     layout: dict[str, Any] = field(default_factory=dict)
 
@@ -45,13 +58,12 @@ class Group:
 
     @property
     def done(self) -> list[RunRecord]:
-        return sorted((r for r in self.runs if r.status == "done"), key=lambda r: (r.seed or 0))
+        return sorted((r for r in self.runs if r.status == "done"), key=lambda r: r.seed or 0)
 
     @property
     def failed(self) -> list[RunRecord]:
         done = {r.seed for r in self.done}
-        return sorted((r for r in self.runs if r.status == "failed" and r.seed not in done),
-                      key=lambda r: (r.seed or 0))
+        return sorted((r for r in self.runs if r.status == "failed" and r.seed not in done), key=lambda r: r.seed or 0)
 
     @property
     def missing_seeds(self) -> list[int]:
@@ -65,8 +77,11 @@ class Group:
 
     def notes(self) -> list[str]:
         out = [f"seed {r.seed} failed ({r.error})" for r in self.failed]
-        out += [f"seed {r.seed} incomplete (no metrics.json)" for r in self.runs
-                if r.status == "incomplete" and r.seed not in {d.seed for d in self.done}]
+        out += [
+            f"seed {r.seed} incomplete (no metrics.json)"
+            for r in self.runs
+            if r.status == "incomplete" and r.seed not in {d.seed for d in self.done}
+        ]
         if self.missing_seeds:
             out.append("missing seeds " + ", ".join(map(str, self.missing_seeds)))
         return out
@@ -175,8 +190,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     def cell(x: str) -> str:
         return str(x).replace("|", "\\|")
 
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -192,8 +206,9 @@ def long_table(groups: Sequence[Group], metrics: Sequence[str]) -> tuple[list[st
     return header, rows
 
 
-def pivot_table(groups: Sequence[Group], rows_key: str, cols_key: str | None,
-                metric: str) -> tuple[list[str], list[list[str]]]:
+def pivot_table(
+    groups: Sequence[Group], rows_key: str, cols_key: str | None, metric: str
+) -> tuple[list[str], list[list[str]]]:
     """Paper layout: ``rows_key`` down, ``cols_key`` across, ``mean ± std (n)`` of one metric."""
     row_values = list(dict.fromkeys(g.label.get(rows_key, "") for g in groups))
     col_values = list(dict.fromkeys(g.label.get(cols_key, "") for g in groups)) if cols_key else [metric]

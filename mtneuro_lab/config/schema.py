@@ -10,6 +10,7 @@ name the key and the allowed values:
   own constructors then check value ranges when the run instantiates them, still before any
   data is touched.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,8 +90,11 @@ def _signature(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any
         hints = {}
     params = {n: p for n, p in sig.parameters.items() if n not in ("self", "cls")}
     has_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    params = {n: p for n, p in params.items()
-              if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    params = {
+        n: p
+        for n, p in params.items()
+        if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    }
     return params, hints, has_kwargs
 
 
@@ -163,8 +167,9 @@ def check_target_section(section: Any, key: str, injected: frozenset[str] = froz
             check_target_section(value, sub)
             continue
         try:
-            plain = (OmegaConf.to_container(value, resolve=True)
-                     if isinstance(value, (DictConfig, ListConfig)) else value)
+            plain = (
+                OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+            )
         except InterpolationResolutionError:
             continue
         _type_ok(plain, hints.get(name, inspect.Parameter.empty), sub)
@@ -178,9 +183,28 @@ INJECTED = {
     "source": frozenset({"cubes", "regions", "roi_ids", "cache_dir", "modality"}),
 }
 
-TOP_LEVEL = {"task", "model", "source", "trainer", "logger", "callbacks", "paths", "data", "cubes",
-             "seed", "ckpt_path", "test_after_fit", "resume", "tags", "experiment_name", "extras",
-             "sweep", "hydra", "perf", "hparams_from"}
+TOP_LEVEL = {
+    "task",
+    "model",
+    "source",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+    "data",
+    "cubes",
+    "seed",
+    "ckpt_path",
+    "test_after_fit",
+    "resume",
+    "tags",
+    "experiment_name",
+    "extras",
+    "sweep",
+    "hydra",
+    "perf",
+    "hparams_from",
+}
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -208,7 +232,7 @@ def _check_top_level_types(cfg: DictConfig) -> None:
     """Plain top-level keys that no schema section covers."""
     if not isinstance(cfg.get("test_after_fit", True), bool):
         raise ConfigError(f"test_after_fit: expected true or false, got {cfg.get('test_after_fit')!r}")
-    source = cfg.get("hparams_from")  # provenance of defaults (conf/paper_hparams/): shown by --cfg job
+    source = cfg.get("hparams_from")  # provenance of defaults (mtneuro_lab/conf/paper_hparams/): shown by --cfg job
     if source is not None and not isinstance(source, str):
         raise ConfigError(f"hparams_from: expected a string saying where the defaults come from, got {source!r}")
     ckpt = cfg.get("ckpt_path")
@@ -217,9 +241,18 @@ def _check_top_level_types(cfg: DictConfig) -> None:
 
 
 #: Lightning Trainer integer arguments and their smallest allowed value (-1 = unlimited)
-TRAINER_MINIMUM = {"max_epochs": -1, "min_epochs": 0, "max_steps": -1, "min_steps": 0, "num_nodes": 1,
-                   "accumulate_grad_batches": 1, "check_val_every_n_epoch": 1, "log_every_n_steps": 0,
-                   "num_sanity_val_steps": -1, "reload_dataloaders_every_n_epochs": 0}
+TRAINER_MINIMUM = {
+    "max_epochs": -1,
+    "min_epochs": 0,
+    "max_steps": -1,
+    "min_steps": 0,
+    "num_nodes": 1,
+    "accumulate_grad_batches": 1,
+    "check_val_every_n_epoch": 1,
+    "log_every_n_steps": 0,
+    "num_sanity_val_steps": -1,
+    "reload_dataloaders_every_n_epochs": 0,
+}
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
 
 
@@ -234,17 +267,24 @@ def check_trainer_values(section: Any) -> None:
     for name, minimum in TRAINER_MINIMUM.items():
         value = section.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value < minimum:
-            raise ConfigError(f"trainer.{name}: must be >= {minimum}{' (-1 = no limit)' if minimum < 0 else ''}, "
-                              f"got {value}")
+            raise ConfigError(
+                f"trainer.{name}: must be >= {minimum}{' (-1 = no limit)' if minimum < 0 else ''}, got {value}"
+            )
     accel = section.get("accelerator")
     if isinstance(accel, str) and accel not in ACCELERATORS:
         raise ConfigError(f"trainer.accelerator: must be one of {', '.join(ACCELERATORS)}, got {accel!r}")
     devices = section.get("devices")
-    ok = (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= -1
-                                and devices != 0)
-          or (isinstance(devices, str) and devices.replace(",", "").replace("-", "").strip().isdigit())
-          or (isinstance(devices, (list, ListConfig)) and len(devices) > 0
-              and all(isinstance(d, int) and d >= 0 for d in devices)))
+    ok = (
+        devices == "auto"
+        or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= -1 and devices != 0)
+        or (isinstance(devices, str) and devices.replace(",", "").replace("-", "").strip().isdigit())
+        or (
+            isinstance(devices, (list, ListConfig))
+            and len(devices) > 0
+            and all(isinstance(d, int) and d >= 0 for d in devices)
+        )
+    )
     if devices is not None and not ok:
-        raise ConfigError(f"trainer.devices: must be auto, -1 (all), a count >= 1 or a list of device ids, "
-                          f"got {devices!r}")
+        raise ConfigError(
+            f"trainer.devices: must be auto, -1 (all), a count >= 1 or a list of device ids, got {devices!r}"
+        )

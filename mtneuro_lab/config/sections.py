@@ -6,6 +6,7 @@ importing the code that uses them: ``data.augment.*`` (:class:`AugmentConfig`, u
 :mod:`mtneuro_lab.decoding.postprocess`) and ``perf.*`` (:class:`PerfConfig`, applied by
 :mod:`mtneuro_lab.perf`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ class AugmentConfig:
     vflip: bool = True
     rot90: bool = True
     intensity_jitter: float = 0.0  # max relative change of contrast and brightness
+
 
 #: waterz scoring functions shipped precompiled (no C++ compiler needed at run time)
 SCORING = {
@@ -69,7 +71,6 @@ class PostprocessConfig:
                 raise ConfigError(f"task.postprocess.{name}: must be >= 0, got {getattr(self, name)}")
 
 
-
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -84,5 +85,6 @@ class PerfConfig:
 
     def __post_init__(self) -> None:
         if self.compile_mode not in COMPILE_MODES:
-            raise ConfigError(f"perf.compile_mode: must be one of {', '.join(COMPILE_MODES)}, "
-                              f"got {self.compile_mode!r}")
+            raise ConfigError(
+                f"perf.compile_mode: must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"
+            )

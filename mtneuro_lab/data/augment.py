@@ -5,6 +5,7 @@ Everything here works on whole batches already on the model's device (``(B, C, H
 per-item Python work in the data path. Geometric transforms take several tensors and apply the
 same draw to all of them (image and mask stay aligned).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,9 @@ def _per_sample(mask: torch.Tensor, ndim: int) -> torch.Tensor:
     return mask.view(-1, *([1] * (ndim - 1)))
 
 
-def random_flip(tensors: list[torch.Tensor], dim: int, p: float = 0.5,
-                generator: torch.Generator | None = None) -> list[torch.Tensor]:
+def random_flip(
+    tensors: list[torch.Tensor], dim: int, p: float = 0.5, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
     """Flip each sample along ``dim`` (negative, spatial) with probability ``p``."""
     batch = tensors[0].shape[0]
     mask = torch.rand(batch, device=tensors[0].device, generator=generator) < p
@@ -57,8 +59,9 @@ def random_rot90(tensors: list[torch.Tensor], generator: torch.Generator | None 
     return out
 
 
-def random_crop(tensors: list[torch.Tensor], size: tuple[int, int],
-                generator: torch.Generator | None = None) -> list[torch.Tensor]:
+def random_crop(
+    tensors: list[torch.Tensor], size: tuple[int, int], generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
     """Crop a random ``size`` window (last two axes) per sample, by gather, no Python loop."""
     h, w = tensors[0].shape[-2:]
     ch, cw = size
@@ -100,8 +103,9 @@ def intensity_jitter(x: torch.Tensor, strength: float, generator: torch.Generato
     return torch.addcmul(bias, x, gain)  # one pass over the batch
 
 
-def geometric(tensors: list[torch.Tensor], cfg: AugmentConfig,
-              generator: torch.Generator | None = None) -> list[torch.Tensor]:
+def geometric(
+    tensors: list[torch.Tensor], cfg: AugmentConfig, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
     """Apply the configured flips and rotations jointly to aligned tensors.
 
     Draws exactly what :func:`random_flip` (h, then v) and :func:`random_rot90` would draw in
@@ -137,8 +141,9 @@ def apply_dihedral(tensors: list[torch.Tensor], flip: torch.Tensor, turns: torch
     return out
 
 
-def mixup(x: torch.Tensor, y_onehot: torch.Tensor, alpha: float,
-          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mixup(
+    x: torch.Tensor, y_onehot: torch.Tensor, alpha: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix each sample with a random partner: ``lam*x + (1-lam)*x[perm]``, same for targets."""
     beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
     lam = beta.sample().to(x.device)
@@ -151,16 +156,17 @@ def mixup(x: torch.Tensor, y_onehot: torch.Tensor, alpha: float,
 # r = r0 + ri*i + rj*j and s = s0 + si*i + sj*j. Rows t = 0..3 hold (r0, ri, rj, s0, si, sj) for
 # f = 0, with -1 offsets standing for (side - 1); f = 1 mirrors the column: s -> (cw - 1) - s.
 _TURNS = (
-    (0, 1, 0, 0, 0, 1),     # t=0: out[i, j] = g[i, j]
-    (0, 0, 1, -1, -1, 0),   # t=1: out[i, j] = g[j, cw-1-i]
+    (0, 1, 0, 0, 0, 1),  # t=0: out[i, j] = g[i, j]
+    (0, 0, 1, -1, -1, 0),  # t=1: out[i, j] = g[j, cw-1-i]
     (-1, -1, 0, -1, 0, -1),  # t=2: out[i, j] = g[ch-1-i, cw-1-j]
-    (-1, 0, -1, 0, 1, 0),   # t=3: out[i, j] = g[ch-1-j, i]
+    (-1, 0, -1, 0, 1, 0),  # t=3: out[i, j] = g[ch-1-j, i]
 )
 _TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def _dihedral_table(tile: tuple[int, int], size: tuple[int, int], device: torch.device
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _dihedral_table(
+    tile: tuple[int, int], size: tuple[int, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cached per (tile, crop, device): ``(8, 3)`` long ``(offset, di, dj)`` per code
     ``flip*4 + turns`` (source index of output pixel (i, j) relative to the crop's top-left
     corner is ``offset + di*i + dj*j``), and the ``arange`` grids of the crop's rows/columns."""
@@ -175,14 +181,22 @@ def _dihedral_table(tile: tuple[int, int], size: tuple[int, int], device: torch.
                 if flip:
                     s0, si, sj = cw - 1 - s0, -si, -sj
                 rows.append((r0 * w + s0, ri * w + si, rj * w + sj))
-        _TABLES[key] = (torch.tensor(rows, device=device), torch.arange(ch, device=device),
-                        torch.arange(cw, device=device))
+        _TABLES[key] = (
+            torch.tensor(rows, device=device),
+            torch.arange(ch, device=device),
+            torch.arange(cw, device=device),
+        )
     return _TABLES[key]
 
 
-def draw_crop_dihedral(batch: int, tile: tuple[int, int], size: tuple[int, int], cfg: AugmentConfig,
-                       device: torch.device | str = "cpu", generator: torch.Generator | None = None,
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def draw_crop_dihedral(
+    batch: int,
+    tile: tuple[int, int],
+    size: tuple[int, int],
+    cfg: AugmentConfig,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample ``(top, left, flip, turns)``: exactly the draws, in the same order, of
     :func:`random_crop` followed by :func:`geometric` on the cropped batch (so a fused pass and
     the sequential ops give the same result from the same generator state)."""
@@ -221,10 +235,18 @@ class Workspace:
         return buf[:numel].view(shape)
 
 
-def crop_dihedral_index(samples: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
-                        turns: torch.Tensor, tile: tuple[int, int], size: tuple[int, int],
-                        dtype: torch.dtype = torch.int64, lead: tuple[int, ...] = (),
-                        workspace: Workspace | None = None) -> torch.Tensor:
+def crop_dihedral_index(
+    samples: torch.Tensor,
+    top: torch.Tensor,
+    left: torch.Tensor,
+    flip: torch.Tensor,
+    turns: torch.Tensor,
+    tile: tuple[int, int],
+    size: tuple[int, int],
+    dtype: torch.dtype = torch.int64,
+    lead: tuple[int, ...] = (),
+    workspace: Workspace | None = None,
+) -> torch.Tensor:
     """Flat source index ``(B, *lead, ch, cw)`` into a contiguous ``(N, *lead, H, W)`` split such
     that ``split.view(-1)[index[b]] == rot90(hflip^flip[b](split[samples[b], ..., crop_b]), turns[b])``,
     ``crop_b`` being the ``size`` window at ``(top[b], left[b])``; every leading plane (channel,
@@ -252,11 +274,15 @@ def crop_dihedral_index(samples: torch.Tensor, top: torch.Tensor, left: torch.Te
     return index.view(len(samples), *lead, ch, cw)
 
 
-def gather_augmented(split: torch.Tensor, samples: torch.Tensor, size: tuple[int, int], cfg: AugmentConfig,
-                     generator: torch.Generator | None = None,
-                     aligned: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
-                     workspace: Workspace | None = None,
-                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def gather_augmented(
+    split: torch.Tensor,
+    samples: torch.Tensor,
+    size: tuple[int, int],
+    cfg: AugmentConfig,
+    generator: torch.Generator | None = None,
+    aligned: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
+    workspace: Workspace | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Samples ``samples`` of ``split`` ``(N, *lead, H, W)`` (any dtype), randomly cropped to
     ``size`` and flipped/rotated per ``cfg``: ``(B, *lead, ch, cw)`` in the split's dtype.
 
@@ -278,16 +304,23 @@ def gather_augmented(split: torch.Tensor, samples: torch.Tensor, size: tuple[int
     dtype = torch.int32 if split.numel() <= torch.iinfo(torch.int32).max else torch.int64
     flat = crop_dihedral_index(samples, top, left, flip, turns, tile, size, dtype, lead, workspace).view(-1)
     out_shape = (len(samples), *lead, *size)
-    return (split.view(-1).index_select(0, flat).view(out_shape),
-            [a.view(-1).index_select(0, flat).view(out_shape) for a in aligned])
+    return (
+        split.view(-1).index_select(0, flat).view(out_shape),
+        [a.view(-1).index_select(0, flat).view(out_shape) for a in aligned],
+    )
 
 
-def gather_crop_augment(images: torch.Tensor, samples: torch.Tensor, size: tuple[int, int],
-                        cfg: AugmentConfig, mean: float, std: float,
-                        generator: torch.Generator | None = None,
-                        aligned: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
-                        workspace: Workspace | None = None,
-                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def gather_crop_augment(
+    images: torch.Tensor,
+    samples: torch.Tensor,
+    size: tuple[int, int],
+    cfg: AugmentConfig,
+    mean: float,
+    std: float,
+    generator: torch.Generator | None = None,
+    aligned: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
+    workspace: Workspace | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """:func:`gather_augmented` of a uint8 split then :func:`to_float`: float ``(B, 1, *lead, ch, cw)``
     (the uint8 gather is cast and normalised in one in-place pass); ``aligned`` come back unconverted.
 
@@ -302,15 +335,25 @@ def gather_crop_augment(images: torch.Tensor, samples: torch.Tensor, size: tuple
 #: code ``flip*4 + turns`` -> (axes to reverse, transpose after): ``rot90(hflip^flip(x), turns)``
 #: with at most ONE copying flip; the transpose is a free view that the casting copy reads through
 _DIHEDRAL_VIEWS: dict[int, tuple[tuple[int, ...], bool]] = {
-    0: ((), False), 1: ((-1,), True), 2: ((-2, -1), False), 3: ((-2,), True),
-    4: ((-1,), False), 5: ((), True), 6: ((-2,), False), 7: ((-2, -1), True),
+    0: ((), False),
+    1: ((-1,), True),
+    2: ((-2, -1), False),
+    3: ((-2,), True),
+    4: ((-1,), False),
+    5: ((), True),
+    6: ((-2,), False),
+    7: ((-2, -1), True),
 }
 
 
-def dihedral_to_float_grouped(images: torch.Tensor, cfg: AugmentConfig, mean: float, std: float,
-                              generator: torch.Generator | None = None,
-                              aligned: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
-                              ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+def dihedral_to_float_grouped(
+    images: torch.Tensor,
+    cfg: AugmentConfig,
+    mean: float,
+    std: float,
+    generator: torch.Generator | None = None,
+    aligned: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """A whole uint8 batch ``(B, *lead, H, W)`` flipped/rotated per sample as ``cfg`` says, cast and
     normalised: ``(float (B, 1, *lead, H, W), aligned, order)``.
 
@@ -333,13 +376,13 @@ def dihedral_to_float_grouped(images: torch.Tensor, cfg: AugmentConfig, mean: fl
     for c, n in enumerate(torch.bincount(code, minlength=8).tolist()):
         if not n:
             continue
-        rows = order[start:start + n]
+        rows = order[start : start + n]
         dims, transpose = _DIHEDRAL_VIEWS[c]
         for src, dst in zip((images, *aligned), (out[:, 0], *aligned_out)):
             group = src.index_select(0, rows)
             if dims:
                 group = group.flip(dims)
-            dst[start:start + n].copy_(group.transpose(-2, -1) if transpose else group)
-        normalise_(out[start:start + n], mean, std)  # while the block is still in cache
+            dst[start : start + n].copy_(group.transpose(-2, -1) if transpose else group)
+        normalise_(out[start : start + n], mean, std)  # while the block is still in cache
         start += n
     return out, aligned_out, order

@@ -6,6 +6,7 @@ written to temporary files in the same directory and renamed into place, the sid
 reader either sees a complete, verified entry or none at all: an interrupted write never becomes
 data. Readers verify the checksum once per process and then memory-map.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,7 @@ def load_array(path: str | os.PathLike, mmap: bool = True, verify: bool = True) 
         actual = sha256_file(path)
         if actual != side["sha256"]:
             raise DataError(
-                f"cache entry {path} is corrupt (sha256 {actual[:12]} != {side['sha256'][:12]}); "
-                "delete it to re-create"
+                f"cache entry {path} is corrupt (sha256 {actual[:12]} != {side['sha256'][:12]}); delete it to re-create"
             )
         _VERIFIED.add(key)
     array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)

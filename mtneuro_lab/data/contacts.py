@@ -10,6 +10,7 @@ this module names the ones that merely *touch*, so a run can report them and, wi
 Windows are half-open ``[start, stop)`` in full-resolution voxels, so ``x[0, 10)`` and
 ``x[10, 20)`` share a face, while ``x[0, 10)`` and ``x[11, 20)`` (a 1-voxel gap) do not touch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -49,10 +50,15 @@ class Contact:
 
     def describe(self, task_name: str) -> str:
         """One log line, e.g. ``roi_c2: test cube D/zi touches training cube A/zi along its x- face ...``."""
-        where = (f"along its {self.side} face ({self.length_px} px" if self.kind == "face"
-                 else f"at its {self.side} corner (edge contact")
-        return (f"{task_name}: {self.split} cube {self.eval_cube.key} touches training cube "
-                f"{self.train_cube.key} {where}, z[{self.z[0]}, {self.z[1]}))")
+        where = (
+            f"along its {self.side} face ({self.length_px} px"
+            if self.kind == "face"
+            else f"at its {self.side} corner (edge contact"
+        )
+        return (
+            f"{task_name}: {self.split} cube {self.eval_cube.key} touches training cube "
+            f"{self.train_cube.key} {where}, z[{self.z[0]}, {self.z[1]}))"
+        )
 
 
 def _axis_gap(a: tuple[int, int], b: tuple[int, int]) -> int:

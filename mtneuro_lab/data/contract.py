@@ -7,6 +7,7 @@ volumes or slices form the splits and what the targets are. It does not choose i
 (:func:`mtneuro_lab.build.datamodule_class` does, by ``kind``) and it does not score predictions
 (EM scoring: :func:`mtneuro_lab.methods.mae_finetune.evaluate_volume`).
 """
+
 from __future__ import annotations
 
 import abc
@@ -55,6 +56,5 @@ class Task(abc.ABC):
     def build(self, split: str, source: VolumeSource) -> Any:
         """The arrays of one split (``SplitArrays`` for cube tasks, ``EMVolume`` for EM tasks)."""
 
-    def log_contacts(self) -> None:
+    def log_contacts(self) -> None:  # noqa: B027 - optional hook, a no-op for tasks without windows
         """WARNING lines about val/test windows touching training ones (nothing without windows)."""
-

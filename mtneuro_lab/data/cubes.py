@@ -1,9 +1,10 @@
 """Cube sets and region names.
 
-The coordinates themselves live in one place, ``conf/cubes/paper.yaml`` (so they are part of
+The coordinates themselves live in one place, ``mtneuro_lab/conf/cubes/paper.yaml`` (so they are part of
 every composed config and saved with each run); this module turns that config into typed
 :class:`Cube` objects and validates it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -40,8 +41,7 @@ class CubeCatalog:
             raise ConfigError(f"cubes.sets: unknown cube set {set_name!r}; known: {sorted(self.sets)}")
         if region not in self.sets[set_name]:
             raise ConfigError(
-                f"cubes.sets.{set_name}: no cube for region {region!r}; "
-                f"has: {sorted(self.sets[set_name])}"
+                f"cubes.sets.{set_name}: no cube for region {region!r}; has: {sorted(self.sets[set_name])}"
             )
         return self.sets[set_name][region]
 
@@ -71,9 +71,7 @@ def catalog_from_config(cfg: Mapping[str, Any]) -> CubeCatalog:
         sets[str(set_name)] = {}
         for region, box in dict(members).items():
             if region not in regions:
-                raise ConfigError(
-                    f"cubes.sets.{set_name}.{region}: unknown region; known: {list(regions)}"
-                )
+                raise ConfigError(f"cubes.sets.{set_name}.{region}: unknown region; known: {list(regions)}")
             key = f"cubes.sets.{set_name}.{region}"
             sets[str(set_name)][str(region)] = Cube(
                 str(set_name), str(region), _pair(box["x"], f"{key}.x"), _pair(box["y"], f"{key}.y")

@@ -9,6 +9,7 @@ on the model's device in :meth:`VolumeDataModule.on_after_batch_transfer`.
 world_size`` samples per step, so changing the number of GPUs does not change the
 optimisation. ``eval_batch_size`` (default: ``batch_size``) is global too.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,9 +43,17 @@ class ArrayBatchLoader:
     at batch ``k + 1`` of the same permutation.
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], batch_size: int, shuffle: bool,
-                 drop_last: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 epoch_fn: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch_fn: Callable[[], int] | None = None,
+    ) -> None:
         self.tensors = dict(tensors)
         self.n = len(next(iter(self.tensors.values())))
         self.batch_size = batch_size
@@ -99,8 +108,13 @@ class ArrayBatchLoader:
         self._resume = {"epoch": int(state["epoch"]), "position": int(state["position"])}
 
 
-def augment_training_batch(batch: dict[str, torch.Tensor], cfg: AugmentConfig, mean: float, std: float,
-                           workspace: augment.Workspace | None = None) -> dict[str, torch.Tensor]:
+def augment_training_batch(
+    batch: dict[str, torch.Tensor],
+    cfg: AugmentConfig,
+    mean: float,
+    std: float,
+    workspace: augment.Workspace | None = None,
+) -> dict[str, torch.Tensor]:
     """A training batch of uint8 tiles ``(B, [D,] H, W)`` (and masks of that shape) -> float
     ``(B, 1, [D,] H, W)`` with per-tile random flips and rot90, cast and normalised, then the
     optional intensity jitter.
@@ -116,12 +130,17 @@ def augment_training_batch(batch: dict[str, torch.Tensor], cfg: AugmentConfig, m
     if images.device.type == "cpu":
         image, masks, order = augment.dihedral_to_float_grouped(images, cfg, mean, std, aligned=masks)
         done = {"image", "target"} if masks else {"image"}  # already in the grouped order
-        out = {k: v.index_select(0, order.to(v.device)) if k not in done and isinstance(v, torch.Tensor)
-               and v.ndim and v.shape[0] == size else v for k, v in batch.items()}
+        out = {
+            k: v.index_select(0, order.to(v.device))
+            if k not in done and isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == size
+            else v
+            for k, v in batch.items()
+        }
     else:
         samples = torch.arange(size, device=images.device)
-        image, masks = augment.gather_crop_augment(images, samples, tuple(images.shape[-2:]), cfg, mean, std,
-                                                   aligned=masks, workspace=workspace)
+        image, masks = augment.gather_crop_augment(
+            images, samples, tuple(images.shape[-2:]), cfg, mean, std, aligned=masks, workspace=workspace
+        )
         out = dict(batch)
     out["image"] = augment.intensity_jitter(image, cfg.intensity_jitter)
     if masks:
@@ -132,9 +151,18 @@ def augment_training_batch(batch: dict[str, torch.Tensor], cfg: AugmentConfig, m
 class VolumeDataModule(pl.LightningDataModule):
     """Builds a task's splits from a source once and serves them as device-side batches."""
 
-    def __init__(self, task: CubeTask, source: VolumeSource, catalog: CubeCatalog, batch_size: int = 64,
-                 eval_batch_size: int | None = None, augment_cfg: AugmentConfig | None = None,
-                 normalize: str = "train_stats", seed: int = 0, drop_last: bool = True) -> None:
+    def __init__(
+        self,
+        task: CubeTask,
+        source: VolumeSource,
+        catalog: CubeCatalog,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        augment_cfg: AugmentConfig | None = None,
+        normalize: str = "train_stats",
+        seed: int = 0,
+        drop_last: bool = True,
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"data.batch_size: must be >= 1, got {batch_size}")
@@ -159,8 +187,12 @@ class VolumeDataModule(pl.LightningDataModule):
 
     # -- building ---------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        needed = {"fit": ("train", "val"), "validate": ("train", "val"), "test": ("train", "test"),
-                  "predict": ("train", "test")}.get(stage or "fit", ("train", "val", "test"))
+        needed = {
+            "fit": ("train", "val"),
+            "validate": ("train", "val"),
+            "test": ("train", "test"),
+            "predict": ("train", "test"),
+        }.get(stage or "fit", ("train", "val", "test"))
         for split in needed:
             if split not in self.arrays:
                 self.arrays[split] = self.task.build(split, self.source)
@@ -193,8 +225,7 @@ class VolumeDataModule(pl.LightningDataModule):
         rank, world = self._world()
         if global_batch % world:
             raise ConfigError(
-                f"data.batch_size: global batch {global_batch} is not divisible by the "
-                f"{world} DDP processes"
+                f"data.batch_size: global batch {global_batch} is not divisible by the {world} DDP processes"
             )
         return global_batch // world
 
@@ -211,13 +242,19 @@ class VolumeDataModule(pl.LightningDataModule):
             "index": torch.arange(len(arr)),
         }
         if train and len(arr) // world < batch and self.drop_last:
-            raise ConfigError(
-                f"data.batch_size: {self.batch_size} is larger than the {len(arr)} training samples"
-            )
+            raise ConfigError(f"data.batch_size: {self.batch_size} is larger than the {len(arr)} training samples")
         if self.data_on_device:
             tensors = self._on_device(split, tensors)
-        loader = ArrayBatchLoader(tensors, batch, shuffle=train, drop_last=train and self.drop_last,
-                                  seed=self.seed, rank=rank, world_size=world, epoch_fn=self._current_epoch)
+        loader = ArrayBatchLoader(
+            tensors,
+            batch,
+            shuffle=train,
+            drop_last=train and self.drop_last,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            epoch_fn=self._current_epoch,
+        )
         if train and getattr(self, "_pending_train_state", None):
             loader.load_state_dict(self._pending_train_state)
             self._pending_train_state = None

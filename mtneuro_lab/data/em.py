@@ -25,6 +25,7 @@ depth. The same channel may not appear in two splits with overlapping z.
   as ``<stage>/<name>`` (``test/arand``, ``test/voi_split``, ``test/voi_merge``,
   ``test/ap50``, ``test/ap75``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -72,8 +73,9 @@ class EMVolume:
 def _parse_split(name: str, spec: Any, labels: str) -> EMSplit:
     key = f"task.splits.{name}"
     if not isinstance(spec, Mapping):
-        raise ConfigError(f"{key}: expected {{z: [start, stop] or null, image: <channel>, labels: <channel>}}, "
-                          f"got {spec!r}")
+        raise ConfigError(
+            f"{key}: expected {{z: [start, stop] or null, image: <channel>, labels: <channel>}}, got {spec!r}"
+        )
     unknown = set(spec) - {"z", "image", "labels"}
     if unknown:
         raise ConfigError(f"{key}: unknown key(s) {sorted(unknown)}; allowed: z, image, labels")
@@ -191,8 +193,10 @@ class EMTask(Task):
                 if sa.z is None or sb.z is None or max(sa.z[0], sb.z[0]) < min(sa.z[1], sb.z[1]):
                     za = list(sa.z) if sa.z else "all"
                     zb = list(sb.z) if sb.z else "all"
-                    raise ConfigError(f"task.splits: {a} z{za} and {b} z{zb} overlap in channel {sa.image!r}; "
-                                      "give them disjoint z ranges or different channels")
+                    raise ConfigError(
+                        f"task.splits: {a} z{za} and {b} z{zb} overlap in channel {sa.image!r}; "
+                        "give them disjoint z ranges or different channels"
+                    )
 
     # -- the Task contract (mtneuro_lab.data.contract) --------------------------------------------
     def bind(self, catalog: Any) -> EMTask:
@@ -204,30 +208,39 @@ class EMTask(Task):
         """Fail before reading data when a split's z range lies outside the source or is too thin."""
         for split, part in self.splits.items():
             if z_extent is not None and part.z is not None and (part.z[0] < z_extent[0] or part.z[1] > z_extent[1]):
-                raise ConfigError(f"task.splits.{split}.z: {list(part.z)} lies outside the source's z range "
-                                  f"{list(z_extent)}")
+                raise ConfigError(
+                    f"task.splits.{split}.z: {list(part.z)} lies outside the source's z range {list(z_extent)}"
+                )
         train = self.splits["train"].z
         if train is not None and train[1] - train[0] < self.crop[0] + 2 * self.margin[0]:
-            raise ConfigError(f"task.crop: depth {self.crop[0]} (+{2 * self.margin[0]} slices of target context) "
-                              f"does not fit the {train[1] - train[0]} training slices z{list(train)}")
+            raise ConfigError(
+                f"task.crop: depth {self.crop[0]} (+{2 * self.margin[0]} slices of target context) "
+                f"does not fit the {train[1] - train[0]} training slices z{list(train)}"
+            )
 
     def check_source(self, source: VolumeSource) -> None:
         """Before any read: the source has a box, the split channels exist, z ranges fit."""
         extent = getattr(source, "extent", None)
         if extent is None:
-            raise ConfigError(f"task={self.name}: {type(source).__name__} has no extent; EM tasks read whole "
-                              "volumes from source=phantom or source=local")
+            raise ConfigError(
+                f"task={self.name}: {type(source).__name__} has no extent; EM tasks read whole "
+                "volumes from source=phantom or source=local"
+            )
         available = tuple(getattr(source, "channels", ()))
         for split, part in self.splits.items():
             for field_name in ("image", "labels"):
                 channel = getattr(part, field_name)
                 if available and channel not in available:
-                    raise ConfigError(f"task.splits.{split}.{field_name}: channel {channel!r} is not provided by "
-                                      f"{type(source).__name__}; available: {', '.join(available)}")
+                    raise ConfigError(
+                        f"task.splits.{split}.{field_name}: channel {channel!r} is not provided by "
+                        f"{type(source).__name__}; available: {', '.join(available)}"
+                    )
         self.check_extent(tuple(extent[2]))
         if self.target == "bcd" and self.voxel_size is None and getattr(source, "voxel_size", None) is None:
-            raise ConfigError(f"task.voxel_size: {type(source).__name__} does not know its voxel size; set "
-                              "task.voxel_size=[z,y,x] (nm) for target=bcd")
+            raise ConfigError(
+                f"task.voxel_size: {type(source).__name__} does not know its voxel size; set "
+                "task.voxel_size=[z,y,x] (nm) for target=bcd"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -256,30 +269,41 @@ class EMTask(Task):
         part = self.splits[split]
         extent = getattr(source, "extent", None)
         if extent is None:
-            raise ConfigError(f"task={self.name}: {type(source).__name__} has no extent; EM tasks read whole "
-                              "volumes from source=phantom or source=local")
+            raise ConfigError(
+                f"task={self.name}: {type(source).__name__} has no extent; EM tasks read whole "
+                "volumes from source=phantom or source=local"
+            )
         x, y, z_all = extent
         z = part.z or tuple(z_all)
         image = np.array(source.cutout(part.image, x, y, z))  # a private, writable copy
         if image.dtype != np.uint8:
-            raise DataError(f"task.splits.{split}.image: channel {part.image!r} has dtype {image.dtype}, "
-                            f"expected uint8")
+            raise DataError(
+                f"task.splits.{split}.image: channel {part.image!r} has dtype {image.dtype}, expected uint8"
+            )
         labels = np.array(source.cutout(part.labels, x, y, z))
         if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != np.bool_:
-            raise DataError(f"task.splits.{split}.labels: channel {part.labels!r} has dtype {labels.dtype}, "
-                            "expected integer instance ids")
+            raise DataError(
+                f"task.splits.{split}.labels: channel {part.labels!r} has dtype {labels.dtype}, "
+                "expected integer instance ids"
+            )
         image = downsample_area(image, self.downsample)
         labels = _as_int32(downsample_nearest(labels, self.downsample), f"{part.labels} ({split})")
         volume = EMVolume(np.ascontiguousarray(image), labels, tuple(z))  # type: ignore[arg-type]
         if self.target == "bcd":
-            volume.distance = targets.signed_distance(labels, self.effective_voxel_size(source), self.distance_scale,
-                                                      self.contour_width)
+            volume.distance = targets.signed_distance(
+                labels, self.effective_voxel_size(source), self.distance_scale, self.contour_width
+            )
         if split == "train":
-            need = (self.crop[0] + 2 * self.margin[0], self.crop[1] + 2 * self.margin[1],
-                    self.crop[2] + 2 * self.margin[1])
+            need = (
+                self.crop[0] + 2 * self.margin[0],
+                self.crop[1] + 2 * self.margin[1],
+                self.crop[2] + 2 * self.margin[1],
+            )
             if any(n > s for n, s in zip(need, volume.shape)):
-                raise DataError(f"task.crop: {list(self.crop)} plus target context {list(need)} does not fit the "
-                                f"training volume {list(volume.shape)} (after downsample {self.downsample})")
+                raise DataError(
+                    f"task.crop: {list(self.crop)} plus target context {list(need)} does not fit the "
+                    f"training volume {list(volume.shape)} (after downsample {self.downsample})"
+                )
         return volume
 
     # -- prediction -----------------------------------------------------------------------------
@@ -318,8 +342,16 @@ class EMCropLoader:
     ``(seed, epoch)``, split over ranks like :class:`~mtneuro_lab.data.datamodules.ArrayBatchLoader`.
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], size: Sequence[int], samples_per_epoch: int,
-                 batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        size: Sequence[int],
+        samples_per_epoch: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.tensors = dict(tensors)
         self.size = tuple(int(s) for s in size)
         self.shape = tuple(next(iter(self.tensors.values())).shape)
@@ -381,16 +413,26 @@ class EMDataModule(VolumeDataModule):
         self.volumes: dict[str, EMVolume] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        needed = {"fit": ("train", "val"), "validate": ("train", "val"), "test": ("train", "test"),
-                  "predict": ("train", "test")}.get(stage or "fit", SPLITS)
+        needed = {
+            "fit": ("train", "val"),
+            "validate": ("train", "val"),
+            "test": ("train", "test"),
+            "predict": ("train", "test"),
+        }.get(stage or "fit", SPLITS)
         for split in needed:
             if split not in self.volumes:
                 self.volumes[split] = self.task.build(split, self.source)
         if self.normalize == "train_stats":
             self.mean, self.std = self._train_stats(self.volumes["train"].image)
-        log.info("%s: %s", self.task.name, "; ".join(
-            f"{k} {'x'.join(map(str, v.shape))} z{list(v.z)} ({len(np.unique(v.labels[:: max(1, v.shape[0] // 8)]))}"
-            " ids in sampled slices)" for k, v in self.volumes.items()))
+        log.info(
+            "%s: %s",
+            self.task.name,
+            "; ".join(
+                f"{k} {'x'.join(map(str, v.shape))} z{list(v.z)} "
+                f"({len(np.unique(v.labels[:: max(1, v.shape[0] // 8)]))} ids in sampled slices)"
+                for k, v in self.volumes.items()
+            ),
+        )
 
     def _tensors(self, volume: EMVolume) -> dict[str, torch.Tensor]:
         out = {"image": torch.from_numpy(volume.image), "labels": torch.from_numpy(volume.labels)}
@@ -408,12 +450,21 @@ class EMDataModule(VolumeDataModule):
         rank, world = self._world()
         batch = self.per_rank_batch(self.batch_size)
         if self.task.samples_per_epoch // world < batch:
-            raise ConfigError(f"data.batch_size: {self.batch_size} is larger than task.samples_per_epoch "
-                              f"({self.task.samples_per_epoch})")
+            raise ConfigError(
+                f"data.batch_size: {self.batch_size} is larger than task.samples_per_epoch "
+                f"({self.task.samples_per_epoch})"
+            )
         mz, m = self.task.margin
         d, h, w = self.task.crop
-        loader = EMCropLoader(tensors, (d + 2 * mz, h + 2 * m, w + 2 * m), self.task.samples_per_epoch, batch,
-                              seed=self.seed, rank=rank, world_size=world)
+        loader = EMCropLoader(
+            tensors,
+            (d + 2 * mz, h + 2 * m, w + 2 * m),
+            self.task.samples_per_epoch,
+            batch,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+        )
         self._loaders[split] = loader  # type: ignore[assignment]
         return loader
 
@@ -437,12 +488,17 @@ class EMDataModule(VolumeDataModule):
         else:  # a whole volume: targets at its border are masked instead
             labels, margin = batch["instances"], (0, 0)
         labels = labels.long()
-        target, mask = targets.compute_targets(task.target, labels, task.offsets[3:], margin, task.contour_width,
-                                               distance)
+        target, mask = targets.compute_targets(
+            task.target, labels, task.offsets[3:], margin, task.contour_width, distance
+        )
         mz, m = margin
         z, y, x = labels.shape[-3:]
-        return {"image": image[..., mz : z - mz, m : y - m, m : x - m], "target": target, "mask": mask,
-                "instances": labels[..., mz : z - mz, m : y - m, m : x - m]}
+        return {
+            "image": image[..., mz : z - mz, m : y - m, m : x - m],
+            "target": target,
+            "mask": mask,
+            "instances": labels[..., mz : z - mz, m : y - m, m : x - m],
+        }
 
     def sample_shape(self) -> tuple[int, ...]:
         return self.task.sample_shape()

@@ -25,6 +25,7 @@ Two bugs of the reference code are not reproduced: its nearest-neighbour query i
 cell itself (distance 0) in the mean, and samples with fewer than two cells got a made-up
 distance (64) and size 0. Here such values are NaN and the read-out excludes them per feature.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -105,8 +106,7 @@ class FeatureTable:
                 fh.write(f"{self.cube[i]},{region},{int(self.z[i])},{int(self.tile[i])},{vals}\n")
 
 
-def label_cells(labels: np.ndarray, encoding: LabelEncoding = BOSSDB,
-                connectivity: Connectivity = 6) -> np.ndarray:
+def label_cells(labels: np.ndarray, encoding: LabelEncoding = BOSSDB, connectivity: Connectivity = 6) -> np.ndarray:
     """3D connected components of the cell class of ONE cube: ``(z, y, x)`` uint32 ids, 0 = none."""
     if labels.ndim != 3:
         raise DataError(f"features: expected a (z, y, x) label cube, got shape {labels.shape}")
@@ -115,8 +115,9 @@ def label_cells(labels: np.ndarray, encoding: LabelEncoding = BOSSDB,
     return cc3d.connected_components(np.asarray(labels) == encoding.cell, connectivity=connectivity)
 
 
-def label_cells_per_slice(labels: np.ndarray, encoding: LabelEncoding = BOSSDB,
-                          connectivity: Literal[4, 8] = 4) -> np.ndarray:
+def label_cells_per_slice(
+    labels: np.ndarray, encoding: LabelEncoding = BOSSDB, connectivity: Literal[4, 8] = 4
+) -> np.ndarray:
     """2D components slice by slice, for stacks of NON-adjacent slices (sparse manual masks).
 
     Stacking such slices and labelling in 3D would join cells of unrelated sections. Ids are
@@ -170,9 +171,14 @@ def _nn_mean(points: np.ndarray, sample: np.ndarray, n_samples: int, span: float
     return out
 
 
-def cube_features(labels: np.ndarray, grid: int = 2, encoding: LabelEncoding = BOSSDB,
-                  connectivity: Connectivity = 6, centroid: Centroid = "2d",
-                  cells: np.ndarray | None = None) -> np.ndarray:
+def cube_features(
+    labels: np.ndarray,
+    grid: int = 2,
+    encoding: LabelEncoding = BOSSDB,
+    connectivity: Connectivity = 6,
+    centroid: Centroid = "2d",
+    cells: np.ndarray | None = None,
+) -> np.ndarray:
     """Features ``(z * grid * grid, len(FEATURES))`` of every sample of ONE region's cube.
 
     Sample ``s`` is slice ``s // grid**2``, sub-tile ``s % grid**2`` (row-major).
@@ -202,8 +208,7 @@ def cube_features(labels: np.ndarray, grid: int = 2, encoding: LabelEncoding = B
     out[has, 3] = np.bincount(pair_sample, weights=area, minlength=n_samples)[has] / count[has]
 
     if centroid == "2d":
-        points = np.column_stack([np.bincount(inverse, weights=y) / area,
-                                  np.bincount(inverse, weights=x) / area])
+        points = np.column_stack([np.bincount(inverse, weights=y) / area, np.bincount(inverse, weights=x) / area])
     else:
         volume = np.bincount(ids, minlength=n_ids).astype(np.float64)
         volume[0] = 1.0
@@ -214,10 +219,15 @@ def cube_features(labels: np.ndarray, grid: int = 2, encoding: LabelEncoding = B
     return out
 
 
-def cubes_features(cubes: Mapping[str, np.ndarray], grid: int = 2, encoding: LabelEncoding = BOSSDB,
-                   connectivity: Connectivity = 6, centroid: Centroid = "2d",
-                   z0: Mapping[str, int] | None = None,
-                   regions: Mapping[str, int] | None = None) -> FeatureTable:
+def cubes_features(
+    cubes: Mapping[str, np.ndarray],
+    grid: int = 2,
+    encoding: LabelEncoding = BOSSDB,
+    connectivity: Connectivity = 6,
+    centroid: Centroid = "2d",
+    z0: Mapping[str, int] | None = None,
+    regions: Mapping[str, int] | None = None,
+) -> FeatureTable:
     """Features of several cubes, each labelled on its own (cells never cross cubes/regions).
 
     ``cubes`` maps a cube key (e.g. ``A/cortex``) to its ``(z, y, x)`` labels; ``z0`` gives the
@@ -229,11 +239,13 @@ def cubes_features(cubes: Mapping[str, np.ndarray], grid: int = 2, encoding: Lab
         values = cube_features(labels, grid, encoding, connectivity, centroid)
         n = len(values)
         start = int((z0 or {}).get(key, 0))
-        tables.append(FeatureTable(
-            values=values,
-            cube=np.full(n, key, dtype=object),
-            z=start + np.arange(n) // per_slice,
-            tile=np.arange(n) % per_slice,
-            region=np.full(n, int((regions or {}).get(key, -1)), dtype=np.int64),
-        ))
+        tables.append(
+            FeatureTable(
+                values=values,
+                cube=np.full(n, key, dtype=object),
+                z=start + np.arange(n) // per_slice,
+                tile=np.arange(n) % per_slice,
+                region=np.full(n, int((regions or {}).get(key, -1)), dtype=np.int64),
+            )
+        )
     return FeatureTable.concat(tables)

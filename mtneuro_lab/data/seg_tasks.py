@@ -13,6 +13,7 @@ end of a range (``len % volume_z``) are not used. Training stacks may overlap
 
 Images are downsampled in-plane by area averaging, label masks by nearest sampling.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -31,18 +32,28 @@ class SegmentationTask(CubeTask):
 
     kind = "segmentation"
 
-    def __init__(self, name: str, splits: Mapping[str, Sequence[Mapping[str, Any]]],
-                 class_names: list[str], class_map: dict[int, int], downsample: int = 2,
-                 regions: Sequence[str] | None = None, test_buffer: int = 10, dims: Literal[2, 3] = 2,
-                 volume_z: int = 8, train_z_stride: int | None = None,
-                 label_channel: str = "pixel_labels", modality: Literal["xray", "em"] = "xray",
-                 guard_px: int = 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        splits: Mapping[str, Sequence[Mapping[str, Any]]],
+        class_names: list[str],
+        class_map: dict[int, int],
+        downsample: int = 2,
+        regions: Sequence[str] | None = None,
+        test_buffer: int = 10,
+        dims: Literal[2, 3] = 2,
+        volume_z: int = 8,
+        train_z_stride: int | None = None,
+        label_channel: str = "pixel_labels",
+        modality: Literal["xray", "em"] = "xray",
+        guard_px: int = 0,
+    ) -> None:
         super().__init__(name, splits, downsample, regions, test_buffer, guard_px)
         if dims not in (2, 3):
             raise ConfigError(f"task.dims: must be 2 or 3, got {dims}")
         if volume_z < 1:
             raise ConfigError(f"task.volume_z: must be >= 1, got {volume_z}")
-        if train_z_stride is not None and not 1 <= train_z_stride:
+        if train_z_stride is not None and train_z_stride < 1:
             raise ConfigError(f"task.train_z_stride: must be >= 1 or null, got {train_z_stride}")
         self._class_names = [str(c) for c in class_names]
         if len(self._class_names) < 2 or len(set(self._class_names)) != len(self._class_names):
@@ -67,8 +78,10 @@ class SegmentationTask(CubeTask):
             raise ConfigError(f"task.class_map: expected {{label value: class index}}, got {class_map!r}") from None
         bad = {k: v for k, v in mapping.items() if not 0 <= k <= 255 or not 0 <= v < n}
         if bad:
-            raise ConfigError(f"task.class_map: label values must be in 0..255 and class indices in "
-                              f"0..{n - 1} (one per task.class_names), got {bad}")
+            raise ConfigError(
+                f"task.class_map: label values must be in 0..255 and class indices in "
+                f"0..{n - 1} (one per task.class_names), got {bad}"
+            )
         missing = sorted(set(range(n)) - set(mapping.values()))
         if missing:
             raise ConfigError(f"task.class_map: class indices {missing} get no label value")
@@ -97,7 +110,8 @@ class SegmentationTask(CubeTask):
             for cube, z in self._slabs(split):
                 if z[1] - z[0] < self.volume_z:
                     raise ConfigError(
-                        f"task.volume_z: {self.volume_z} slices do not fit in {split} z{list(z)} of {cube.key}")
+                        f"task.volume_z: {self.volume_z} slices do not fit in {split} z{list(z)} of {cube.key}"
+                    )
         return self
 
     # -- building -----------------------------------------------------------------------------
@@ -110,14 +124,16 @@ class SegmentationTask(CubeTask):
         """Label values -> uint8 class indices via ``class_map``; unmapped values are a DataError."""
         labels = np.asarray(labels)
         if labels.size and (labels.min() < 0 or labels.max() > 255):
-            raise DataError(f"{where}: label values {int(labels.min())}..{int(labels.max())} outside "
-                            f"task.class_map's 0..255")
+            raise DataError(
+                f"{where}: label values {int(labels.min())}..{int(labels.max())} outside task.class_map's 0..255"
+            )
         values = labels.astype(np.uint8, copy=False)
         known = self._known[values]
         if not known.all():
             unmapped = sorted(set(np.unique(labels[~known]).tolist()))
-            raise DataError(f"{where}: label values {unmapped} are not in task.class_map "
-                            f"(maps {sorted(self.class_map)})")
+            raise DataError(
+                f"{where}: label values {unmapped} are not in task.class_map (maps {sorted(self.class_map)})"
+            )
         return self._lut[values]
 
     def build(self, split: str, source: VolumeSource) -> SplitArrays:
@@ -149,6 +165,7 @@ class SegmentationTask(CubeTask):
     def _read(self, source: VolumeSource, cube: Cube, z: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         image = downsample_area(np.asarray(source.cutout("image", cube.x, cube.y, z)), self.downsample)
         labels = source.cutout(self.label_channel, cube.x, cube.y, z)
-        classes = self.to_classes(downsample_nearest(np.asarray(labels), self.downsample),
-                                  f"{self.label_channel} of {cube.key} z{list(z)}")
+        classes = self.to_classes(
+            downsample_nearest(np.asarray(labels), self.downsample), f"{self.label_channel} of {cube.key} z{list(z)}"
+        )
         return image, classes

@@ -14,6 +14,7 @@ FULL-resolution ``pixel_labels``, one 3D connected-component pass per region cub
 :mod:`mtneuro_lab.data.features`), rows ordered like ``build("test")`` (tile ``i`` owns rows
 ``i * tiles_per_image`` ... ``+ tiles_per_image - 1``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,9 +76,11 @@ def check_blocked_folds(slices: np.ndarray, folds: int, gap: int) -> None:
         raise ConfigError(f"task.folds: {folds} z-block folds need at least {folds} slices, samples have {n}")
     for k, (train, held) in enumerate(blocked_folds(slices, folds, gap), 1):
         if len(train) < len(held):
-            raise ConfigError(f"task.cv_gap: {gap} slices on each side of held-out block {k} of {folds} leave "
-                              f"{len(train)} training slices for {len(held)} held out ({n} slices in all); "
-                              f"lower task.cv_gap or task.folds")
+            raise ConfigError(
+                f"task.cv_gap: {gap} slices on each side of held-out block {k} of {folds} leave "
+                f"{len(train)} training slices for {len(held)} held out ({n} slices in all); "
+                f"lower task.cv_gap or task.folds"
+            )
 
 
 class SemanticFeatureTask(RegionClassificationTask):
@@ -95,14 +98,24 @@ class SemanticFeatureTask(RegionClassificationTask):
 
     kind = "semantic"
 
-    def __init__(self, name: str = "semantic",
-                 samples: Sequence[Mapping[str, Any]] = _ALL_A,
-                 fit_samples: Sequence[Mapping[str, Any]] = _ROI_C1_TRAIN,
-                 downsample: int | None = None, regions: Sequence[str] | None = None,
-                 sample_unit: SampleUnit = "quadrants", connectivity: Connectivity = 6,
-                 centroid: Centroid = "2d", folds: int = 5, cv: CvMode = "blocked",
-                 cv_gap: int = DEFAULT_CV_GAP, alpha: float = 0.0, umap: bool = True, umap_neighbors: int = 15,
-                 embed_batch_size: int = 256) -> None:
+    def __init__(
+        self,
+        name: str = "semantic",
+        samples: Sequence[Mapping[str, Any]] = _ALL_A,
+        fit_samples: Sequence[Mapping[str, Any]] = _ROI_C1_TRAIN,
+        downsample: int | None = None,
+        regions: Sequence[str] | None = None,
+        sample_unit: SampleUnit = "quadrants",
+        connectivity: Connectivity = 6,
+        centroid: Centroid = "2d",
+        folds: int = 5,
+        cv: CvMode = "blocked",
+        cv_gap: int = DEFAULT_CV_GAP,
+        alpha: float = 0.0,
+        umap: bool = True,
+        umap_neighbors: int = 15,
+        embed_batch_size: int = 256,
+    ) -> None:
         if downsample is not None and downsample not in (1, 2, 4):
             raise ConfigError(f"task.downsample: must be one of 1, 2, 4 or null, got {downsample}")
         splits = {"train": list(fit_samples), "val": list(samples), "test": list(samples)}
@@ -170,15 +183,20 @@ class SemanticFeatureTask(RegionClassificationTask):
         for cube, z in self._slabs(split):
             labels = np.asarray(source.cutout("pixel_labels", cube.x, cube.y, z))
             if labels.shape[-2] % self.grid or labels.shape[-1] % self.grid:
-                raise DataError(f"task.sample_unit: {cube.key} tiles of {labels.shape[-2:]} do not split "
-                                f"into quadrants")
+                raise DataError(
+                    f"task.sample_unit: {cube.key} tiles of {labels.shape[-2:]} do not split into quadrants"
+                )
             values = cube_features(labels, self.grid, BOSSDB, self.connectivity, self.centroid)
             n = len(values)
-            tables.append(FeatureTable(
-                values=values, cube=np.full(n, cube.key, dtype=object),
-                z=z[0] + np.arange(n) // self.tiles_per_image, tile=np.arange(n) % self.tiles_per_image,
-                region=np.full(n, self.catalog.region_index(cube.region), dtype=np.int64),
-            ))
+            tables.append(
+                FeatureTable(
+                    values=values,
+                    cube=np.full(n, cube.key, dtype=object),
+                    z=z[0] + np.arange(n) // self.tiles_per_image,
+                    tile=np.arange(n) % self.tiles_per_image,
+                    region=np.full(n, self.catalog.region_index(cube.region), dtype=np.int64),
+                )
+            )
         table = FeatureTable.concat(tables)
         if split == "test":
             self._features = table

@@ -20,6 +20,7 @@ Conventions (those of waterz and pytorch_connectomics):
   ``d`` is the distance (nm) to its contour or the background, outside it is minus the
   distance to the nearest instance. Values lie in (-1, 1).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -64,8 +65,7 @@ def target_channels(kind: str, offsets: Sequence[Sequence[int]] | None = None) -
     raise ConfigError(f"task.target: must be one of {', '.join(TARGET_KINDS)}, got {kind!r}")
 
 
-def target_margin(kind: str, offsets: Sequence[Sequence[int]] | None = None,
-                  contour_width: int = 1) -> tuple[int, int]:
+def target_margin(kind: str, offsets: Sequence[Sequence[int]] | None = None, contour_width: int = 1) -> tuple[int, int]:
     """Context ``(z, yx)`` a crop needs on each side so that its targets are exact."""
     if kind == "affinity":
         offs = parse_offsets(offsets)
@@ -73,8 +73,9 @@ def target_margin(kind: str, offsets: Sequence[Sequence[int]] | None = None,
     return 0, int(contour_width)
 
 
-def affinities(labels: torch.Tensor, offsets: Sequence[Sequence[int]],
-               margin: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
+def affinities(
+    labels: torch.Tensor, offsets: Sequence[Sequence[int]], margin: tuple[int, int] = (0, 0)
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Affinities and validity mask ``(B, C, Z', Y', X')`` of ``labels`` ``(B, Z, Y, X)``.
 
     ``margin = (mz, myx)`` voxels of context on each side are used as neighbours and trimmed
@@ -118,8 +119,9 @@ def contours(labels: torch.Tensor, width: int = 1) -> torch.Tensor:
     return edge & (labels != 0)
 
 
-def signed_distance(labels: np.ndarray, voxel_size: Sequence[float], scale: float,
-                    contour_width: int = 1) -> np.ndarray:
+def signed_distance(
+    labels: np.ndarray, voxel_size: Sequence[float], scale: float, contour_width: int = 1
+) -> np.ndarray:
     """float16 ``tanh(d / scale)`` of one ``(Z, Y, X)`` volume (see the module docstring)."""
     from scipy import ndimage
 
@@ -136,9 +138,14 @@ def signed_distance(labels: np.ndarray, voxel_size: Sequence[float], scale: floa
     return signed.astype(np.float16)
 
 
-def compute_targets(kind: str, labels: torch.Tensor, offsets: Sequence[Sequence[int]] | None = None,
-                    margin: tuple[int, int] = (0, 0), contour_width: int = 1,
-                    distance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_targets(
+    kind: str,
+    labels: torch.Tensor,
+    offsets: Sequence[Sequence[int]] | None = None,
+    margin: tuple[int, int] = (0, 0),
+    contour_width: int = 1,
+    distance: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Target ``(B, C, Z', Y', X')`` float and mask of the same shape for a batch of labels.
 
     ``margin`` voxels are trimmed from each side (see :func:`affinities`); ``distance`` is the

@@ -17,6 +17,7 @@ or corner over shared slices) are not independent either: they are listed in ``t
 and logged at start-up, and ``guard_px`` trims the touching sides of val/test windows (see
 :mod:`mtneuro_lab.data.contacts`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -130,8 +131,9 @@ def _parse_box_part(entry: Mapping[str, Any], key: str, catalog: CubeCatalog) ->
     if regions is not None:
         regions = tuple(str(r) for r in regions)
         if len(regions) != 1 or regions[0] not in catalog.regions:
-            raise ConfigError(f"{key}.regions: a box entry takes one region of {list(catalog.regions)}, "
-                              f"got {list(regions)}")
+            raise ConfigError(
+                f"{key}.regions: a box entry takes one region of {list(catalog.regions)}, got {list(regions)}"
+            )
     return SplitPart(f"box_x{x[0]}_y{y[0]}", parse_z(entry["z"], key), regions, (x, y))
 
 
@@ -227,8 +229,9 @@ class CubeTask(Task):
         cube, _ = self._windows("train")[0]
         tile_h, tile_w = cube.y[1] - cube.y[0], cube.x[1] - cube.x[0]
         if 2 * self.guard_px >= min(tile_h, tile_w):
-            raise ConfigError(f"task.guard_px: must be < half the {tile_h}x{tile_w} tile (full resolution), "
-                              f"got {self.guard_px}")
+            raise ConfigError(
+                f"task.guard_px: must be < half the {tile_h}x{tile_w} tile (full resolution), got {self.guard_px}"
+            )
         train = self._windows("train")
         for split in EVAL_SPLITS:
             kept = []
@@ -239,8 +242,10 @@ class CubeTask(Task):
                 else:
                     kept.append((cube, z))
             if not kept:
-                raise ConfigError(f"task.guard_px: {self.guard_px} px guards leave no whole {split} window "
-                                  f"(every {split} window touches a training window); use task.guard_px=0")
+                raise ConfigError(
+                    f"task.guard_px: {self.guard_px} px guards leave no whole {split} window "
+                    f"(every {split} window touches a training window); use task.guard_px=0"
+                )
             self._guarded[split] = kept
 
     def log_contacts(self) -> None:
@@ -248,9 +253,20 @@ class CubeTask(Task):
         for contact in self.contacts:
             log.warning(contact.describe(self.name))
         for split, cube, trimmed, z in self._left_out:
-            log.warning("%s: task.guard_px=%d trims %s window %s to x%s y%s, less than a whole tile: its %d "
-                        "slices z[%d, %d) are left out of %s", self.name, self.guard_px, split, cube.key,
-                        list(trimmed.x), list(trimmed.y), z[1] - z[0], z[0], z[1], split)
+            log.warning(
+                "%s: task.guard_px=%d trims %s window %s to x%s y%s, less than a whole tile: its %d "
+                "slices z[%d, %d) are left out of %s",
+                self.name,
+                self.guard_px,
+                split,
+                cube.key,
+                list(trimmed.x),
+                list(trimmed.y),
+                z[1] - z[0],
+                z[0],
+                z[1],
+                split,
+            )
 
     def _slabs(self, split: str) -> list[Window]:
         """The windows a split's samples are cut from: :meth:`_windows` minus those the guard leaves out."""
@@ -281,6 +297,7 @@ class CubeTask(Task):
     def _check_disjoint(self) -> None:
         """Same tissue (intersecting x/y windows) in two splits: z ranges must not overlap, and
         test keeps a buffer. Different cubes (e.g. A's and D's cortex: same x, other y) are free."""
+
         def intersects(a: Cube, b: Cube) -> bool:
             return a.x[0] < b.x[1] and b.x[0] < a.x[1] and a.y[0] < b.y[1] and b.y[0] < a.y[1]
 
@@ -308,8 +325,7 @@ class CubeTask(Task):
             for part in parts:
                 if part.z[0] < z_extent[0] or part.z[1] > z_extent[1]:
                     raise ConfigError(
-                        f"task.splits.{split}: z{list(part.z)} lies outside the source's z range "
-                        f"{list(z_extent)}"
+                        f"task.splits.{split}: z{list(part.z)} lies outside the source's z range {list(z_extent)}"
                     )
 
     def check_source(self, source: VolumeSource) -> None:
@@ -361,9 +377,16 @@ class RegionClassificationTask(CubeTask):
 
     kind = "classification"
 
-    def __init__(self, name: str, splits: Mapping[str, Sequence[Mapping[str, Any]]], downsample: int = 2,
-                 regions: Sequence[str] | None = None, test_buffer: int = 10,
-                 label_mode: str = "cube", guard_px: int = 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        splits: Mapping[str, Sequence[Mapping[str, Any]]],
+        downsample: int = 2,
+        regions: Sequence[str] | None = None,
+        test_buffer: int = 10,
+        label_mode: str = "cube",
+        guard_px: int = 0,
+    ) -> None:
         super().__init__(name, splits, downsample, regions, test_buffer, guard_px)
         if label_mode not in ("cube", "roi_majority"):
             raise ConfigError(f"task.label_mode: must be 'cube' or 'roi_majority', got {label_mode!r}")
@@ -416,18 +439,18 @@ class RegionClassificationTask(CubeTask):
             cube_index[row : row + count] = ci
             row += count
         if not keep.all():
-            log.info("%s/%s: dropped %d tiles whose roi_labels majority is unlabelled",
-                     self.name, split, int((~keep).sum()))
-            images, targets, regions, zs, cube_index = (
-                a[keep] for a in (images, targets, regions, zs, cube_index)
+            log.info(
+                "%s/%s: dropped %d tiles whose roi_labels majority is unlabelled", self.name, split, int((~keep).sum())
             )
+            images, targets, regions, zs, cube_index = (a[keep] for a in (images, targets, regions, zs, cube_index))
         return SplitArrays(images, targets, regions, zs, [c.key for c, _ in slabs], cube_index)
 
     def _majority_labels(self, source: VolumeSource, cube: Cube, z: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         assert self.catalog is not None
         roi = source.cutout("roi_labels", cube.x, cube.y, z)
-        id_to_class = {v: self.catalog.region_index(k) for k, v in self.catalog.roi_ids.items()
-                       if k in self.catalog.regions}
+        id_to_class = {
+            v: self.catalog.region_index(k) for k, v in self.catalog.roi_ids.items() if k in self.catalog.regions
+        }
         majority = np.empty(roi.shape[0], dtype=np.int64)
         for s in range(0, roi.shape[0], 16):  # bounded memory: 16 tiles at a time
             flat = np.asarray(roi[s : s + 16]).reshape(-1, roi.shape[1] * roi.shape[2])

@@ -10,6 +10,7 @@
   foreground away from contours (and, for BCD, deep inside objects), flooded over the
   foreground mask on the inverted foreground x (1 - contour) map.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,12 +26,17 @@ from mtneuro_lab.config.sections import SCORING, PostprocessConfig
 from mtneuro_lab.errors import ConfigError, DataError
 
 
-def sliding_window_predict(predictor: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
-                           roi_size: Sequence[int], overlap: float | Sequence[float] = 0.5,
-                           sw_batch_size: int = 4, mode: Literal["gaussian", "constant"] = "gaussian",
-                           sigma_scale: float = 0.125,
-                           activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                           output_device: torch.device | str | None = None) -> torch.Tensor:
+def sliding_window_predict(
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    roi_size: Sequence[int],
+    overlap: float | Sequence[float] = 0.5,
+    sw_batch_size: int = 4,
+    mode: Literal["gaussian", "constant"] = "gaussian",
+    sigma_scale: float = 0.125,
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    output_device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Predict a whole ``(B, 1, Z, Y, X)`` volume window by window with blended overlaps.
 
     ``predictor`` maps ``(n, 1, *roi_size)`` to ``(n, C, *roi_size)``; ``activation`` (e.g.
@@ -50,9 +56,19 @@ def sliding_window_predict(predictor: Callable[[torch.Tensor], torch.Tensor], im
         return activation(out) if activation is not None else out
 
     with torch.no_grad():
-        return sliding_window_inference(image, roi, sw_batch_size, run, overlap=overlap, mode=mode,
-                                        sigma_scale=sigma_scale, padding_mode="constant", cval=0.0,
-                                        sw_device=image.device, device=output_device or image.device)
+        return sliding_window_inference(
+            image,
+            roi,
+            sw_batch_size,
+            run,
+            overlap=overlap,
+            mode=mode,
+            sigma_scale=sigma_scale,
+            padding_mode="constant",
+            cval=0.0,
+            sw_device=image.device,
+            device=output_device or image.device,
+        )
 
 
 def _as_numpy(pred: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -89,9 +105,13 @@ def agglomerate(affs: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
 
     nearest = np.ascontiguousarray(affs[:3], dtype=np.float32)
     with _quiet_stdout():
-        segmentations = waterz.agglomerate(nearest, [float(cfg.threshold)], aff_threshold_low=cfg.aff_low,
-                                           aff_threshold_high=cfg.aff_high,
-                                           scoring_function=SCORING[cfg.scoring])
+        segmentations = waterz.agglomerate(
+            nearest,
+            [float(cfg.threshold)],
+            aff_threshold_low=cfg.aff_low,
+            aff_threshold_high=cfg.aff_high,
+            scoring_function=SCORING[cfg.scoring],
+        )
         return np.array(next(iter(segmentations)), copy=True)
 
 

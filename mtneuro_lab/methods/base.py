@@ -3,6 +3,7 @@
 Methods receive from the run (not from their own config) what depends on the task:
 ``num_classes``, ``class_names`` and ``input_shape`` (spatial shape of one sample).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -39,9 +40,14 @@ class BaseMethod(pl.LightningModule):
     #: metric watched by checkpointing / early stopping, and its direction
     monitor: tuple[str, str] = ("val/loss", "min")
 
-    def __init__(self, num_classes: int, class_names: Sequence[str], input_shape: Sequence[int],
-                 optimizer: OptimizerConfig | Mapping | None = None,
-                 scheduler: SchedulerConfig | Mapping | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str],
+        input_shape: Sequence[int],
+        optimizer: OptimizerConfig | Mapping | None = None,
+        scheduler: SchedulerConfig | Mapping | None = None,
+    ) -> None:
         super().__init__()
         self.num_classes = int(num_classes)
         self.class_names = list(class_names)

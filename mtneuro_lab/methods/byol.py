@@ -4,6 +4,7 @@ regress the EMA target's projection of the other view, symmetric ``2 - 2 cos`` l
 Heads are lightly's ``BYOLProjectionHead`` / ``BYOLPredictionHead`` (Linear-BN-ReLU-Linear);
 views, EMA schedule, online probe and linear evaluation come from :class:`SSLMethod`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -35,15 +36,24 @@ class ViewOutputs:
 
 
 class BYOL(SSLMethod):
-    def __init__(self, num_classes: int, class_names: Sequence[str], input_shape: Sequence[int],
-                 optimizer: OptimizerConfig | Mapping | None = None,
-                 scheduler: SchedulerConfig | Mapping | None = None,
-                 stem: Stem = "auto", views: ViewConfig | Mapping | None = None,
-                 linear_eval: LinearEvalConfig | Mapping | None = None,
-                 ema_start: float = 0.996, ema_end: float = 1.0,
-                 hidden_dim: int = 4096, proj_dim: int = 256) -> None:
-        super().__init__(num_classes, class_names, input_shape, optimizer, scheduler, stem, views,
-                         linear_eval, ema_start, ema_end)
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str],
+        input_shape: Sequence[int],
+        optimizer: OptimizerConfig | Mapping | None = None,
+        scheduler: SchedulerConfig | Mapping | None = None,
+        stem: Stem = "auto",
+        views: ViewConfig | Mapping | None = None,
+        linear_eval: LinearEvalConfig | Mapping | None = None,
+        ema_start: float = 0.996,
+        ema_end: float = 1.0,
+        hidden_dim: int = 4096,
+        proj_dim: int = 256,
+    ) -> None:
+        super().__init__(
+            num_classes, class_names, input_shape, optimizer, scheduler, stem, views, linear_eval, ema_start, ema_end
+        )
         if hidden_dim < 1 or proj_dim < 1:
             raise ConfigError(f"model.hidden_dim/proj_dim: must be >= 1, got {hidden_dim} and {proj_dim}")
         dim = self.encoder.out_dim
@@ -67,8 +77,9 @@ class BYOL(SSLMethod):
     def byol_loss(out: ViewOutputs) -> torch.Tensor:
         return 0.5 * (regression_loss(out.p1, out.tz2) + regression_loss(out.p2, out.tz1))
 
-    def ssl_step(self, v1: torch.Tensor, v2: torch.Tensor,
-                 batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    def ssl_step(
+        self, v1: torch.Tensor, v2: torch.Tensor, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         out = self.forward_views(v1, v2)
         loss = self.byol_loss(out)
         return loss, {"train/byol_loss": loss.detach()}, out.y1

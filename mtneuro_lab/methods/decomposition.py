@@ -11,6 +11,7 @@ NMF embeds a batch by the same multiplicative updates with fixed components that
 ``NMF(solver="mu").transform`` runs (tested against it), started per tile so a tile's embedding
 does not depend on its batch-mates.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,11 +49,20 @@ def nmf_transform(x: torch.Tensor, components: torch.Tensor, iterations: int) ->
 class DecompositionClassifier(FittedEmbeddingClassifier):
     """PCA / NMF components of the flattened (optionally pooled) tiles + a linear read-out."""
 
-    def __init__(self, num_classes: int, class_names: Sequence[str], input_shape: Sequence[int],
-                 optimizer: OptimizerConfig | Mapping | None = None,
-                 scheduler: SchedulerConfig | Mapping | None = None,
-                 kind: Literal["pca", "nmf"] = "pca", n_components: int = 256, pool: int = 1,
-                 max_fit_samples: int = 4096, max_iter: int = 200, fit_seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str],
+        input_shape: Sequence[int],
+        optimizer: OptimizerConfig | Mapping | None = None,
+        scheduler: SchedulerConfig | Mapping | None = None,
+        kind: Literal["pca", "nmf"] = "pca",
+        n_components: int = 256,
+        pool: int = 1,
+        max_fit_samples: int = 4096,
+        max_iter: int = 200,
+        fit_seed: int = 0,
+    ) -> None:
         if kind not in ("pca", "nmf"):
             raise ConfigError(f"model.kind: must be one of pca, nmf, got {kind!r}")
         h, w = tuple(int(s) for s in input_shape)[-2:]
@@ -60,16 +70,20 @@ class DecompositionClassifier(FittedEmbeddingClassifier):
             raise ConfigError(f"model.pool: must be >= 1 and divide the {h}x{w} tiles, got {pool}")
         dim = (h // pool) * (w // pool)
         if not 1 <= n_components <= dim:
-            raise ConfigError(f"model.n_components: must be in [1, {dim}] (pixels per pooled tile), "
-                              f"got {n_components}")
+            raise ConfigError(f"model.n_components: must be in [1, {dim}] (pixels per pooled tile), got {n_components}")
         if max_fit_samples < n_components:
-            raise ConfigError(f"model.max_fit_samples: must be >= n_components ({n_components}), "
-                              f"got {max_fit_samples}")
+            raise ConfigError(f"model.max_fit_samples: must be >= n_components ({n_components}), got {max_fit_samples}")
         if max_iter < 1:
             raise ConfigError(f"model.max_iter: must be >= 1, got {max_iter}")
-        super().__init__(num_classes, class_names, input_shape, optimizer, scheduler, embed_dim=n_components,
-                         embedding_buffers={"pixel_mean": torch.zeros(dim),
-                                            "components": torch.zeros(n_components, dim)})
+        super().__init__(
+            num_classes,
+            class_names,
+            input_shape,
+            optimizer,
+            scheduler,
+            embed_dim=n_components,
+            embedding_buffers={"pixel_mean": torch.zeros(dim), "components": torch.zeros(n_components, dim)},
+        )
         self.kind, self.n_components, self.pool = kind, n_components, pool
         self.max_fit_samples, self.max_iter, self.fit_seed = max_fit_samples, max_iter, fit_seed
 
@@ -94,8 +108,10 @@ class DecompositionClassifier(FittedEmbeddingClassifier):
         """scikit-learn fit on (at most ``max_fit_samples``) uint8 training tiles ``(N, H, W)``."""
         n = len(train_images)
         if n < self.n_components:
-            raise DataError(f"model.n_components: {self.n_components} components need at least as many "
-                            f"training tiles, the training split has {n}")
+            raise DataError(
+                f"model.n_components: {self.n_components} components need at least as many "
+                f"training tiles, the training split has {n}"
+            )
         rng = np.random.default_rng(self.fit_seed)
         chosen = np.sort(rng.choice(n, self.max_fit_samples, replace=False)) if n > self.max_fit_samples else None
         imgs = train_images if chosen is None else train_images[chosen]
@@ -104,11 +120,17 @@ class DecompositionClassifier(FittedEmbeddingClassifier):
             model = PCA(self.n_components, random_state=self.fit_seed).fit(rows)
             self.pixel_mean.copy_(torch.from_numpy(model.mean_).float())
         else:
-            model = NMF(self.n_components, init="nndsvda", solver="mu", max_iter=self.max_iter,
-                        random_state=self.fit_seed).fit(rows)
+            model = NMF(
+                self.n_components, init="nndsvda", solver="mu", max_iter=self.max_iter, random_state=self.fit_seed
+            ).fit(rows)
         self.components.copy_(torch.from_numpy(model.components_).float())
-        log.info("%s: %d components fitted on %d training tiles of %d pixels", self.kind.upper(),
-                 self.n_components, len(rows), rows.shape[1])
+        log.info(
+            "%s: %d components fitted on %d training tiles of %d pixels",
+            self.kind.upper(),
+            self.n_components,
+            len(rows),
+            rows.shape[1],
+        )
 
     def fit_decomposition(self, train_images: np.ndarray, mean: float, std: float) -> None:
         """Components, normalisation and standardisation from uint8 training tiles (Task 3 calls it too)."""

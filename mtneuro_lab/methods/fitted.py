@@ -8,6 +8,7 @@ Everything the embedding needs (the subclass's own buffers, the datamodule norma
 ``input_norm`` and the per-feature standardisation) is a buffer, so a checkpoint reproduces the
 embedding exactly (``evaluate.py``) without a refit.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,10 +43,17 @@ class FittedEmbeddingClassifier(ScoredMethod):
     task_kinds = ("classification",)
     kind = "embedding"
 
-    def __init__(self, num_classes: int, class_names: Sequence[str], input_shape: Sequence[int],
-                 optimizer: OptimizerConfig | Mapping | None = None,
-                 scheduler: SchedulerConfig | Mapping | None = None, *, embed_dim: int,
-                 embedding_buffers: Mapping[str, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str],
+        input_shape: Sequence[int],
+        optimizer: OptimizerConfig | Mapping | None = None,
+        scheduler: SchedulerConfig | Mapping | None = None,
+        *,
+        embed_dim: int,
+        embedding_buffers: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__(num_classes, class_names, input_shape, optimizer, scheduler)
         # the embedding's own buffers first: PCA/NMF checkpoints keep their key order
         for name, value in (embedding_buffers or {}).items():
@@ -94,8 +102,9 @@ class FittedEmbeddingClassifier(ScoredMethod):
         self.fit_code(train_images)
         self.input_norm.copy_(torch.tensor([mean, std]))
         n = len(train_images)
-        codes = torch.cat([self.raw_code(self.raw_tiles(train_images[s : s + FIT_CHUNK]))
-                           for s in range(0, n, FIT_CHUNK)])
+        codes = torch.cat(
+            [self.raw_code(self.raw_tiles(train_images[s : s + FIT_CHUNK])) for s in range(0, n, FIT_CHUNK)]
+        )
         self.feat_mean.copy_(codes.mean(0))
         self.feat_std.copy_(codes.std(0).clamp_min(1e-6))
         self.fitted.fill_(True)
@@ -117,6 +126,7 @@ class FittedEmbeddingClassifier(ScoredMethod):
 
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
         if not bool(self.fitted):
-            raise DataError(f"model={self.kind}: the embedding is not fitted (train first, or pass a "
-                            "checkpoint of a trained run)")
+            raise DataError(
+                f"model={self.kind}: the embedding is not fitted (train first, or pass a checkpoint of a trained run)"
+            )
         super()._eval_step(stage, batch)

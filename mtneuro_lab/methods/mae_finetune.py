@@ -15,6 +15,7 @@ probabilities with the task's post-processing and logs every metric of
 :func:`evaluate_volume` as ``test/<name>`` (``test/arand``,
 ``test/voi_split``, ``test/voi_merge``, ``test/ap50``, ``test/ap75`` ...).
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,9 @@ def segment_volume(task: EMTask, prob: np.ndarray | torch.Tensor) -> np.ndarray:
     return pp.segment(prob, task.target, task.postprocess)
 
 
-def score_volume(task: EMTask, seg: np.ndarray, gt: np.ndarray | torch.Tensor,
-                 prob: np.ndarray | torch.Tensor | None = None) -> dict[str, float]:
+def score_volume(
+    task: EMTask, seg: np.ndarray, gt: np.ndarray | torch.Tensor, prob: np.ndarray | torch.Tensor | None = None
+) -> dict[str, float]:
     """Instance metrics (no stage prefix); ``prob`` ranks instances for AP by mean confidence."""
     scores = None
     if prob is not None:
@@ -76,10 +78,12 @@ def read_encoder_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     if isinstance(payload, dict) and payload.get("format") == ENCODER_FORMAT:
         return dict(payload["state_dict"]), dict(payload["meta"])
     if isinstance(payload, dict) and CKPT_META_KEY in payload and "state_dict" in payload:
-        state = {k[len("encoder."):]: v for k, v in payload["state_dict"].items() if k.startswith("encoder.")}
+        state = {k[len("encoder.") :]: v for k, v in payload["state_dict"].items() if k.startswith("encoder.")}
         return state, dict(payload[CKPT_META_KEY])
-    raise CheckpointError(f"{KEY}: {path} is not an MAE encoder checkpoint (expected the encoder.pt or a "
-                          f"Lightning .ckpt written by model=mae_pretrain)")
+    raise CheckpointError(
+        f"{KEY}: {path} is not an MAE encoder checkpoint (expected the encoder.pt or a "
+        f"Lightning .ckpt written by model=mae_pretrain)"
+    )
 
 
 def load_pretrained_encoder(encoder: ViTEncoder, path: str | Path) -> dict[str, torch.Tensor]:
@@ -90,8 +94,13 @@ def load_pretrained_encoder(encoder: ViTEncoder, path: str | Path) -> dict[str, 
     """
     state, meta = read_encoder_checkpoint(path)
     spec = encoder.spec
-    want = {"dim": spec.dim, "depth": spec.depth, "heads": spec.heads, "patch_size": list(spec.patch_size),
-            "in_channels": spec.in_channels}
+    want = {
+        "dim": spec.dim,
+        "depth": spec.depth,
+        "heads": spec.heads,
+        "patch_size": list(spec.patch_size),
+        "in_channels": spec.in_channels,
+    }
     for name, value in want.items():
         if meta.get(name) != value:
             raise CheckpointError(
@@ -122,8 +131,9 @@ def target_kind(class_names: Sequence[str]) -> str:
     raise ConfigError(f"model=mae_finetune: the task's target channels {names} are not affinity, bc or bcd")
 
 
-def target_loss(logits: torch.Tensor, target: torch.Tensor, kind: str,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+def target_loss(
+    logits: torch.Tensor, target: torch.Tensor, kind: str, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Masked BCE on probability channels; for BCD, MSE of ``tanh`` on the distance channel."""
     weight = torch.ones_like(target) if mask is None else mask.to(target.dtype)
     prob = slice(0, 2) if kind == "bcd" else slice(None)
@@ -145,16 +155,24 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def layer_decay_groups(named_params: Sequence[tuple[str, torch.nn.Parameter]], depth: int, decay: float,
-                       weight_decay: float) -> list[dict[str, Any]]:
+def layer_decay_groups(
+    named_params: Sequence[tuple[str, torch.nn.Parameter]], depth: int, decay: float, weight_decay: float
+) -> list[dict[str, Any]]:
     """Parameter groups with ``lr_scale = decay ** (depth + 1 - layer_id)``; no weight decay on 1-D params."""
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in named_params:
         if not p.requires_grad:
             continue
         lid, no_wd = layer_id(name, depth), p.ndim <= 1
-        group = groups.setdefault((lid, no_wd), {"params": [], "names": [], "lr_scale": decay ** (depth + 1 - lid),
-                                                 "weight_decay": 0.0 if no_wd else weight_decay})
+        group = groups.setdefault(
+            (lid, no_wd),
+            {
+                "params": [],
+                "names": [],
+                "lr_scale": decay ** (depth + 1 - lid),
+                "weight_decay": 0.0 if no_wd else weight_decay,
+            },
+        )
         group["params"].append(p)
         group["names"].append(name)
     return [groups[k] for k in sorted(groups)]
@@ -166,12 +184,21 @@ class MAEFinetune(BaseMethod):
     task_kinds = ("em",)
     monitor = ("val/loss", "min")
 
-    def __init__(self, num_classes: int, class_names: Sequence[str], input_shape: Sequence[int],
-                 optimizer: OptimizerConfig | Mapping | None = None,
-                 scheduler: SchedulerConfig | Mapping | None = None,
-                 preset: Preset = "base", patch_size: Sequence[int] = (1, 16, 16),
-                 pretrained: str | None = None, layer_decay: float = 0.75, drop_path: float = 0.1,
-                 feature_size: int = 16, sw_batch_size: int = 4) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str],
+        input_shape: Sequence[int],
+        optimizer: OptimizerConfig | Mapping | None = None,
+        scheduler: SchedulerConfig | Mapping | None = None,
+        preset: Preset = "base",
+        patch_size: Sequence[int] = (1, 16, 16),
+        pretrained: str | None = None,
+        layer_decay: float = 0.75,
+        drop_path: float = 0.1,
+        feature_size: int = 16,
+        sw_batch_size: int = 4,
+    ) -> None:
         super().__init__(num_classes, class_names, input_shape, optimizer, scheduler)
         if not 0.0 < layer_decay <= 1.0:
             raise ConfigError(f"model.layer_decay: must be in (0, 1], got {layer_decay}")
@@ -196,7 +223,7 @@ class MAEFinetune(BaseMethod):
         return self.net(x)
 
     def optimizer_parameters(self) -> Any:
-        named = [(n[len("net."):], p) for n, p in self.named_parameters()]
+        named = [(n[len("net.") :], p) for n, p in self.named_parameters()]
         return layer_decay_groups(named, self.encoder.spec.depth, self.layer_decay, self.optim_cfg.weight_decay)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -214,8 +241,14 @@ class MAEFinetune(BaseMethod):
 
     def _predict_volume(self, image: torch.Tensor, activation: Any = None) -> torch.Tensor:
         task = self._task()
-        return sliding_window_predict(self, image, self.input_shape, overlap=task.eval_overlap,
-                                      sw_batch_size=self.sw_batch_size, activation=activation)
+        return sliding_window_predict(
+            self,
+            image,
+            self.input_shape,
+            overlap=task.eval_overlap,
+            sw_batch_size=self.sw_batch_size,
+            activation=activation,
+        )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         logits = self._predict_volume(batch["image"])

@@ -10,6 +10,7 @@ After training the encoder is written to ``<run_dir>/encoder.pt`` (tensors plus 
 dict, see :func:`encoder_payload`); ``model=mae_finetune model.pretrained=<that file>`` (or a
 Lightning ``.ckpt`` of this model) loads it.
 """
+
 from __future__ import annotations
 
 import io
@@ -45,8 +46,11 @@ CKPT_META_KEY = "mae_encoder"
 
 def encoder_payload(encoder: ViTEncoder) -> dict[str, Any]:
     """What ``encoder.pt`` holds: tensors (CPU) and plain metadata, loadable with weights_only."""
-    return {"format": ENCODER_FORMAT, "meta": encoder.spec.as_dict(),
-            "state_dict": {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}}
+    return {
+        "format": ENCODER_FORMAT,
+        "meta": encoder.spec.as_dict(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()},
+    }
 
 
 def save_encoder(encoder: ViTEncoder, path: str | Path) -> Path:
@@ -73,8 +77,12 @@ def tile_volume(volume: torch.Tensor, crop: Sequence[int]) -> torch.Tensor:
     if any(s < c for s, c in zip(spatial, crop)):
         raise DataError(f"evaluation volume {list(spatial)} is smaller than the model's crop {list(crop)}")
     starts = [tile_starts(s, c) for s, c in zip(spatial, crop)]
-    tiles = [volume[:, :, z:z + crop[0], y:y + crop[1], x:x + crop[2]]
-             for z in starts[0] for y in starts[1] for x in starts[2]]
+    tiles = [
+        volume[:, :, z : z + crop[0], y : y + crop[1], x : x + crop[2]]
+        for z in starts[0]
+        for y in starts[1]
+        for x in starts[2]
+    ]
     return torch.cat(tiles, dim=0)
 
 
@@ -84,21 +92,34 @@ class MAEPretrain(BaseMethod):
     task_kinds = ("em",)
     monitor = ("val/loss", "min")
 
-    def __init__(self, num_classes: int, class_names: Sequence[str], input_shape: Sequence[int],
-                 optimizer: OptimizerConfig | Mapping | None = None,
-                 scheduler: SchedulerConfig | Mapping | None = None,
-                 preset: Preset = "base", patch_size: Sequence[int] = (1, 16, 16),
-                 mask_ratio: float = 0.9, mask_strategy: MaskStrategy = "random",
-                 decoder_dim: int = 512, decoder_depth: int = 4, decoder_heads: int = 16,
-                 norm_pix_loss: bool = True, eval_chunk: int = 8, encoder_file: str = "encoder.pt") -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str],
+        input_shape: Sequence[int],
+        optimizer: OptimizerConfig | Mapping | None = None,
+        scheduler: SchedulerConfig | Mapping | None = None,
+        preset: Preset = "base",
+        patch_size: Sequence[int] = (1, 16, 16),
+        mask_ratio: float = 0.9,
+        mask_strategy: MaskStrategy = "random",
+        decoder_dim: int = 512,
+        decoder_depth: int = 4,
+        decoder_heads: int = 16,
+        norm_pix_loss: bool = True,
+        eval_chunk: int = 8,
+        encoder_file: str = "encoder.pt",
+    ) -> None:
         super().__init__(num_classes, class_names, input_shape, optimizer, scheduler)
         if not 0.0 <= mask_ratio < 1.0:
             raise ConfigError(f"model.mask_ratio: must be in [0, 1), got {mask_ratio}")
         if mask_strategy not in ("random", "space", "section"):
             raise ConfigError(f"model.mask_strategy: must be one of random, space, section, got {mask_strategy!r}")
         if decoder_dim < 1 or decoder_depth < 0 or decoder_heads < 1:
-            raise ConfigError(f"model.decoder_*: need decoder_dim >= 1, decoder_depth >= 0, decoder_heads >= 1, "
-                              f"got {decoder_dim}, {decoder_depth}, {decoder_heads}")
+            raise ConfigError(
+                f"model.decoder_*: need decoder_dim >= 1, decoder_depth >= 0, decoder_heads >= 1, "
+                f"got {decoder_dim}, {decoder_depth}, {decoder_heads}"
+            )
         if eval_chunk < 1:
             raise ConfigError(f"model.eval_chunk: must be >= 1, got {eval_chunk}")
         if not encoder_file or Path(encoder_file).name != encoder_file:
@@ -106,8 +127,10 @@ class MAEPretrain(BaseMethod):
         spec = vit_spec(preset, patch_size, self.input_shape)
         self.encoder = ViTEncoder(spec)
         if num_visible(self.encoder.num_tokens, mask_ratio) < 1:
-            raise ConfigError(f"model.mask_ratio: {mask_ratio} leaves no visible token of the "
-                              f"{self.encoder.num_tokens} tokens of a {list(self.input_shape)} crop")
+            raise ConfigError(
+                f"model.mask_ratio: {mask_ratio} leaves no visible token of the "
+                f"{self.encoder.num_tokens} tokens of a {list(self.input_shape)} crop"
+            )
         voxels = spec.in_channels * spec.patch_size[0] * spec.patch_size[1] * spec.patch_size[2]
         self.decoder = MAEDecoder(spec.dim, self.encoder.grid, voxels, decoder_dim, decoder_depth, decoder_heads)
         self.patch_size = spec.patch_size
@@ -118,11 +141,13 @@ class MAEPretrain(BaseMethod):
         self.encoder_file = encoder_file
 
     # -- the model -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(loss, pred (B, L, voxels), mask (B, L))`` for crops ``x (B, 1, D, H, W)``."""
-        ids_keep, mask = random_masking(x.shape[0], self.encoder.grid, self.mask_ratio, self.mask_strategy,
-                                        device=x.device, generator=generator)
+        ids_keep, mask = random_masking(
+            x.shape[0], self.encoder.grid, self.mask_ratio, self.mask_strategy, device=x.device, generator=generator
+        )
         if not mask.any():
             ids_keep = None  # mask_ratio 0: plain autoencoding of all tokens
         latent, _ = self.encoder(x, ids_keep)
@@ -140,7 +165,7 @@ class MAEPretrain(BaseMethod):
         g = torch.Generator(device=tiles.device).manual_seed(1_000 + batch_idx)
         total, count = torch.zeros((), device=tiles.device), 0
         for s in range(0, tiles.shape[0], self.eval_chunk):
-            chunk = tiles[s:s + self.eval_chunk]
+            chunk = tiles[s : s + self.eval_chunk]
             loss, _, _ = self(chunk, generator=g)
             total, count = total + loss * chunk.shape[0], count + chunk.shape[0]
         self.log(f"{stage}/loss", total / count, batch_size=count, sync_dist=True, prog_bar=stage == "val")

@@ -9,6 +9,7 @@ through a second projector/predictor pair; the mined loss weight ramps linearly 
 ``mined_weight`` over ``ramp_epochs``. ``model=myow_m`` (:mod:`.myow_m`) shares one
 projector/predictor between augmented and mined views.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -26,9 +27,14 @@ from mtneuro_lab.methods.ssl import LinearEvalConfig, ViewConfig, make_target, r
 from mtneuro_lab.nets.resnet import Stem
 
 
-def mine_neighbours(query: torch.Tensor, keys: torch.Tensor, k: int = 1,
-                    query_ids: torch.Tensor | None = None, key_ids: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def mine_neighbours(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    k: int = 1,
+    query_ids: torch.Tensor | None = None,
+    key_ids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Index into ``keys`` of one of the ``k`` cosine-nearest keys of every query row.
 
     Keys whose id equals the query's id (the same tile) are excluded. With ``k > 1`` one of the
@@ -72,17 +78,40 @@ class MYOW(BYOL):
     #: True: mined views use the same projector/predictor as augmented views (MYOW-merged)
     shares_heads = False
 
-    def __init__(self, num_classes: int, class_names: Sequence[str], input_shape: Sequence[int],
-                 optimizer: OptimizerConfig | Mapping | None = None,
-                 scheduler: SchedulerConfig | Mapping | None = None,
-                 stem: Stem = "auto", views: ViewConfig | Mapping | None = None,
-                 linear_eval: LinearEvalConfig | Mapping | None = None,
-                 ema_start: float = 0.996, ema_end: float = 1.0,
-                 hidden_dim: int = 4096, proj_dim: int = 256,
-                 k: int = 1, pool: Literal["batch", "queue"] = "batch", queue_size: int = 4096,
-                 mined_weight: float = 0.1, ramp_epochs: float = 10.0) -> None:
-        super().__init__(num_classes, class_names, input_shape, optimizer, scheduler, stem, views,
-                         linear_eval, ema_start, ema_end, hidden_dim, proj_dim)
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str],
+        input_shape: Sequence[int],
+        optimizer: OptimizerConfig | Mapping | None = None,
+        scheduler: SchedulerConfig | Mapping | None = None,
+        stem: Stem = "auto",
+        views: ViewConfig | Mapping | None = None,
+        linear_eval: LinearEvalConfig | Mapping | None = None,
+        ema_start: float = 0.996,
+        ema_end: float = 1.0,
+        hidden_dim: int = 4096,
+        proj_dim: int = 256,
+        k: int = 1,
+        pool: Literal["batch", "queue"] = "batch",
+        queue_size: int = 4096,
+        mined_weight: float = 0.1,
+        ramp_epochs: float = 10.0,
+    ) -> None:
+        super().__init__(
+            num_classes,
+            class_names,
+            input_shape,
+            optimizer,
+            scheduler,
+            stem,
+            views,
+            linear_eval,
+            ema_start,
+            ema_end,
+            hidden_dim,
+            proj_dim,
+        )
         if k < 1:
             raise ConfigError(f"model.k: must be >= 1, got {k}")
         if pool not in ("batch", "queue"):
@@ -138,8 +167,9 @@ class MYOW(BYOL):
             losses.append(regression_loss(self.mined_prediction(y, p), self.mined_target(pool_keys[nn_idx])))
         return 0.5 * (losses[0] + losses[1])
 
-    def ssl_step(self, v1: torch.Tensor, v2: torch.Tensor,
-                 batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    def ssl_step(
+        self, v1: torch.Tensor, v2: torch.Tensor, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         out = self.forward_views(v1, v2)
         ids = batch["index"]
         byol = self.byol_loss(out)
@@ -148,5 +178,12 @@ class MYOW(BYOL):
         if self.queue is not None:
             self.queue.push(out.ty2, ids)
         loss = byol + weight * mined
-        return loss, {"train/byol_loss": byol.detach(), "train/mined_loss": mined.detach(),
-                      "train/mined_weight": torch.tensor(weight)}, out.y1
+        return (
+            loss,
+            {
+                "train/byol_loss": byol.detach(),
+                "train/mined_loss": mined.detach(),
+                "train/mined_weight": torch.tensor(weight),
+            },
+            out.y1,
+        )

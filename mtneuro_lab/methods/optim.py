@@ -5,6 +5,7 @@ Learning-rate scaling happens here and only here: with ``lr_scaling="linear"`` t
 ``lr * sqrt(global_batch / reference_batch)``, and with ``"none"`` (default, the paper's
 setting) it is ``lr`` unchanged. ``global_batch`` is ``data.batch_size`` (the global batch).
 """
+
 from __future__ import annotations
 
 import math
@@ -85,8 +86,9 @@ def build_optimizer(params: Iterable, cfg: OptimizerConfig, global_batch: int) -
     return opt
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int,
-                    steps_per_epoch: int) -> dict | None:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int, steps_per_epoch: int
+) -> dict | None:
     """Per-step LambdaLR: linear warm-up then cosine (or step) decay over the real step count."""
     if cfg.name == "none":
         return None

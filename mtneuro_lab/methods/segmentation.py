@@ -6,6 +6,7 @@ and the ``after_evaluate`` hook that writes overlays and the confusion matrix. T
 entry points only build the net: :class:`SMPSegmentation` (2D, segmentation-models-pytorch) and
 :class:`Volumetric3DSegmentation` (3D, MONAI / VNetLight).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -43,10 +44,18 @@ class SegmentationMethod(ScoredMethod):
     task_kinds = ("segmentation",)
     monitor = ("val/iou_mean", "max")
 
-    def __init__(self, net: nn.Module, num_classes: int, class_names: Sequence[str],
-                 input_shape: Sequence[int], optimizer: OptimizerConfig | Mapping | None = None,
-                 scheduler: SchedulerConfig | Mapping | None = None, loss: Loss = "ce",
-                 class_weights: list[float] | None = None, overlay_samples: int = 3) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int,
+        class_names: Sequence[str],
+        input_shape: Sequence[int],
+        optimizer: OptimizerConfig | Mapping | None = None,
+        scheduler: SchedulerConfig | Mapping | None = None,
+        loss: Loss = "ce",
+        class_weights: list[float] | None = None,
+        overlay_samples: int = 3,
+    ) -> None:
         super().__init__(num_classes, class_names, input_shape, optimizer, scheduler)
         if loss not in ("ce", "dice", "ce_dice"):
             raise ConfigError(f"model.loss: must be one of ce, dice, ce_dice, got {loss!r}")
@@ -54,7 +63,8 @@ class SegmentationMethod(ScoredMethod):
             if len(class_weights) != self.num_classes or any(w < 0 for w in class_weights):
                 raise ConfigError(
                     f"model.class_weights: need {self.num_classes} non-negative weights "
-                    f"(one per class: {', '.join(self.class_names)}), got {list(class_weights)}")
+                    f"(one per class: {', '.join(self.class_names)}), got {list(class_weights)}"
+                )
             if loss == "dice":
                 raise ConfigError("model.class_weights: only used by loss=ce or ce_dice, not dice")
         if overlay_samples < 0:
@@ -117,8 +127,15 @@ class SegmentationMethod(ScoredMethod):
             pick = rows[np.linspace(0, len(rows) - 1, min(self.overlay_samples, len(rows))).round().astype(int)]
             preds = self.predict_arrays(arrays.images[pick], datamodule.mean, datamodule.std)
             name = regions[int(r)] if 0 <= int(r) < len(regions) else f"region{int(r)}"
-            overlays.write_overlays(arrays.images[pick], arrays.targets[pick], preds, arrays.z[pick],
-                                    self.class_names, run_dir / "overlays" / f"{name}.png", title=name)
+            overlays.write_overlays(
+                arrays.images[pick],
+                arrays.targets[pick],
+                preds,
+                arrays.z[pick],
+                self.class_names,
+                run_dir / "overlays" / f"{name}.png",
+                title=name,
+            )
         return {}
 
 
@@ -128,31 +145,48 @@ def _spatial(input_shape: Sequence[int], dims: int, model: str) -> tuple[int, ..
         other = "seg3d_3class/seg3d_4class" if dims == 3 else "seg2d_3class/seg2d_4class/isbi2012"
         raise ConfigError(
             f"model={model}: is a {dims}D model but the task's samples are {'x'.join(map(str, shape))} "
-            f"({len(shape)}D); use a {dims}D task ({other})")
+            f"({len(shape)}D); use a {dims}D task ({other})"
+        )
     return shape
 
 
 class SMPSegmentation(SegmentationMethod):
     """2D segmentation with a segmentation-models-pytorch architecture (1 input channel)."""
 
-    def __init__(self, num_classes: int, class_names: Sequence[str], input_shape: Sequence[int],
-                 arch: SmpArch = "unet", encoder_name: str = "efficientnet-b7",
-                 encoder_weights: Literal["imagenet"] | None = None, encoder_depth: int | None = None,
-                 optimizer: OptimizerConfig | Mapping | None = None,
-                 scheduler: SchedulerConfig | Mapping | None = None, loss: Loss = "ce",
-                 class_weights: list[float] | None = None, overlay_samples: int = 3) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str],
+        input_shape: Sequence[int],
+        arch: SmpArch = "unet",
+        encoder_name: str = "efficientnet-b7",
+        encoder_weights: Literal["imagenet"] | None = None,
+        encoder_depth: int | None = None,
+        optimizer: OptimizerConfig | Mapping | None = None,
+        scheduler: SchedulerConfig | Mapping | None = None,
+        loss: Loss = "ce",
+        class_weights: list[float] | None = None,
+        overlay_samples: int = 3,
+    ) -> None:
         shape = _spatial(input_shape, 2, arch)
         if encoder_depth is not None and not 3 <= encoder_depth <= 5:
             raise ConfigError(f"model.encoder_depth: must be 3, 4, 5 or null, got {encoder_depth}")
         if min(shape) < SMP_MIN_SIZE.get(arch, 0):
-            raise ConfigError(f"task.downsample: model {arch} needs samples of at least {SMP_MIN_SIZE[arch]}x"
-                              f"{SMP_MIN_SIZE[arch]}, got {shape[0]}x{shape[1]}; use a smaller task.downsample")
+            raise ConfigError(
+                f"task.downsample: model {arch} needs samples of at least {SMP_MIN_SIZE[arch]}x"
+                f"{SMP_MIN_SIZE[arch]}, got {shape[0]}x{shape[1]}; use a smaller task.downsample"
+            )
         factor = smp_reduction(arch, encoder_depth)
-        check_divisible(shape, (factor, factor), "task.downsample",
-                        f"model {arch} reduces by {factor}: use a smaller task.downsample or model.encoder_depth")
+        check_divisible(
+            shape,
+            (factor, factor),
+            "task.downsample",
+            f"model {arch} reduces by {factor}: use a smaller task.downsample or model.encoder_depth",
+        )
         net = smp_net(arch, encoder_name, encoder_weights, num_classes, encoder_depth)
-        super().__init__(net, num_classes, class_names, input_shape, optimizer, scheduler, loss,
-                         class_weights, overlay_samples)
+        super().__init__(
+            net, num_classes, class_names, input_shape, optimizer, scheduler, loss, class_weights, overlay_samples
+        )
 
 
 class Volumetric3DSegmentation(SegmentationMethod):
@@ -162,11 +196,20 @@ class Volumetric3DSegmentation(SegmentationMethod):
     keeps full resolution and gets its receptive field from dilated convolutions.
     """
 
-    def __init__(self, num_classes: int, class_names: Sequence[str], input_shape: Sequence[int],
-                 arch: Net3DArch = "unet3d", base_channels: int = 16, levels: int | None = None,
-                 optimizer: OptimizerConfig | Mapping | None = None,
-                 scheduler: SchedulerConfig | Mapping | None = None, loss: Loss = "ce",
-                 class_weights: list[float] | None = None, overlay_samples: int = 3) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str],
+        input_shape: Sequence[int],
+        arch: Net3DArch = "unet3d",
+        base_channels: int = 16,
+        levels: int | None = None,
+        optimizer: OptimizerConfig | Mapping | None = None,
+        scheduler: SchedulerConfig | Mapping | None = None,
+        loss: Loss = "ce",
+        class_weights: list[float] | None = None,
+        overlay_samples: int = 3,
+    ) -> None:
         shape = _spatial(input_shape, 3, arch)
         if base_channels < 1:
             raise ConfigError(f"model.base_channels: must be >= 1, got {base_channels}")
@@ -176,9 +219,14 @@ class Volumetric3DSegmentation(SegmentationMethod):
         if not 1 <= levels <= 5:
             raise ConfigError(f"model.levels: must be in 1..5, got {levels}")
         factor = net3d_reduction(arch, levels)
-        check_divisible(shape, (factor,) * 3, "task.volume_z/task.downsample",
-                        f"model {arch} with model.levels={levels} halves every axis {levels} times: "
-                        f"use task.volume_z a multiple of {factor} or fewer model.levels")
+        check_divisible(
+            shape,
+            (factor,) * 3,
+            "task.volume_z/task.downsample",
+            f"model {arch} with model.levels={levels} halves every axis {levels} times: "
+            f"use task.volume_z a multiple of {factor} or fewer model.levels",
+        )
         net = net3d(arch, num_classes, base_channels, levels)
-        super().__init__(net, num_classes, class_names, input_shape, optimizer, scheduler, loss,
-                         class_weights, overlay_samples)
+        super().__init__(
+            net, num_classes, class_names, input_shape, optimizer, scheduler, loss, class_weights, overlay_samples
+        )

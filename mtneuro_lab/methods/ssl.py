@@ -17,6 +17,7 @@ Manual optimisation with two optimisers (SSL parameters, linear head) keeps each
 learning-rate schedule on its own real step count; the target network moves only by EMA, once
 per optimiser step, with momentum following a cosine from ``ema_start`` to ``ema_end``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -107,24 +108,36 @@ class SSLMethod(BaseMethod):
     monitor = ("val/acc", "max")
     task_kinds = ("classification",)
 
-    def __init__(self, num_classes: int, class_names: Sequence[str], input_shape: Sequence[int],
-                 optimizer: OptimizerConfig | Mapping | None = None,
-                 scheduler: SchedulerConfig | Mapping | None = None,
-                 stem: Stem = "auto", views: ViewConfig | Mapping | None = None,
-                 linear_eval: LinearEvalConfig | Mapping | None = None,
-                 ema_start: float = 0.996, ema_end: float = 1.0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str],
+        input_shape: Sequence[int],
+        optimizer: OptimizerConfig | Mapping | None = None,
+        scheduler: SchedulerConfig | Mapping | None = None,
+        stem: Stem = "auto",
+        views: ViewConfig | Mapping | None = None,
+        linear_eval: LinearEvalConfig | Mapping | None = None,
+        ema_start: float = 0.996,
+        ema_end: float = 1.0,
+    ) -> None:
         super().__init__(num_classes, class_names, input_shape, optimizer, scheduler)
         if not 0 <= ema_start <= ema_end <= 1:
-            raise ConfigError(f"model.ema_start/ema_end: need 0 <= ema_start <= ema_end <= 1, "
-                              f"got {ema_start} and {ema_end}")
+            raise ConfigError(
+                f"model.ema_start/ema_end: need 0 <= ema_start <= ema_end <= 1, got {ema_start} and {ema_end}"
+            )
         self.views_cfg = as_dataclass(ViewConfig, views, "model.views")
         self.linear_cfg = as_dataclass(LinearEvalConfig, linear_eval, "model.linear_eval")
         h, w = self.input_shape[-2:]
-        self.crop_size = (max(1, round(h * self.views_cfg.crop_fraction)),
-                          max(1, round(w * self.views_cfg.crop_fraction)))
+        self.crop_size = (
+            max(1, round(h * self.views_cfg.crop_fraction)),
+            max(1, round(w * self.views_cfg.crop_fraction)),
+        )
         if min(self.crop_size) < 8:
-            raise ConfigError(f"model.views.crop_fraction: crops of {self.crop_size} px from {h}x{w} tiles "
-                              "are too small for ResNet-18 (need >= 8 px)")
+            raise ConfigError(
+                f"model.views.crop_fraction: crops of {self.crop_size} px from {h}x{w} tiles "
+                "are too small for ResNet-18 (need >= 8 px)"
+            )
         self.ema_start, self.ema_end = float(ema_start), float(ema_end)
         self._view_workspace = augment.Workspace()  # the views' gather index, reused per batch
         # the stem follows the size the encoder actually sees (crops), see nets/resnet.py
@@ -135,8 +148,9 @@ class SSLMethod(BaseMethod):
         self.linear = nn.Sequential(norm, nn.Linear(dim, self.num_classes))
         self.metrics = ClassificationMetrics(self.class_names)
         self.probe_metrics = ClassificationMetrics(self.class_names, prefix="online_")
-        self.corner_acc = nn.ModuleDict({s: MulticlassAccuracy(num_classes=self.num_classes, average="micro")
-                                         for s in ("val", "test")})
+        self.corner_acc = nn.ModuleDict(
+            {s: MulticlassAccuracy(num_classes=self.num_classes, average="micro") for s in ("val", "test")}
+        )
         self.automatic_optimization = False
         self.ssl_epochs: int | None = None  # trainer.max_epochs as configured, set in setup("fit")
         self._steps_per_epoch = 1
@@ -147,8 +161,9 @@ class SSLMethod(BaseMethod):
         """(online, target) module pairs the EMA updates."""
         raise NotImplementedError
 
-    def ssl_step(self, v1: torch.Tensor, v2: torch.Tensor,
-                 batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    def ssl_step(
+        self, v1: torch.Tensor, v2: torch.Tensor, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """SSL loss on two views -> ``(loss, things to log, online representation of v1)``."""
         raise NotImplementedError  # pragma: no cover - abstract
 
@@ -158,17 +173,23 @@ class SSLMethod(BaseMethod):
             return
         trainer = self.trainer
         if trainer.max_epochs is None or trainer.max_epochs < 1:
-            raise ConfigError(f"trainer.max_epochs: SSL methods need a number of SSL epochs >= 1, "
-                              f"got {trainer.max_epochs}")
+            raise ConfigError(
+                f"trainer.max_epochs: SSL methods need a number of SSL epochs >= 1, got {trainer.max_epochs}"
+            )
         if trainer.max_steps not in (-1, None):
-            raise ConfigError("trainer.max_steps: SSL methods run trainer.max_epochs SSL epochs plus "
-                              f"model.linear_eval.epochs linear epochs; set trainer.max_steps=-1, got "
-                              f"{trainer.max_steps}")
+            raise ConfigError(
+                "trainer.max_steps: SSL methods run trainer.max_epochs SSL epochs plus "
+                f"model.linear_eval.epochs linear epochs; set trainer.max_steps=-1, got "
+                f"{trainer.max_steps}"
+            )
         if self.ssl_epochs is None:
             self.ssl_epochs = int(trainer.max_epochs)
             trainer.fit_loop.max_epochs = self.ssl_epochs + self.linear_cfg.epochs
-            log.info("SSL for %d epochs, then linear evaluation for %d epochs (encoder frozen)",
-                     self.ssl_epochs, self.linear_cfg.epochs)
+            log.info(
+                "SSL for %d epochs, then linear evaluation for %d epochs (encoder frozen)",
+                self.ssl_epochs,
+                self.linear_cfg.epochs,
+            )
 
     @property
     def in_linear_phase(self) -> bool:
@@ -199,15 +220,25 @@ class SSLMethod(BaseMethod):
         ssl_epochs = self.ssl_epochs or epochs
         ssl_steps = self._steps_per_epoch * ssl_epochs
         ssl_opt = build_optimizer(self.ssl_parameters(), self.optim_cfg, self.global_batch_size)
-        lin_cfg = OptimizerConfig(name="sgd", lr=self.linear_cfg.lr, momentum=self.linear_cfg.momentum,
-                                  weight_decay=self.linear_cfg.weight_decay)
+        lin_cfg = OptimizerConfig(
+            name="sgd",
+            lr=self.linear_cfg.lr,
+            momentum=self.linear_cfg.momentum,
+            weight_decay=self.linear_cfg.weight_decay,
+        )
         lin_opt = build_optimizer(self.linear.parameters(), lin_cfg, self.global_batch_size)
         ssl_sched = build_scheduler(ssl_opt, self.sched_cfg, ssl_steps, self._steps_per_epoch)
-        lin_sched = build_scheduler(lin_opt, SchedulerConfig(name="cosine"),
-                                    self._steps_per_epoch * self.linear_cfg.epochs, self._steps_per_epoch)
+        lin_sched = build_scheduler(
+            lin_opt,
+            SchedulerConfig(name="cosine"),
+            self._steps_per_epoch * self.linear_cfg.epochs,
+            self._steps_per_epoch,
+        )
         # scheduler.name=none still gets a (constant) scheduler so both phases index alike
-        schedulers = [s["scheduler"] if s is not None else torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0)
-                      for s, o in ((ssl_sched, ssl_opt), (lin_sched, lin_opt))]
+        schedulers = [
+            s["scheduler"] if s is not None else torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0)
+            for s, o in ((ssl_sched, ssl_opt), (lin_sched, lin_opt))
+        ]
         return [ssl_opt, lin_opt], schedulers
 
     @property
@@ -230,8 +261,9 @@ class SSLMethod(BaseMethod):
         geometry = AugmentConfig(hflip=cfg.hflip, vflip=cfg.vflip, rot90=cfg.rot90)
         samples = torch.arange(x.shape[0], device=x.device)
         # crop + flips + rot90 of every sample as ONE gather (same draws as random_crop, geometric)
-        view, _ = augment.gather_augmented(x.contiguous(), samples, self.crop_size, geometry,
-                                           workspace=self._view_workspace)
+        view, _ = augment.gather_augmented(
+            x.contiguous(), samples, self.crop_size, geometry, workspace=self._view_workspace
+        )
         return augment.intensity_jitter(view, cfg.intensity_jitter)
 
     # -- training --------------------------------------------------------------------------------
@@ -310,8 +342,7 @@ class SSLMethod(BaseMethod):
             values.update(self.probe_metrics.compute(stage))
             if not self.in_linear_phase and self._trainer is not None and self.trainer.state.fn == "fit":
                 # no evaluation head yet: NaN keeps the SSL-phase checkpoints out of "best"
-                values = {k: (torch.tensor(float("nan")) if k.startswith("val/acc") else v)
-                          for k, v in values.items()}
+                values = {k: (torch.tensor(float("nan")) if k.startswith("val/acc") else v) for k, v in values.items()}
         self.log_dict(values, prog_bar=stage != "test")
 
     def validation_metrics(self) -> set[str]:

@@ -3,6 +3,7 @@
 ``mixup_prob`` is the probability that a training batch is mixed (the paper sweeps 0.01, 0.1,
 0.3, 0.5, 0.7); 0 is plain supervised training.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -23,11 +24,18 @@ from mtneuro_lab.nets.resnet import ResNet18Encoder, Stem
 class SupervisedClassifier(ScoredMethod):
     monitor = ("val/acc", "max")
 
-    def __init__(self, num_classes: int, class_names: Sequence[str], input_shape: Sequence[int],
-                 optimizer: OptimizerConfig | Mapping | None = None,
-                 scheduler: SchedulerConfig | Mapping | None = None,
-                 stem: Stem = "auto", dropout: float = 0.2, mixup_prob: float = 0.0,
-                 mixup_alpha: float = 1.0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str],
+        input_shape: Sequence[int],
+        optimizer: OptimizerConfig | Mapping | None = None,
+        scheduler: SchedulerConfig | Mapping | None = None,
+        stem: Stem = "auto",
+        dropout: float = 0.2,
+        mixup_prob: float = 0.0,
+        mixup_alpha: float = 1.0,
+    ) -> None:
         super().__init__(num_classes, class_names, input_shape, optimizer, scheduler)
         if not 0 <= dropout < 1:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {dropout}")

@@ -28,6 +28,7 @@ tiles; never on disk, never in the checkpoint): the fit computes every training 
 later epochs mostly hit the memo. The memo never changes a value: the same tile bytes always
 give the same features.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -134,8 +135,9 @@ def canonical_orientation(tile: np.ndarray) -> tuple[bytes, np.ndarray]:
         variants = [np.rot90(t, k) for t in (tile, tile.T) for k in range(4)]
     else:
         variants = [tile, tile[::-1], tile[:, ::-1], tile[::-1, ::-1]]
-    best = min((hashlib.blake2b(np.ascontiguousarray(v).tobytes(), digest_size=16).digest(), i)
-               for i, v in enumerate(variants))
+    best = min(
+        (hashlib.blake2b(np.ascontiguousarray(v).tobytes(), digest_size=16).digest(), i) for i, v in enumerate(variants)
+    )
     return best[0], np.ascontiguousarray(variants[best[1]])
 
 
@@ -149,8 +151,10 @@ def _int_list(value: Sequence[int], key: str, low: int, high: int) -> list[int]:
 
 def _float_list(value: Sequence[float], key: str, low: float, high: float, open_low: bool = False) -> list[float]:
     values = list(value)
-    ok = all(not isinstance(v, bool) and isinstance(v, (int, float))
-             and (low < v if open_low else low <= v) and v <= high for v in values)
+    ok = all(
+        not isinstance(v, bool) and isinstance(v, (int, float)) and (low < v if open_low else low <= v) and v <= high
+        for v in values
+    )
     if not ok:
         bracket = "(" if open_low else "["
         raise ConfigError(f"{key}: must be a list of numbers in {bracket}{low}, {high}], got {values}")
@@ -169,14 +173,23 @@ class TextureClassifier(FittedEmbeddingClassifier):
 
     kind = "texture"
 
-    def __init__(self, num_classes: int, class_names: Sequence[str], input_shape: Sequence[int],
-                 optimizer: OptimizerConfig | Mapping | None = None,
-                 scheduler: SchedulerConfig | Mapping | None = None,
-                 quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95),
-                 glcm_distances: Sequence[int] = (1, 2, 4), glcm_angles: int = 4, glcm_levels: int = 32,
-                 lbp_points: int = 8, lbp_radii: Sequence[int] = (1, 2),
-                 gabor_frequencies: Sequence[float] = (0.1, 0.2, 0.4), gabor_orientations: int = 4,
-                 feature_cache: int = 100_000) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str],
+        input_shape: Sequence[int],
+        optimizer: OptimizerConfig | Mapping | None = None,
+        scheduler: SchedulerConfig | Mapping | None = None,
+        quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95),
+        glcm_distances: Sequence[int] = (1, 2, 4),
+        glcm_angles: int = 4,
+        glcm_levels: int = 32,
+        lbp_points: int = 8,
+        lbp_radii: Sequence[int] = (1, 2),
+        gabor_frequencies: Sequence[float] = (0.1, 0.2, 0.4),
+        gabor_orientations: int = 4,
+        feature_cache: int = 100_000,
+    ) -> None:
         shape = tuple(int(s) for s in input_shape)
         if len(shape) != 2:
             raise ConfigError(f"model=texture: needs 2D tiles, the task gives samples of shape {shape}")
@@ -188,13 +201,17 @@ class TextureClassifier(FittedEmbeddingClassifier):
             "glcm_levels": _at_least(glcm_levels, "model.glcm_levels", 2, 256),
             "lbp_points": _at_least(lbp_points, "model.lbp_points", 4),
             "lbp_radii": _int_list(lbp_radii, "model.lbp_radii", 1, (side - 1) // 2),
-            "gabor_frequencies": _float_list(gabor_frequencies, "model.gabor_frequencies", 0.0, 0.5,
-                                             open_low=True),
+            "gabor_frequencies": _float_list(gabor_frequencies, "model.gabor_frequencies", 0.0, 0.5, open_low=True),
             "gabor_orientations": _at_least(gabor_orientations, "model.gabor_orientations", 1),
             "feature_cache": _at_least(feature_cache, "model.feature_cache", 0),
         }
-        dim = (len(checked["quantiles"]) + 4 + 2 * len(GLCM_PROPS) * len(checked["glcm_distances"])
-               + (checked["lbp_points"] + 2) * len(checked["lbp_radii"]) + 2 * len(checked["gabor_frequencies"]))
+        dim = (
+            len(checked["quantiles"])
+            + 4
+            + 2 * len(GLCM_PROPS) * len(checked["glcm_distances"])
+            + (checked["lbp_points"] + 2) * len(checked["lbp_radii"])
+            + 2 * len(checked["gabor_frequencies"])
+        )
         super().__init__(num_classes, class_names, shape, optimizer, scheduler, embed_dim=dim)
         self.quantiles: list[float] = checked["quantiles"]
         self.glcm_distances: list[int] = checked["glcm_distances"]
@@ -210,12 +227,15 @@ class TextureClassifier(FittedEmbeddingClassifier):
 
     def tile_features(self, tiles: np.ndarray) -> np.ndarray:
         """uint8 tiles ``(B, H, W)`` -> features ``(B, embed_dim)`` (float64, no memo)."""
-        return np.concatenate([
-            intensity_features(tiles, self.quantiles),
-            glcm_features(tiles, self.glcm_distances, self.glcm_angles, self.glcm_levels),
-            lbp_features(tiles, self.lbp_points, self.lbp_radii),
-            gabor_features(tiles, self._bank),
-        ], axis=1)
+        return np.concatenate(
+            [
+                intensity_features(tiles, self.quantiles),
+                glcm_features(tiles, self.glcm_distances, self.glcm_angles, self.glcm_levels),
+                lbp_features(tiles, self.lbp_points, self.lbp_radii),
+                gabor_features(tiles, self._bank),
+            ],
+            axis=1,
+        )
 
     def _memoised_features(self, tiles: np.ndarray) -> np.ndarray:
         canonical = [canonical_orientation(t) for t in tiles]

@@ -1,4 +1,5 @@
 """Classification metrics per stage, logged as ``<stage>/acc`` and ``<stage>/acc_<class>``."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -17,13 +18,17 @@ class ClassificationMetrics(nn.Module):
         self.class_names = list(class_names)
         self.prefix = prefix
         # keys are "<stage>_" because nn.Module already has an attribute named "train"
-        self.stages = nn.ModuleDict({
-            f"{stage}_": nn.ModuleDict({
-                "acc": MulticlassAccuracy(num_classes=n, average="micro"),
-                "per_class": MulticlassAccuracy(num_classes=n, average="none"),
-            })
-            for stage in ("train", "val", "test")
-        })
+        self.stages = nn.ModuleDict(
+            {
+                f"{stage}_": nn.ModuleDict(
+                    {
+                        "acc": MulticlassAccuracy(num_classes=n, average="micro"),
+                        "per_class": MulticlassAccuracy(num_classes=n, average="none"),
+                    }
+                )
+                for stage in ("train", "val", "test")
+            }
+        )
 
     def __getitem__(self, stage: str) -> nn.ModuleDict:
         return self.stages[f"{stage}_"]

@@ -16,6 +16,7 @@
   precision-recall curve with precision made monotone (all-point interpolation). With tied
   scores the curve has one point and AP = precision x recall.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -51,8 +52,7 @@ def relabel(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def contingency(gt: np.ndarray, pred: np.ndarray) -> sparse.csr_array:
     """Voxel counts ``table[g, p]`` of consecutive-id volumes (no label ignored)."""
     ones = np.ones(gt.size, dtype=np.float64)
-    return sparse.csr_array((ones, (gt.reshape(-1), pred.reshape(-1))),
-                            shape=(int(gt.max()) + 1, int(pred.max()) + 1))
+    return sparse.csr_array((ones, (gt.reshape(-1), pred.reshape(-1))), shape=(int(gt.max()) + 1, int(pred.max()) + 1))
 
 
 def rand_voi(table: sparse.csr_array, ignore_zero: bool = True) -> dict[str, float]:
@@ -72,9 +72,14 @@ def rand_voi(table: sparse.csr_array, ignore_zero: bool = True) -> dict[str, flo
     # skimage 0.26 checks image shapes even when a table is given: pass two dummies
     dummy = np.zeros(1, dtype=np.int64)
     h_pred_given_gt, h_gt_given_pred = variation_of_information(dummy, dummy, table=table / total)
-    return {"arand": float(are), "arand_precision": float(precision), "arand_recall": float(recall),
-            "voi_split": float(h_pred_given_gt), "voi_merge": float(h_gt_given_pred),
-            "voi": float(h_pred_given_gt + h_gt_given_pred)}
+    return {
+        "arand": float(are),
+        "arand_precision": float(precision),
+        "arand_recall": float(recall),
+        "voi_split": float(h_pred_given_gt),
+        "voi_merge": float(h_gt_given_pred),
+        "voi": float(h_pred_given_gt + h_gt_given_pred),
+    }
 
 
 def iou_matrix(table: sparse.csr_array) -> sparse.csr_array:
@@ -86,8 +91,9 @@ def iou_matrix(table: sparse.csr_array) -> sparse.csr_array:
     return sparse.csr_array((inter.data / union, (inter.row, inter.col)), shape=inter.shape)
 
 
-def average_precision(iou: sparse.csr_array, threshold: float,
-                      scores: Sequence[float] | np.ndarray | None = None) -> float:
+def average_precision(
+    iou: sparse.csr_array, threshold: float, scores: Sequence[float] | np.ndarray | None = None
+) -> float:
     """AP at one IoU threshold from ``iou[g, p]`` (see the module docstring)."""
     n_gt, n_pred = iou.shape
     if n_gt == 0:
@@ -117,9 +123,13 @@ def average_precision(iou: sparse.csr_array, threshold: float,
     return float((precision * recall_steps).sum())
 
 
-def evaluate_instances(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor, ignore_zero: bool = True,
-                       scores: Mapping[int, float] | None = None,
-                       ap_thresholds: Sequence[float] = AP_THRESHOLDS) -> dict[str, float]:
+def evaluate_instances(
+    pred: np.ndarray | torch.Tensor,
+    gt: np.ndarray | torch.Tensor,
+    ignore_zero: bool = True,
+    scores: Mapping[int, float] | None = None,
+    ap_thresholds: Sequence[float] = AP_THRESHOLDS,
+) -> dict[str, float]:
     """All EM metrics of a predicted instance segmentation against ground truth (same shape).
 
     ``scores`` maps predicted ids to a confidence (e.g. mean foreground probability, see

@@ -5,6 +5,7 @@ directory: ``overlays/<region>.png`` (one row per sample: image, truth, predicti
 ``confusion_matrix.csv`` (pixel counts, rows = truth, columns = prediction) plus
 ``confusion_matrix.png`` (row-normalised, i.e. per-class recall on the diagonal).
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,8 +42,15 @@ def middle_slice(stack: np.ndarray) -> np.ndarray:
     return stack if stack.ndim == 2 else stack[stack.shape[0] // 2]
 
 
-def write_overlays(images: np.ndarray, truths: np.ndarray, preds: np.ndarray, z: Sequence[int],
-                   class_names: Sequence[str], path: Path, title: str = "") -> Path:
+def write_overlays(
+    images: np.ndarray,
+    truths: np.ndarray,
+    preds: np.ndarray,
+    z: Sequence[int],
+    class_names: Sequence[str],
+    path: Path,
+    title: str = "",
+) -> Path:
     """One PNG, one row per sample: image | truth over image | prediction over image."""
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
@@ -90,8 +98,15 @@ def write_confusion(confusion: np.ndarray, class_names: Sequence[str], run_dir: 
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, f"{norm[i, j]:.2f}\n({counts[i, j]})", ha="center", va="center", fontsize=8,
-                    color="white" if norm[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{norm[i, j]:.2f}\n({counts[i, j]})",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(k), class_names, rotation=45, ha="right")
     ax.set_yticks(range(k), class_names)
     ax.set_xlabel("prediction")

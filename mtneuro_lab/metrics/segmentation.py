@@ -9,6 +9,7 @@ different, image-size- and class-presence-dependent number.
 A class with no pixel in the truth and none in the prediction has undefined F1/IoU: it is
 reported as NaN and left out of the unweighted class means (``f1_mean``/``iou_mean``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -47,8 +48,9 @@ class SegmentationMetrics(nn.Module):
         self.class_names = list(class_names)
         n = len(self.class_names)
         # keys are "<stage>_" because nn.Module already has an attribute named "train"
-        self.stages = nn.ModuleDict({f"{s}_": MulticlassConfusionMatrix(num_classes=n, validate_args=False)
-                                     for s in ("train", "val", "test")})
+        self.stages = nn.ModuleDict(
+            {f"{s}_": MulticlassConfusionMatrix(num_classes=n, validate_args=False) for s in ("train", "val", "test")}
+        )
         #: the last computed (truth x prediction) count matrix per stage, for reports and plots
         self.last_confusion: dict[str, torch.Tensor] = {}
 

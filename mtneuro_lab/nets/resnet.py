@@ -5,6 +5,7 @@ which leaves a 2x2 map at the end for 64x64 tiles; smaller stems keep enough res
 ``stem="auto"`` picks: >=128 px -> ``imagenet``; 64-127 px -> ``small`` (3x3 stride 2, no
 pool); <64 px -> ``tiny`` (3x3 stride 1, no pool, the CIFAR stem).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -36,8 +37,7 @@ class ResNet18Encoder(nn.Module):
         if self.stem == "imagenet":
             net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         else:
-            net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=2 if self.stem == "small" else 1,
-                                  padding=1, bias=False)
+            net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=2 if self.stem == "small" else 1, padding=1, bias=False)
             net.maxpool = nn.Identity()
         net.fc = nn.Identity()
         self.net = net

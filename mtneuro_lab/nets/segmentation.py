@@ -8,6 +8,7 @@ ImageNet encoder weights are optional (``model.encoder_weights=imagenet``). They
 the local Hugging Face cache first; only if missing is the hub contacted, after a 5-second
 reachability probe, so an offline machine gets one clear error instead of minutes of retries.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,9 @@ from torch import nn
 
 from mtneuro_lab.errors import ConfigError
 
-SmpArch = Literal["unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "pan",
-                  "deeplabv3", "deeplabv3plus", "upernet"]
+SmpArch = Literal[
+    "unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "pan", "deeplabv3", "deeplabv3plus", "upernet"
+]
 Net3DArch = Literal["unet3d", "vnet_light", "highresnet"]
 
 #: how many times each smp architecture halves the input by default (encoder_depth)
@@ -46,7 +48,7 @@ def check_divisible(shape: Sequence[int], factors: Sequence[int], what: str, fix
 # -- 2D: segmentation-models-pytorch ---------------------------------------------------------
 def smp_reduction(arch: str, encoder_depth: int | None) -> int:
     depth = encoder_depth if encoder_depth is not None else _SMP_DEFAULT_DEPTH.get(arch, 5)
-    return max(2 ** depth, _SMP_MIN_FACTOR.get(arch, 1))
+    return max(2**depth, _SMP_MIN_FACTOR.get(arch, 1))
 
 
 def check_encoder_name(encoder_name: str) -> None:
@@ -93,8 +95,14 @@ def hub_reachable(timeout: float = 5.0) -> str | None:
         return f"{url.hostname} unreachable: {err}"
 
 
-def smp_net(arch: str, encoder_name: str, encoder_weights: str | None, classes: int,
-            encoder_depth: int | None = None, in_channels: int = 1) -> nn.Module:
+def smp_net(
+    arch: str,
+    encoder_name: str,
+    encoder_weights: str | None,
+    classes: int,
+    encoder_depth: int | None = None,
+    in_channels: int = 1,
+) -> nn.Module:
     """An smp model; with weights, cache first, then one fast-failing online attempt."""
     import segmentation_models_pytorch as smp
 
@@ -102,8 +110,9 @@ def smp_net(arch: str, encoder_name: str, encoder_weights: str | None, classes: 
     kwargs = {"encoder_depth": encoder_depth} if encoder_depth is not None else {}
 
     def build(weights: str | None) -> nn.Module:
-        return smp.create_model(arch, encoder_name=encoder_name, encoder_weights=weights,
-                                in_channels=in_channels, classes=classes, **kwargs)
+        return smp.create_model(
+            arch, encoder_name=encoder_name, encoder_weights=weights, in_channels=in_channels, classes=classes, **kwargs
+        )
 
     if encoder_weights is None:
         return build(None)
@@ -135,8 +144,11 @@ class _ResStage(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for _ in range(n):
-            layers += [nn.Conv3d(channels, channels, kernel, padding=kernel // 2, bias=False),
-                       nn.BatchNorm3d(channels), nn.PReLU(channels)]
+            layers += [
+                nn.Conv3d(channels, channels, kernel, padding=kernel // 2, bias=False),
+                nn.BatchNorm3d(channels),
+                nn.PReLU(channels),
+            ]
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,24 +163,37 @@ class VNetLight(nn.Module):
     level halves all three axes, so inputs must be divisible by ``2**levels``.
     """
 
-    def __init__(self, in_channels: int, classes: int, base_channels: int = 8, levels: int = 3,
-                 kernel: int = 3) -> None:
+    def __init__(
+        self, in_channels: int, classes: int, base_channels: int = 8, levels: int = 3, kernel: int = 3
+    ) -> None:
         super().__init__()
-        chans = [base_channels * 2 ** i for i in range(levels + 1)]
-        self.stem = nn.Sequential(nn.Conv3d(in_channels, chans[0], kernel, padding=kernel // 2, bias=False),
-                                  nn.BatchNorm3d(chans[0]), nn.PReLU(chans[0]))
+        chans = [base_channels * 2**i for i in range(levels + 1)]
+        self.stem = nn.Sequential(
+            nn.Conv3d(in_channels, chans[0], kernel, padding=kernel // 2, bias=False),
+            nn.BatchNorm3d(chans[0]),
+            nn.PReLU(chans[0]),
+        )
         self.enc = nn.ModuleList(_ResStage(chans[i], min(i + 1, 3), kernel) for i in range(levels))
         self.down = nn.ModuleList(
-            nn.Sequential(nn.Conv3d(chans[i], chans[i + 1], 2, stride=2, bias=False),
-                          nn.BatchNorm3d(chans[i + 1]), nn.PReLU(chans[i + 1]))
-            for i in range(levels))
+            nn.Sequential(
+                nn.Conv3d(chans[i], chans[i + 1], 2, stride=2, bias=False),
+                nn.BatchNorm3d(chans[i + 1]),
+                nn.PReLU(chans[i + 1]),
+            )
+            for i in range(levels)
+        )
         self.bottom = _ResStage(chans[levels], 3, kernel)
         # decoder level i: up from (2*chans[i+1] or chans[levels]) to chans[i], concat skip -> 2*chans[i]
         ups, decs = [], []
         for i in reversed(range(levels)):
             c_in = chans[levels] if i == levels - 1 else 2 * chans[i + 1]
-            ups.append(nn.Sequential(nn.ConvTranspose3d(c_in, chans[i], 2, stride=2, bias=False),
-                                     nn.BatchNorm3d(chans[i]), nn.PReLU(chans[i])))
+            ups.append(
+                nn.Sequential(
+                    nn.ConvTranspose3d(c_in, chans[i], 2, stride=2, bias=False),
+                    nn.BatchNorm3d(chans[i]),
+                    nn.PReLU(chans[i]),
+                )
+            )
             decs.append(_ResStage(2 * chans[i], min(i + 1, 3), kernel))
         self.up = nn.ModuleList(ups)
         self.dec = nn.ModuleList(decs)
@@ -188,17 +213,23 @@ class VNetLight(nn.Module):
 
 
 def net3d_reduction(arch: str, levels: int) -> int:
-    return 1 if arch == "highresnet" else 2 ** levels
+    return 1 if arch == "highresnet" else 2**levels
 
 
 def net3d(arch: str, classes: int, base_channels: int, levels: int, in_channels: int = 1) -> nn.Module:
     """MONAI UNet / HighResNet or VNetLight, all sized by ``base_channels`` (and ``levels``)."""
-    chans = [base_channels * 2 ** i for i in range(levels + 1)]
+    chans = [base_channels * 2**i for i in range(levels + 1)]
     if arch == "unet3d":
         from monai.networks.nets import UNet
 
-        return UNet(spatial_dims=3, in_channels=in_channels, out_channels=classes, channels=chans,
-                    strides=[2] * levels, num_res_units=2)
+        return UNet(
+            spatial_dims=3,
+            in_channels=in_channels,
+            out_channels=classes,
+            channels=chans,
+            strides=[2] * levels,
+            num_res_units=2,
+        )
     if arch == "highresnet":
         from monai.networks.nets import HighResNet
 

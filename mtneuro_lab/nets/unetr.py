@@ -8,6 +8,7 @@ come from ``n - 1`` evenly spaced encoder blocks (blocks 3, 6, 9 of 12 for a 16-
 the bottleneck is the encoder's final, normalised output, and the first skip is a conv block
 on the image itself. Building blocks are MONAI's (``UnetrBasicBlock``, ``UnetrUpBlock``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -46,8 +47,7 @@ def _tokens_to_volume(tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor
 class UNETR(nn.Module):
     """ViT encoder + convolutional decoder with skip connections -> ``out_channels`` logits."""
 
-    def __init__(self, encoder: ViTEncoder, out_channels: int, feature_size: int = 16,
-                 norm: str = "instance") -> None:
+    def __init__(self, encoder: ViTEncoder, out_channels: int, feature_size: int = 16, norm: str = "instance") -> None:
         super().__init__()
         if out_channels < 1:
             raise ConfigError(f"model: the task must predict at least one channel, got {out_channels}")
@@ -59,12 +59,18 @@ class UNETR(nn.Module):
         n = len(self.stages)
         self.skip_ids = skip_blocks(spec.depth, n)
         ch = [feature_size * 2**k for k in range(n)]
-        self.stem = UnetrBasicBlock(3, spec.in_channels, ch[0], kernel_size=3, stride=1, norm_name=norm,
-                                    res_block=True)
+        self.stem = UnetrBasicBlock(3, spec.in_channels, ch[0], kernel_size=3, stride=1, norm_name=norm, res_block=True)
         self.projections = nn.ModuleList(self._projection(spec.dim, ch[k], k, norm) for k in range(1, n))
         self.decoders = nn.ModuleList(
-            UnetrUpBlock(3, spec.dim if j == n - 1 else ch[j + 1], ch[j], kernel_size=3,
-                         upsample_kernel_size=self.stages[j], norm_name=norm, res_block=True)
+            UnetrUpBlock(
+                3,
+                spec.dim if j == n - 1 else ch[j + 1],
+                ch[j],
+                kernel_size=3,
+                upsample_kernel_size=self.stages[j],
+                norm_name=norm,
+                res_block=True,
+            )
             for j in range(n)
         )
         self.head = UnetOutBlock(3, ch[0], out_channels)
@@ -72,12 +78,24 @@ class UNETR(nn.Module):
     def _projection(self, dim: int, out: int, level: int, norm: str) -> nn.Sequential:
         """Token grid -> resolution of ``level`` (transposed convs, conv blocks between them)."""
         n = len(self.stages)
-        layers: list[nn.Module] = [get_conv_layer(3, dim, out, kernel_size=self.stages[n - 1],
-                                                  stride=self.stages[n - 1], conv_only=True, is_transposed=True)]
+        layers: list[nn.Module] = [
+            get_conv_layer(
+                3,
+                dim,
+                out,
+                kernel_size=self.stages[n - 1],
+                stride=self.stages[n - 1],
+                conv_only=True,
+                is_transposed=True,
+            )
+        ]
         for j in range(n - 2, level - 1, -1):
-            layers += [UnetResBlock(3, out, out, kernel_size=3, stride=1, norm_name=norm),
-                       get_conv_layer(3, out, out, kernel_size=self.stages[j], stride=self.stages[j],
-                                      conv_only=True, is_transposed=True)]
+            layers += [
+                UnetResBlock(3, out, out, kernel_size=3, stride=1, norm_name=norm),
+                get_conv_layer(
+                    3, out, out, kernel_size=self.stages[j], stride=self.stages[j], conv_only=True, is_transposed=True
+                ),
+            ]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

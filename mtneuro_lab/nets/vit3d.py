@@ -10,6 +10,7 @@ Position embeddings are fixed 3D sin-cos tables for any width (the frequency pai
 over the three axes as evenly as possible; an odd width gets one constant-zero channel), kept
 as a persistent buffer so checkpoints carry them and fine-tuning loads them intact.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,9 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 
 
 # -- geometry ---------------------------------------------------------------------------------
-def token_grid(input_shape: Sequence[int], patch_size: Sequence[int],
-               key: str = "model.patch_size") -> tuple[int, int, int]:
+def token_grid(
+    input_shape: Sequence[int], patch_size: Sequence[int], key: str = "model.patch_size"
+) -> tuple[int, int, int]:
     """Tokens per axis; one-line ConfigError when the crop is not divisible by the patch."""
     if isinstance(patch_size, (str, bytes)) or not isinstance(patch_size, Sequence):
         raise ConfigError(f"{key}: expected three positive integers [pd, ph, pw], got {patch_size!r}")
@@ -111,9 +113,14 @@ def num_visible(num_tokens: int, mask_ratio: float) -> int:
     return round(num_tokens * (1.0 - mask_ratio))
 
 
-def random_masking(batch: int, grid: Sequence[int], mask_ratio: float, strategy: MaskStrategy = "random",
-                   device: torch.device | str = "cpu", generator: torch.Generator | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def random_masking(
+    batch: int,
+    grid: Sequence[int],
+    mask_ratio: float,
+    strategy: MaskStrategy = "random",
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose visible tokens; returns ``ids_keep (B, K)`` sorted ascending and ``mask (B, L)`` (True = masked).
 
     Every strategy keeps exactly ``K = round(L * (1 - mask_ratio))`` tokens:
@@ -218,9 +225,15 @@ class ViTSpec:
         return token_grid(self.input_shape, self.patch_size)
 
     def as_dict(self) -> dict:
-        return {"preset": self.preset, "dim": self.dim, "depth": self.depth, "heads": self.heads,
-                "patch_size": list(self.patch_size), "input_shape": list(self.input_shape),
-                "in_channels": self.in_channels}
+        return {
+            "preset": self.preset,
+            "dim": self.dim,
+            "depth": self.depth,
+            "heads": self.heads,
+            "patch_size": list(self.patch_size),
+            "input_shape": list(self.input_shape),
+            "in_channels": self.in_channels,
+        }
 
 
 def vit_spec(preset: str, patch_size: Sequence[int], input_shape: Sequence[int], in_channels: int = 1) -> ViTSpec:
@@ -228,8 +241,15 @@ def vit_spec(preset: str, patch_size: Sequence[int], input_shape: Sequence[int],
         raise ConfigError(f"model.preset: must be one of {', '.join(PRESETS)}, got {preset!r}")
     token_grid(input_shape, patch_size)  # one-line errors for bad patch sizes / crops
     dim, depth, heads = PRESETS[preset]
-    spec = ViTSpec(preset, dim, depth, heads, tuple(int(p) for p in patch_size),  # type: ignore[arg-type]
-                   tuple(int(s) for s in input_shape), in_channels)  # type: ignore[arg-type]
+    spec = ViTSpec(
+        preset,
+        dim,
+        depth,
+        heads,
+        tuple(int(p) for p in patch_size),  # type: ignore[arg-type]
+        tuple(int(s) for s in input_shape),
+        in_channels,
+    )  # type: ignore[arg-type]
     return spec
 
 
@@ -244,8 +264,7 @@ class ViTEncoder(nn.Module):
         super().__init__()
         self.spec = spec
         self.grid = spec.grid
-        self.patch_embed = nn.Conv3d(spec.in_channels, spec.dim, kernel_size=spec.patch_size,
-                                     stride=spec.patch_size)
+        self.patch_embed = nn.Conv3d(spec.in_channels, spec.dim, kernel_size=spec.patch_size, stride=spec.patch_size)
         self.register_buffer("pos_embed", sincos_pos_embed_3d(spec.dim, self.grid).unsqueeze(0))
         rates = torch.linspace(0, drop_path, spec.depth).tolist()
         self.blocks = nn.ModuleList(Block(spec.dim, spec.heads, drop_path=r) for r in rates)
@@ -264,8 +283,9 @@ class ViTEncoder(nn.Module):
             raise ValueError(f"encoder built for crops {self.spec.input_shape}, got input {tuple(x.shape[2:])}")
         return self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
 
-    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None,
-                collect: Sequence[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, ids_keep: torch.Tensor | None = None, collect: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         tokens = self.embed(x)
         if ids_keep is not None:
             tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
@@ -280,8 +300,9 @@ class ViTEncoder(nn.Module):
 class MAEDecoder(nn.Module):
     """Light transformer that predicts the voxels of every patch from visible tokens + mask tokens."""
 
-    def __init__(self, encoder_dim: int, grid: Sequence[int], patch_voxels: int, dim: int = 512,
-                 depth: int = 4, heads: int = 16) -> None:
+    def __init__(
+        self, encoder_dim: int, grid: Sequence[int], patch_voxels: int, dim: int = 512, depth: int = 4, heads: int = 16
+    ) -> None:
         super().__init__()
         if dim % heads:
             raise ConfigError(f"model.decoder_dim: {dim} is not divisible by model.decoder_heads={heads}")
@@ -306,8 +327,9 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(x))
 
 
-def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                      norm_pix: bool = True) -> torch.Tensor:
+def masked_patch_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True
+) -> torch.Tensor:
     """MSE over the voxels of masked patches only (all patches if none is masked).
 
     With ``norm_pix`` every target patch is normalised by its own mean and variance (MAE).

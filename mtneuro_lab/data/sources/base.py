@@ -4,6 +4,7 @@ A source answers cutout requests in the BossDB coordinate frame of the dataset (
 half-open, arrays returned in ``(z, y, x)`` order). Tasks never know which source they read, so a
 task config works unchanged with ``source=phantom``, ``source=bossdb`` or ``source=local``.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -46,8 +47,7 @@ class VolumeSource(ABC):
     def check_channel(self, channel: str) -> None:
         if channel not in self.channels:
             raise DataError(
-                f"{type(self).__name__}: unknown channel {channel!r}; available: "
-                f"{', '.join(self.channels)}"
+                f"{type(self).__name__}: unknown channel {channel!r}; available: {', '.join(self.channels)}"
             )
 
     def describe(self) -> str:

@@ -13,6 +13,7 @@ so it comes from the environment.
 To pre-download what a task config needs: ``python -m mtneuro_lab.download task=roi_c1
 [source.host=... other overrides]`` (:mod:`mtneuro_lab.download`).
 """
+
 from __future__ import annotations
 
 import json
@@ -102,8 +103,9 @@ class Box:
 
     def slices_in(self, outer: Box) -> tuple[slice, slice, slice]:
         """Where this box sits inside ``outer``'s ``(z, y, x)`` array."""
-        return tuple(slice(a[0] - b[0], a[1] - b[0]) for a, b in ((self.z, outer.z), (self.y, outer.y),
-                                                                   (self.x, outer.x)))  # type: ignore[return-value]
+        return tuple(
+            slice(a[0] - b[0], a[1] - b[0]) for a, b in ((self.z, outer.z), (self.y, outer.y), (self.x, outer.x))
+        )  # type: ignore[return-value]
 
 
 def _cuts(start: int, stop: int, step: int, origin: int) -> list[Range]:
@@ -117,10 +119,12 @@ def plan_chunks(box: Box, chunk: Sequence[int]) -> list[Box]:
     absolute grid of ``chunk[2]``, so a cube asked for over different z ranges shares its
     inner chunks (a cube is always requested whole in x/y, so its tiles are always the same)."""
     cx, cy, cz = chunk
-    return [Box(x, y, z)
-            for z in _cuts(*box.z, cz, 0)
-            for y in _cuts(*box.y, cy, box.y[0])
-            for x in _cuts(*box.x, cx, box.x[0])]
+    return [
+        Box(x, y, z)
+        for z in _cuts(*box.z, cz, 0)
+        for y in _cuts(*box.y, cy, box.y[0])
+        for x in _cuts(*box.x, cx, box.x[0])
+    ]
 
 
 # --------------------------------------------------------------------------- retries
@@ -137,7 +141,7 @@ class RetryPolicy:
     max_time: float = 600.0
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        return min(self.backoff * 2.0 ** attempt, self.max_backoff) * rng.uniform(0.5, 1.0)
+        return min(self.backoff * 2.0**attempt, self.max_backoff) * rng.uniform(0.5, 1.0)
 
 
 def _status(err: BaseException) -> int | None:
@@ -163,7 +167,8 @@ def _is_corrupt_payload(err: BaseException) -> bool:
     import blosc
 
     return isinstance(err, (blosc.blosc_extension.error, _SizeMismatch)) or (
-        isinstance(err, ValueError) and "reshape" in str(err))
+        isinstance(err, ValueError) and "reshape" in str(err)
+    )
 
 
 class _SizeMismatch(ValueError):
@@ -201,8 +206,14 @@ def describe_error(err: BaseException, timeout: float) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
 
 
-def with_retries(call: Callable[[], T], policy: RetryPolicy, what: str, timeout: float,
-                 rng: random.Random | None = None, sleep: Callable[[float], None] = time.sleep) -> T:
+def with_retries(
+    call: Callable[[], T],
+    policy: RetryPolicy,
+    what: str,
+    timeout: float,
+    rng: random.Random | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
     """``call()`` until it succeeds; a permanent error or exhausted attempts raise one DataError
     line naming ``what`` and what the server said."""
     rng = rng or random.Random()
@@ -261,15 +272,16 @@ class BossDBSource(VolumeSource):
             raise ConfigError(
                 "source.token: a secret token must not be in the config (configs are saved into "
                 f"run directories); set it in the environment ({' or '.join(TOKEN_ENV)}); "
-                f"allowed values here: null, {PUBLIC_TOKEN}")
+                f"allowed values here: null, {PUBLIC_TOKEN}"
+            )
         self.host = str(host or _env(HOST_ENV) or DEFAULT_HOST)
         if not _HOST.match(self.host):
-            raise ConfigError(f"source.host: expected a host name with an optional :port and no "
-                              f"scheme or path, got {self.host!r}")
+            raise ConfigError(
+                f"source.host: expected a host name with an optional :port and no scheme or path, got {self.host!r}"
+            )
         self.protocol = str(protocol or _env(PROTOCOL_ENV) or "https")
         if self.protocol not in ("https", "http"):
-            raise ConfigError(f"source.protocol (or ${PROTOCOL_ENV[0]}): must be https or http, "
-                              f"got {self.protocol!r}")
+            raise ConfigError(f"source.protocol (or ${PROTOCOL_ENV[0]}): must be https or http, got {self.protocol!r}")
         self._token = token or _env(TOKEN_ENV) or PUBLIC_TOKEN
         mapping = dict(PAPER_CHANNELS if channels is None else channels)
         if not mapping:
@@ -354,7 +366,8 @@ class BossDBSource(VolumeSource):
                 f"bossdb offline: {channel} cutout {box} ({self.uris[channel]}, res {self.resolution}) "
                 f"is not in the cache at {self.channel_dir(channel)} ({len(todo)} of {len(chunks)} "
                 f"chunks missing, first {todo[0]}); run once with source.offline=false or pre-download "
-                f"with python -m mtneuro_lab.data.sources.bossdb")
+                f"with python -m mtneuro_lab.data.sources.bossdb"
+            )
         if todo:
             self._download(channel, box, todo)
         return chunks
@@ -390,7 +403,8 @@ class BossDBSource(VolumeSource):
             remote = self._connect()
             self._resources[channel] = self._retry(
                 lambda: remote.get_channel(uri.channel, uri.collection, uri.experiment),
-                f"{channel} channel metadata {uri} from {self._url()}")
+                f"{channel} channel metadata {uri} from {self._url()}",
+            )
         return self._resources[channel]
 
     def _frame(self, channel: str) -> dict[str, Any]:
@@ -402,12 +416,17 @@ class BossDBSource(VolumeSource):
             if frame is None:
                 remote = self._connect()
                 where = f"bossdb://{uri.collection}/{uri.experiment} (for {channel}) from {self._url()}"
-                exp = self._retry(lambda: remote.get_experiment(uri.collection, uri.experiment),
-                                  f"experiment metadata {where}")
-                coord = self._retry(lambda: remote.get_coordinate_frame(exp.coord_frame),
-                                    f"coordinate frame {exp.coord_frame!r} of {where}")
-                frame = {k: getattr(coord, k) for k in ("name", "x_start", "x_stop", "y_start", "y_stop",
-                                                        "z_start", "z_stop")}
+                exp = self._retry(
+                    lambda: remote.get_experiment(uri.collection, uri.experiment), f"experiment metadata {where}"
+                )
+                coord = self._retry(
+                    lambda: remote.get_coordinate_frame(exp.coord_frame),
+                    f"coordinate frame {exp.coord_frame!r} of {where}",
+                )
+                frame = {
+                    k: getattr(coord, k)
+                    for k in ("name", "x_start", "x_stop", "y_start", "y_stop", "z_start", "z_stop")
+                }
                 frame["voxel_unit"] = str(coord.voxel_unit)
                 frame["hierarchy_method"] = str(exp.hierarchy_method)
                 frame["voxel_size"] = [coord.x_voxel_size, coord.y_voxel_size, coord.z_voxel_size]
@@ -418,17 +437,20 @@ class BossDBSource(VolumeSource):
     def _check_inside_frame(self, channel: str, box: Box) -> None:
         frame = self._frame(channel)
         # each resolution level halves x and y, and z too when the experiment is isotropic
-        xy = 2 ** self.resolution
+        xy = 2**self.resolution
         zs = xy if frame.get("hierarchy_method") == "isotropic" else 1
-        bounds = {"x": (frame["x_start"] // xy, -(-frame["x_stop"] // xy)),
-                  "y": (frame["y_start"] // xy, -(-frame["y_stop"] // xy)),
-                  "z": (frame["z_start"] // zs, -(-frame["z_stop"] // zs))}
+        bounds = {
+            "x": (frame["x_start"] // xy, -(-frame["x_stop"] // xy)),
+            "y": (frame["y_start"] // xy, -(-frame["y_stop"] // xy)),
+            "z": (frame["z_start"] // zs, -(-frame["z_stop"] // zs)),
+        }
         for axis, (lo, hi) in bounds.items():
             a, b = getattr(box, axis)
             if a < lo or b > hi:
                 raise DataError(
                     f"bossdb: {channel} cutout {box} lies outside the coordinate frame of "
-                    f"{self.uris[channel]} ({axis} must be within [{lo}, {hi}) at res {self.resolution})")
+                    f"{self.uris[channel]} ({axis} must be within [{lo}, {hi}) at res {self.resolution})"
+                )
 
     def _url(self) -> str:
         return f"{self.protocol}://{self.host}"
@@ -444,23 +466,33 @@ class BossDBSource(VolumeSource):
             what = f"{channel} cutout {uri} {chunk} (res {self.resolution}) from {self._url()}"
 
             def fetch(chunk: Box = chunk) -> np.ndarray:
-                data = remote.get_cutout(resource, self.resolution, list(chunk.x), list(chunk.y),
-                                         list(chunk.z), parallel=False)
+                data = remote.get_cutout(
+                    resource, self.resolution, list(chunk.x), list(chunk.y), list(chunk.z), parallel=False
+                )
                 if data.shape != chunk.shape or data.dtype != expected:
                     raise _SizeMismatch(f"got {data.dtype}{list(data.shape)}, expected {expected}{list(chunk.shape)}")
                 return data
 
             data = self._retry(fetch, what)
-            meta = {"source": "bossdb", "uri": str(uri), "host": self.host, "channel": channel,
-                    "resolution": self.resolution, "x": list(chunk.x), "y": list(chunk.y),
-                    "z": list(chunk.z), "server_dtype": str(expected)}
+            meta = {
+                "source": "bossdb",
+                "uri": str(uri),
+                "host": self.host,
+                "channel": channel,
+                "resolution": self.resolution,
+                "x": list(chunk.x),
+                "y": list(chunk.y),
+                "z": list(chunk.z),
+                "server_dtype": str(expected),
+            }
             cache.save_array(self.chunk_path(channel, chunk), narrow(data), meta)
 
     def _progress(self, items: Sequence[Box], desc: str) -> Iterator[Box]:
         from tqdm.auto import tqdm
 
-        yield from tqdm(items, desc=desc, unit="chunk", disable=(not self.progress) or None,
-                        leave=False, file=sys.stderr)
+        yield from tqdm(
+            items, desc=desc, unit="chunk", disable=(not self.progress) or None, leave=False, file=sys.stderr
+        )
 
 
 if __name__ == "__main__":

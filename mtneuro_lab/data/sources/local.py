@@ -12,6 +12,7 @@ all channels share one shape. Cutouts read lazily: ``.npy`` is memory-mapped, HD
 sliced, TIFF reads only the requested pages, slice folders read only the requested files.
 ``.npz`` members cannot be sliced on disk, so they are loaded whole on first use.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,8 +28,15 @@ from mtneuro_lab.data.sources.base import Range, VolumeSource, as_range
 from mtneuro_lab.errors import ConfigError, DataError
 
 SLICE_SUFFIXES = (".png", ".tif", ".tiff")
-_PIL_DTYPES = {"L": np.uint8, "1": np.bool_, "I;16": np.uint16, "I;16L": np.uint16,
-               "I;16B": np.uint16, "I": np.int32, "F": np.float32}
+_PIL_DTYPES = {
+    "L": np.uint8,
+    "1": np.bool_,
+    "I;16": np.uint16,
+    "I;16L": np.uint16,
+    "I;16B": np.uint16,
+    "I": np.int32,
+    "F": np.float32,
+}
 
 
 def natural_key(name: str) -> list[Any]:
@@ -91,9 +99,11 @@ class NpzReader(VolumeReader):
                 members = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
                 self.key = _choose_key(path, key, members)
                 with zf.open(f"{self.key}.npy") as fh:
-                    read_header = (np.lib.format.read_array_header_1_0
-                                   if np.lib.format.read_magic(fh) == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if np.lib.format.read_magic(fh) == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
                     shape, _, dtype = read_header(fh)
         except zipfile.BadZipFile:
             raise DataError(f"{path}: not a valid .npz archive") from None
@@ -198,8 +208,9 @@ class SliceFolderReader(VolumeReader):
     def __init__(self, path: Path) -> None:
         from PIL import Image
 
-        self.files = sorted((p for p in path.iterdir() if p.suffix.lower() in SLICE_SUFFIXES),
-                            key=lambda p: natural_key(p.name))
+        self.files = sorted(
+            (p for p in path.iterdir() if p.suffix.lower() in SLICE_SUFFIXES), key=lambda p: natural_key(p.name)
+        )
         if not self.files:
             raise DataError(f"{path}: folder holds no {'/'.join(SLICE_SUFFIXES)} slices")
         with Image.open(self.files[0]) as img:
@@ -217,8 +228,9 @@ class SliceFolderReader(VolumeReader):
             with Image.open(file) as img:
                 plane = np.asarray(img)
             if plane.shape != self.shape[1:]:
-                raise DataError(f"{file}: slice shape {plane.shape} differs from {self.files[0].name}'s "
-                                f"{self.shape[1:]}")
+                raise DataError(
+                    f"{file}: slice shape {plane.shape} differs from {self.files[0].name}'s {self.shape[1:]}"
+                )
             out[i] = plane[y[0] : y[1], x[0] : x[1]]
         return out
 
@@ -228,8 +240,7 @@ def _choose_key(path: Path, key: str | None, available: Sequence[str]) -> str:
     if key is None:
         if len(available) == 1:
             return available[0]
-        raise DataError(f"{path}: holds {len(available)} arrays, set key to one of: "
-                        f"{', '.join(available) or '(none)'}")
+        raise DataError(f"{path}: holds {len(available)} arrays, set key to one of: {', '.join(available) or '(none)'}")
     if key not in available:
         raise DataError(f"{path}: no array {key!r}; available keys: {', '.join(available) or '(none)'}")
     return key
@@ -241,8 +252,9 @@ def open_volume(path: str | Path, key: str | None = None) -> VolumeReader:
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
-    is_zarr = suffix == ".zarr" or (path.is_dir() and any((path / m).exists() for m in
-                                                         ("zarr.json", ".zarray", ".zgroup")))
+    is_zarr = suffix == ".zarr" or (
+        path.is_dir() and any((path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup"))
+    )
     keyless = {".npy": NpyReader, ".tif": TiffReader, ".tiff": TiffReader}
     if path.is_file() and suffix in keyless:
         if key is not None:
@@ -258,8 +270,10 @@ def open_volume(path: str | Path, key: str | None = None) -> VolumeReader:
         if key is not None:
             raise DataError(f"{path}: a folder of slices has no keys, so key must be null (got {key!r})")
         return SliceFolderReader(path)
-    raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; supported: .npy, .npz, "
-                    ".tif/.tiff, .h5/.hdf5, .zarr, or a folder of .png/.tif slices")
+    raise DataError(
+        f"{path}: unsupported file type {suffix or '(none)'}; supported: .npy, .npz, "
+        ".tif/.tiff, .h5/.hdf5, .zarr, or a folder of .png/.tif slices"
+    )
 
 
 class LocalVolumeSource(VolumeSource):
@@ -272,8 +286,7 @@ class LocalVolumeSource(VolumeSource):
 
     def __init__(self, channels: Mapping[str, Any], origin: Sequence[int] = (0, 0, 0)) -> None:
         if not isinstance(channels, Mapping) or not channels:
-            raise ConfigError(f"source.channels: expected a mapping of channel name -> {{path, key}}, "
-                              f"got {channels!r}")
+            raise ConfigError(f"source.channels: expected a mapping of channel name -> {{path, key}}, got {channels!r}")
         try:
             origin = tuple(int(v) for v in origin)
         except (TypeError, ValueError):
@@ -293,8 +306,9 @@ class LocalVolumeSource(VolumeSource):
             _check_dtype(str(name), reader)
             self.readers[str(name)] = reader
         if not self.readers:
-            raise ConfigError("source.channels: no channel has a path; set e.g. "
-                              "source.channels.image.path=/data/volume.tif")
+            raise ConfigError(
+                "source.channels: no channel has a path; set e.g. source.channels.image.path=/data/volume.tif"
+            )
         first_name, first = next(iter(self.readers.items()))
         for name, reader in self.readers.items():
             if reader.shape != first.shape:
@@ -319,8 +333,10 @@ class LocalVolumeSource(VolumeSource):
 
     def check_channel(self, channel: str) -> None:
         if channel not in self.readers:
-            raise DataError(f"source=local: channel {channel!r} is not configured (set "
-                            f"source.channels.{channel}.path); configured: {', '.join(self.channels)}")
+            raise DataError(
+                f"source=local: channel {channel!r} is not configured (set "
+                f"source.channels.{channel}.path); configured: {', '.join(self.channels)}"
+            )
 
     def cutout(self, channel: str, x: Range, y: Range, z: Range) -> np.ndarray:
         """``channel`` over the half-open ranges (dataset coordinates) as a ``(z, y, x)`` array."""
@@ -329,8 +345,10 @@ class LocalVolumeSource(VolumeSource):
         if not all(lo <= r[0] and r[1] <= hi for r, (lo, hi) in zip(request, self.extent)):
             box = " ".join(f"{a}={list(r)}" for a, r in zip("xyz", self.extent))
             asked = " ".join(f"{a}={list(r)}" for a, r in zip("xyz", request))
-            raise DataError(f"source=local: {channel} cutout {asked} lies outside {self.readers[channel].path}'s "
-                            f"box {box} (origin {list(self.origin)})")
+            raise DataError(
+                f"source=local: {channel} cutout {asked} lies outside {self.readers[channel].path}'s "
+                f"box {box} (origin {list(self.origin)})"
+            )
         (x0, x1), (y0, y1), (z0, z1) = request
         ox, oy, oz = self.origin
         return self.readers[channel].read((z0 - oz, z1 - oz), (y0 - oy, y1 - oy), (x0 - ox, x1 - ox))
@@ -359,8 +377,11 @@ def _check_dtype(name: str, reader: VolumeReader) -> None:
     """``image`` is held as uint8; every other channel is a label volume (integer or bool)."""
     if name == "image":
         if reader.dtype != np.uint8:
-            raise DataError(f"source.channels.image: {reader.path} has dtype {reader.dtype}, expected uint8 "
-                            "(rescale the volume to 0-255 uint8 first)")
+            raise DataError(
+                f"source.channels.image: {reader.path} has dtype {reader.dtype}, expected uint8 "
+                "(rescale the volume to 0-255 uint8 first)"
+            )
     elif not (np.issubdtype(reader.dtype, np.integer) or reader.dtype == np.bool_):
-        raise DataError(f"source.channels.{name}: {reader.path} has dtype {reader.dtype}; label channels "
-                        "must hold integers")
+        raise DataError(
+            f"source.channels.{name}: {reader.path} has dtype {reader.dtype}; label channels must hold integers"
+        )

@@ -112,9 +112,7 @@ def _curve(rng: np.random.Generator, shape: tuple[int, int, int], pad: float) ->
     return np.concatenate([halves[1][::-1], start[None], halves[0]])
 
 
-def _draw_vessels(
-    rng: np.random.Generator, shape: tuple[int, int, int], target_voxels: int
-) -> np.ndarray:
+def _draw_vessels(rng: np.random.Generator, shape: tuple[int, int, int], target_voxels: int) -> np.ndarray:
     """Tubes (radius 2-5, mostly capillary-sized) along random curves, until the target volume."""
     mask = np.zeros(int(np.prod(shape)), dtype=bool)
     filled = 0
@@ -162,16 +160,12 @@ def _cell_templates(
         halo = ndimage.binary_dilation(inside.reshape((2 * r + 1,) * 3), cube3).reshape(-1)
         # brighter nucleus in a darker soma
         values = 100.0 + 45.0 * np.exp(-((rho[inside] / 0.45) ** 2))
-        templates.append(
-            _Template(grid[inside] @ strides, grid[halo] @ strides, values.astype(np.float32))
-        )
+        templates.append(_Template(grid[inside] @ strides, grid[halo] @ strides, values.astype(np.float32)))
         half = max(half, r)
     return templates, half
 
 
-def _random_centres(
-    rng: np.random.Generator, shape: tuple[int, int, int], half: int, n: int
-) -> np.ndarray:
+def _random_centres(rng: np.random.Generator, shape: tuple[int, int, int], half: int, n: int) -> np.ndarray:
     """Flat indices of ``n`` centres whose halo box lies fully inside the cube."""
     coords = [rng.integers(half, dim - half, size=n) for dim in shape]
     return (coords[0] * shape[1] + coords[1]) * shape[2] + coords[2]
@@ -251,14 +245,10 @@ def _fibre_direction(rng: np.random.Generator, profile: RegionProfile) -> np.nda
         azimuth = rng.uniform(0.0, 2 * np.pi)
     else:
         azimuth = np.radians(profile.fibre_azimuth + rng.normal(0.0, 12.0))
-    return np.array(
-        [np.cos(polar), np.sin(polar) * np.sin(azimuth), np.sin(polar) * np.cos(azimuth)]
-    )
+    return np.array([np.cos(polar), np.sin(polar) * np.sin(azimuth), np.sin(polar) * np.cos(azimuth)])
 
 
-def _fibre_field(
-    rng: np.random.Generator, shape: tuple[int, int, int], profile: RegionProfile
-) -> np.ndarray:
+def _fibre_field(rng: np.random.Generator, shape: tuple[int, int, int], profile: RegionProfile) -> np.ndarray:
     """Anisotropic Gaussian random field (z-scored, float32): long along fibres, thin across.
 
     White noise filtered in the Fourier domain by a Gaussian with std ``fibre_len`` along the
@@ -312,9 +302,7 @@ def _apply_nuisance(rng: np.random.Generator, image: np.ndarray) -> None:
     gain *= 1.0 + 0.01 * rng.standard_normal(nz).astype(np.float32)
     offset = rng.uniform(-20.0, 20.0) + 40.0 * _smooth_profile(rng, nz, 60.0)
     offset += 1.5 * rng.standard_normal(nz).astype(np.float32)
-    bias = 0.12 * (
-        _smooth_profile(rng, ny, 150.0)[:, None] * _smooth_profile(rng, nx, 150.0)[None, :]
-    )
+    bias = 0.12 * (_smooth_profile(rng, ny, 150.0)[:, None] * _smooth_profile(rng, nx, 150.0)[None, :])
     bias = 1.0 + bias[None] + 0.06 * _smooth_profile(rng, nz, 100.0)[:, None, None]
     image -= 120.0
     image *= bias
@@ -347,9 +335,7 @@ def generate_cube(region: str, seed_key: int, shape: tuple[int, int, int]) -> di
     int64 scalar: cells placed, each exactly one 26-connected component of class 2).
     """
     if region not in PROFILES:
-        raise DataError(
-            f"phantom: no tissue profile for region {region!r}; known: {sorted(PROFILES)}"
-        )
+        raise DataError(f"phantom: no tissue profile for region {region!r}; known: {sorted(PROFILES)}")
     shape = tuple(int(s) for s in shape)
     profile = PROFILES[region]
     rng = np.random.default_rng(seed_key)
@@ -359,9 +345,7 @@ def generate_cube(region: str, seed_key: int, shape: tuple[int, int, int]) -> di
     blocked = vessels.view(np.uint8)
     for axis in range(3):
         blocked = ndimage.maximum_filter1d(blocked, 3, axis=axis)
-    cell_idx, cell_values, count = _place_cells(
-        rng, shape, blocked, round(profile.cell * total), profile.cell_radius
-    )
+    cell_idx, cell_values, count = _place_cells(rng, shape, blocked, round(profile.cell * total), profile.cell_radius)
     labels = np.zeros(shape, dtype=np.uint8)
     labels[vessels] = VESSEL
     labels.reshape(-1)[cell_idx] = CELL
@@ -421,9 +405,7 @@ class PhantomXraySource(VolumeSource):
         self.roi_ids = {str(k): int(v) for k, v in dict(roi_ids or DEFAULT_ROI_IDS).items()}
         self.seed = int(seed)
         self.z = as_range(tuple(z_extent), "source.z_extent")
-        self.root = (
-            Path(cache_dir).expanduser() / "phantom_xray" / GENERATOR_VERSION / f"seed{self.seed}"
-        )
+        self.root = Path(cache_dir).expanduser() / "phantom_xray" / GENERATOR_VERSION / f"seed{self.seed}"
         self.sets = self._parse_cubes(cubes)
         self.boxes = sorted(
             {box for members in self.sets.values() for box in members.values()},
@@ -439,18 +421,14 @@ class PhantomXraySource(VolumeSource):
                 key = f"source.cubes.{set_name}.{region}"
                 region = str(region)
                 if region not in self.regions or region not in self.roi_ids:
-                    raise ConfigError(
-                        f"{key}: unknown region {region!r}; known: {list(self.regions)}"
-                    )
+                    raise ConfigError(f"{key}: unknown region {region!r}; known: {list(self.regions)}")
                 if region not in PROFILES:
                     raise ConfigError(f"{key}: the phantom has no tissue profile for {region!r}")
                 try:
                     x = as_range(tuple(box["x"]), f"{key}.x")
                     y = as_range(tuple(box["y"]), f"{key}.y")
                 except (KeyError, TypeError) as err:
-                    raise ConfigError(
-                        f"{key}: expected {{x: [x0, x1], y: [y0, y1]}}, got {box!r}"
-                    ) from err
+                    raise ConfigError(f"{key}: expected {{x: [x0, x1], y: [y0, y1]}}, got {box!r}") from err
                 except DataError as err:
                     raise ConfigError(str(err)) from None
                 sets[str(set_name)][region] = _CubeBox(region, x, y)
@@ -462,10 +440,7 @@ class PhantomXraySource(VolumeSource):
         return self.z
 
     def describe(self) -> str:
-        return (
-            f"PhantomXraySource(seed={self.seed}, {len(self.boxes)} cubes, z={list(self.z)}, "
-            f"cache={self.root})"
-        )
+        return f"PhantomXraySource(seed={self.seed}, {len(self.boxes)} cubes, z={list(self.z)}, cache={self.root})"
 
     def cube_dir(self, box: _CubeBox) -> Path:
         return self.root / f"{box.name}_z{self.z[0]}-{self.z[1]}"
@@ -496,9 +471,7 @@ class PhantomXraySource(VolumeSource):
         }
         shape = (self.z[1] - self.z[0], box.y[1] - box.y[0], box.x[1] - box.x[0])
         if not (cache.has_array(paths["image"]) and cache.has_array(paths["pixel_labels"])):
-            cube = generate_cube(
-                box.region, seed_key(self.seed, box.region, box.x[0], box.y[0]), shape
-            )
+            cube = generate_cube(box.region, seed_key(self.seed, box.region, box.x[0], box.y[0]), shape)
             count = int(cube["cell_count"])
             cache.save_array(paths["image"], cube["image"], {**meta, "channel": "image"})
             cache.save_array(
@@ -519,9 +492,7 @@ class PhantomXraySource(VolumeSource):
     def _cube(self, box: _CubeBox) -> dict[str, np.ndarray]:
         if box not in self._loaded:
             directory = self._ensure_cached(box)
-            self._loaded[box] = {
-                name: cache.load_array(directory / f"{name}.npy") for name in self.channels
-            }
+            self._loaded[box] = {name: cache.load_array(directory / f"{name}.npy") for name in self.channels}
         return self._loaded[box]
 
     def cutout(self, channel: str, x: Range, y: Range, z: Range) -> np.ndarray:

@@ -11,6 +11,7 @@ membranes (the gala/CREMI convention: 0 = boundary, ignored by the metrics); ``m
 mitochondrion ids with 0 = background. Deterministic per ``(seed, shape)``; generated once and
 cached with :mod:`mtneuro_lab.data.cache` (atomic, checksummed), then served from memory maps.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -87,8 +88,7 @@ def _neurites(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarr
             continue
         label += 1
         seeds[points[:, 0], points[:, 1], points[:, 2]] = label
-    indices = ndimage.distance_transform_edt(seeds == 0, sampling=VOXEL_NM, return_distances=False,
-                                             return_indices=True)
+    indices = ndimage.distance_transform_edt(seeds == 0, sampling=VOXEL_NM, return_distances=False, return_indices=True)
     return seeds[tuple(indices)]
 
 
@@ -179,8 +179,9 @@ def check_shape(shape: Sequence[int], key: str = "source.em_shape") -> tuple[int
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: expected [z, y, x] integers, got {shape!r}") from None
     if len(out) != 3 or any(s < lo or s > hi for s, lo, hi in zip(out, MIN_SHAPE, MAX_SHAPE)):
-        raise ConfigError(f"{key}: expected [z, y, x] between {list(MIN_SHAPE)} and {list(MAX_SHAPE)}, "
-                          f"got {list(shape)}")
+        raise ConfigError(
+            f"{key}: expected [z, y, x] between {list(MIN_SHAPE)} and {list(MAX_SHAPE)}, got {list(shape)}"
+        )
     return out  # type: ignore[return-value]
 
 
@@ -194,16 +195,21 @@ class PhantomEMSource(VolumeSource):
     channels = EM_CHANNELS
     voxel_size = VOXEL_NM
 
-    def __init__(self, seed: int = 0, cache_dir: str = "~/.cache/mtneuro_lab",
-                 shape: Sequence[int] = DEFAULT_SHAPE) -> None:
+    def __init__(
+        self, seed: int = 0, cache_dir: str = "~/.cache/mtneuro_lab", shape: Sequence[int] = DEFAULT_SHAPE
+    ) -> None:
         if int(seed) < 0:
             raise ConfigError(f"source.seed: must be >= 0, got {seed}")
         self.seed = int(seed)
         self.shape = check_shape(shape)
         depth, height, width = self.shape
         self.extent: tuple[Range, Range, Range] = ((0, width), (0, height), (0, depth))
-        self.root = (Path(cache_dir).expanduser() / "phantom_em" / GENERATOR_VERSION
-                     / f"seed{self.seed}_{depth}x{height}x{width}")
+        self.root = (
+            Path(cache_dir).expanduser()
+            / "phantom_em"
+            / GENERATOR_VERSION
+            / f"seed{self.seed}_{depth}x{height}x{width}"
+        )
         self._arrays: dict[str, np.ndarray] | None = None
 
     @property
@@ -219,8 +225,12 @@ class PhantomEMSource(VolumeSource):
             paths = {name: self.root / f"{name}.npy" for name in self.channels}
             if not all(cache.has_array(p) for p in paths.values()):
                 volume = generate_em(self.seed, self.shape)
-                meta = {"generator": f"phantom_em/{GENERATOR_VERSION}", "seed": self.seed,
-                        "shape": list(self.shape), "voxel_size_nm": list(VOXEL_NM)}
+                meta = {
+                    "generator": f"phantom_em/{GENERATOR_VERSION}",
+                    "seed": self.seed,
+                    "shape": list(self.shape),
+                    "voxel_size_nm": list(VOXEL_NM),
+                }
                 for name, path in paths.items():
                     cache.save_array(path, volume[name], {**meta, "channel": name})
             self._arrays = {name: cache.load_array(path) for name, path in paths.items()}
@@ -232,8 +242,10 @@ class PhantomEMSource(VolumeSource):
         request = (as_range(x, "x"), as_range(y, "y"), as_range(z, "z"))
         if not all(lo <= r[0] and r[1] <= hi for r, (lo, hi) in zip(request, self.extent)):
             asked = " ".join(f"{a}={list(r)}" for a, r in zip("xyz", request))
-            raise DataError(f"phantom_em: {channel} cutout {asked} lies outside the phantom's box "
-                            f"x=[0, {self.shape[2]}] y=[0, {self.shape[1]}] z=[0, {self.shape[0]}]")
+            raise DataError(
+                f"phantom_em: {channel} cutout {asked} lies outside the phantom's box "
+                f"x=[0, {self.shape[2]}] y=[0, {self.shape[1]}] z=[0, {self.shape[0]}]"
+            )
         (x0, x1), (y0, y1), (z0, z1) = request
         return self._ensure_cached()[channel][z0:z1, y0:y1, x0:x1]
 
