@@ -5,10 +5,10 @@ name the key and the allowed values:
 
 * plain sections (``data``, ``cubes`` ...) are merged onto dataclass schemas;
 * sections with a ``_target_`` (task, model, source, trainer, logger, callbacks) are checked
-  against the signature of the class they instantiate: unknown keys, wrong scalar types,
-  ``Literal`` choices, and parameters annotated with a dataclass (recursively). The classes'
-  own constructors then check value ranges when the run instantiates them, still before any
-  data is touched.
+  against the constructor of the class they instantiate, and of its parents where it forwards
+  ``**kwargs`` (:func:`target_options`): unknown keys, wrong scalar types, ``Literal`` choices,
+  and parameters annotated with a dataclass (recursively). The classes' own constructors then
+  check value ranges when the run instantiates them, still before any data is touched.
 """
 
 from __future__ import annotations
@@ -238,9 +238,7 @@ TOP_LEVEL = {
     "seed",
     "ckpt_path",
     "test_after_fit",
-    "resume",
     "tags",
-    "experiment_name",
     "extras",
     "sweep",
     "hydra",

@@ -5,7 +5,7 @@ and the contract the run relies on (``task_kinds``, ``monitor``, ``validation_me
 Constructor convention: the run's facts (``num_classes``, ``class_names``, ``input_shape``,
 never in the YAML) come positionally; each class declares only its OWN options, keyword-only,
 and passes everything else up with ``**kwargs``. The schema
-(:func:`mtneuro_lab.config.schema.constructor_options`) follows those ``**kwargs`` up the class
+(:func:`mtneuro_lab.config.schema.target_options`) follows those ``**kwargs`` up the class
 hierarchy, so an option is declared once and a typo in any of them is still one line.
 """
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from mtneuro_lab.data.contract import Task
 from mtneuro_lab.data.em import EMTask
+from mtneuro_lab.data.targets import TargetKind
 from mtneuro_lab.decoding import postprocess as pp
 from mtneuro_lab.decoding.postprocess import sliding_window_predict
 from mtneuro_lab.errors import CheckpointError, ConfigError
@@ -120,7 +121,7 @@ def load_pretrained_encoder(encoder: ViTEncoder, path: str | Path) -> dict[str, 
 
 # -- targets ----------------------------------------------------------------------------------
 def target_loss(
-    logits: torch.Tensor, target: torch.Tensor, target_kind: str, mask: torch.Tensor | None = None
+    logits: torch.Tensor, target: torch.Tensor, target_kind: TargetKind, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Masked BCE on probability channels; for BCD, MSE of ``tanh`` on the distance channel."""
     weight = torch.ones_like(target) if mask is None else mask.to(target.dtype)
@@ -221,7 +222,7 @@ class MAEFinetune(BaseMethod):
         self.em_task = task
 
     @property
-    def target_kind(self) -> str:
+    def target_kind(self) -> TargetKind:
         """affinity | bc | bcd: the bound task's ``target``."""
         return self._task().target
 
