@@ -48,6 +48,10 @@ def nmf_transform(x: torch.Tensor, components: torch.Tensor, iterations: int) ->
 class DecompositionClassifier(FittedEmbeddingClassifier):
     """PCA / NMF components of the flattened (optionally pooled) tiles + a linear read-out."""
 
+    # buffers (passed up as ``embedding_buffers``), declared for the type checker
+    pixel_mean: torch.Tensor
+    components: torch.Tensor
+
     def __init__(
         self,
         num_classes: int,
