@@ -406,7 +406,8 @@ class EMDataModule(VolumeDataModule):
     """Holds each split as one uint8/int32 volume; serves random crops for training, whole volumes
     for evaluation; casts, augments and computes targets on the model's device."""
 
-    task: EMTask
+    # the base class holds a CubeTask; this subclass reuses its loaders with an EMTask
+    task: EMTask  # type: ignore[assignment]
 
     def __init__(self, task: EMTask, source: VolumeSource, catalog: Any = None, **kwargs: Any) -> None:
         super().__init__(task, source, catalog, **kwargs)  # type: ignore[arg-type]
