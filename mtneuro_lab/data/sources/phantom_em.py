@@ -153,7 +153,7 @@ def _render(rng: np.random.Generator, labels: np.ndarray, membrane: np.ndarray, 
     image[body & _membranes(mito)] = 72.0
     image = ndimage.gaussian_filter(image, (0.4, 1.0, 1.0), mode="nearest")
     image += rng.normal(0.0, 12.0, labels.shape).astype(np.float32)
-    depth = labels.shape[0]
+    depth = int(labels.shape[0])
     gain = 1.0 + rng.normal(0.0, 0.04, depth).astype(np.float32)
     offset = rng.normal(0.0, 5.0, depth).astype(np.float32)
     image = (image - 128.0) * gain[:, None, None] + 128.0 + offset[:, None, None]
@@ -163,9 +163,9 @@ def _render(rng: np.random.Generator, labels: np.ndarray, membrane: np.ndarray, 
 
 def generate_em(seed: int, shape: Sequence[int] = DEFAULT_SHAPE) -> dict[str, np.ndarray]:
     """Generate the phantom: ``image`` uint8, ``labels`` and ``mito`` int32, all ``shape`` (z, y, x)."""
-    shape = tuple(int(s) for s in shape)
-    rng = np.random.default_rng(seed_key(seed, shape))
-    cells = _neurites(rng, shape)
+    z, y, x = (int(s) for s in shape)
+    rng = np.random.default_rng(seed_key(seed, (z, y, x)))
+    cells = _neurites(rng, (z, y, x))
     membrane = _membranes(cells)
     labels = np.where(membrane, 0, cells).astype(np.int32)
     mito = _mitochondria(rng, labels)
@@ -182,7 +182,7 @@ def check_shape(shape: Sequence[int], key: str = "source.em_shape") -> tuple[int
         raise ConfigError(
             f"{key}: expected [z, y, x] between {list(MIN_SHAPE)} and {list(MAX_SHAPE)}, got {list(shape)}"
         )
-    return out  # type: ignore[return-value]
+    return out
 
 
 class PhantomEMSource(VolumeSource):
