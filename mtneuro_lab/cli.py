@@ -22,6 +22,7 @@ from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mtneuro_lab.config.hydra_runtime import hydra_node
 from mtneuro_lab.errors import MtneuroError
 from mtneuro_lab.io import atomic_write_bytes
 
@@ -231,8 +232,6 @@ def _multirun_job() -> Iterator[None]:
     import torch
     from omegaconf import read_write
 
-    from mtneuro_lab.config.hydra_runtime import hydra_node
-
     hc = hydra_node()
     saved_argv, saved_threads = sys.argv, torch.get_num_threads()
     sys.argv = [sys.argv[0], *hc.overrides.task, "hydra.mode=RUN"]
@@ -301,8 +300,6 @@ def _objective(cfg: DictConfig, result: object) -> object:
     key = "selection/value" if str(key) == "selection" else str(key)
     if isinstance(result, dict) and key in result:
         return float(result[key])
-    from mtneuro_lab.config.hydra_runtime import hydra_node
-
     direction = str(OmegaConf.select(hydra_node(), "sweeper.direction", default="maximize"))
     return float("-inf") if "max" in direction.lower() else float("inf")
 
