@@ -113,6 +113,7 @@ class DecompositionClassifier(FittedEmbeddingClassifier):
         chosen = np.sort(rng.choice(n, self.max_fit_samples, replace=False)) if n > self.max_fit_samples else None
         imgs = train_images if chosen is None else train_images[chosen]
         rows = self._pixels(self.raw_tiles(imgs)).cpu().numpy()
+        model: PCA | NMF
         if self.decomposition == "pca":
             model = PCA(self.n_components, random_state=self.fit_seed).fit(rows)
             self.pixel_mean.copy_(torch.from_numpy(model.mean_).float())

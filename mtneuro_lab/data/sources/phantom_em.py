@@ -118,7 +118,7 @@ def _mitochondria(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
         if count == n:
             break
         cz, cy, cx = np.unravel_index(centre, shape)
-        radius_nm = min(rng.uniform(40.0, 85.0), inside[cz, cy, cx] - 20.0)
+        radius_nm = min(rng.uniform(40.0, 85.0), float(inside[cz, cy, cx]) - 20.0)
         a = radius_nm / VOXEL_NM[1]  # in-plane semi-axes (voxels)
         b = a * rng.uniform(0.7, 1.0)
         c = rng.uniform(100.0, 360.0) / VOXEL_NM[0]  # along z
