@@ -157,8 +157,10 @@ def test_pre_commit_hooks_are_local_and_offline() -> None:
     config = OmegaConf.load(ROOT / ".pre-commit-config.yaml")
     assert [r.repo for r in config.repos] == ["local"]  # nothing to download
     hooks = {h.id: h for r in config.repos for h in r.hooks}
-    assert set(hooks) == {"ruff-format", "ruff-check", "large-files"}
+    assert set(hooks) == {"ruff-format", "ruff-check", "mypy", "large-files"}
     assert all(h.language == "system" for h in hooks.values())
+    # mypy checks the package as configured ([tool.mypy] packages), not only the staged files
+    assert hooks["mypy"].pass_filenames is False and hooks["mypy"].entry == "python -m mypy"
     assert "--max-kb 500" in hooks["large-files"].entry
     assert (ROOT / hooks["large-files"].entry.split()[1]).is_file()
 
