@@ -130,6 +130,7 @@ def run_suite(r: Revision, tmp: Path, workers: int, pytest_args: list[str], cov:
     """One pytest run in the revision's worktree: (output, wall seconds, CPU seconds of all children)."""
     name = f"{r.label}-{'cov' if cov else 'time'}-{len(r.wall_s)}"
     args = [sys.executable, "-m", "pytest", "-q", "-n", str(workers), "-p", "no:cacheprovider"]
+    (tmp / "pytest").mkdir(exist_ok=True)  # pytest creates the basetemp itself, not its parent
     args += [f"--basetemp={tmp / 'pytest' / name}", *pytest_args]
     if cov:
         rc = tmp / "coveragerc"
@@ -147,6 +148,8 @@ def run_suite(r: Revision, tmp: Path, workers: int, pytest_args: list[str], cov:
         totals = json.loads(report.read_text())["totals"] if report.is_file() else {}
         r.coverage = totals.get("percent_covered")
         r.statements = totals.get("num_statements")
+    if not parse_counts(output):  # the suite did not run: no figure from it
+        sys.exit(f"error: {r.label} ({r.commit}): pytest gave no summary line; its output ends:\n{output[-3000:]}")
     return output, wall, cpu
 
 
@@ -163,8 +166,6 @@ def measure(revisions: list[Revision], workers: int, repeats: int, pytest_args: 
                 r.wall_s.append(wall)
                 r.cpu_s.append(cpu)
                 r.counts = parse_counts(out)
-                if not r.counts:
-                    print(out[-3000:], file=sys.stderr)
                 print(f"{r.label} ({r.commit}): {wall:.0f} s wall, {cpu:.0f} s CPU, {r.counts}", flush=True)
 
 
