@@ -27,7 +27,7 @@ env: $(STAMP)  ## create .venv (editable install with the dev tools) if missing
 run: $(STAMP)  ## train + test the default experiment (experiment=quickstart, phantom data)
 	$(PY) train.py experiment=quickstart $(ARGS)
 
-# lint first (ruff, then mypy: slower on a fresh clone, before .mypy_cache exists); two xdist workers: most tests are CLI subprocesses whose start-up is single-threaded
+# lint first (ruff, then mypy: slower on a fresh clone, before .mypy_cache exists); two xdist workers (CLI runs are in-process, tests/conftest.py run_inproc)
 test: $(STAMP) lint  ## lint, then the default test suite on 2 workers (ARGS=... for pytest)
 	$(PY) -m pytest -q -n 2 $(ARGS)
 
