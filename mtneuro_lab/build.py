@@ -144,6 +144,8 @@ def build_components(cfg: DictConfig) -> Components:
     task.check_source(source)  # z range, and the x/y box of sources that have one (source=local)
     datamodule = build_datamodule(cfg, task, source, catalog)
     method = build_method(cfg, task_facts(task))
+    method.bind_task(task)
+    method.check_trainer(cfg.get("trainer"))
     return Components(catalog, source, task, datamodule, method)
 
 

@@ -15,7 +15,7 @@ from mtneuro_lab.data import targets
 from mtneuro_lab.data.em import EMDataModule, EMTask
 from mtneuro_lab.data.sources.phantom_em import PhantomEMSource
 from mtneuro_lab.errors import ConfigError, DataError
-from mtneuro_lab.methods.mae_finetune import evaluate_volume
+from mtneuro_lab.methods.em_eval import evaluate_volume
 from mtneuro_lab.run import build_components
 
 SMALL = [
@@ -128,7 +128,7 @@ def test_evaluate_scores_a_perfect_prediction():
     task = comps.task
     task.postprocess.min_size = 0
     task.postprocess.min_seed_size = 0
-    metrics = evaluate_volume(task, batch["target"][0], batch["instances"][0])
+    metrics, _ = evaluate_volume(batch["target"][0], batch["instances"][0], task.target, task.postprocess, task.ignore_zero)
     assert metrics["arand"] < 0.02 and metrics["ap50"] > 0.9
     assert {"arand", "voi_split", "voi_merge", "ap50", "ap75"} <= set(metrics)
 

@@ -8,12 +8,8 @@ import pytest
 import torch
 
 from mtneuro_lab.errors import CheckpointError, ConfigError
-from mtneuro_lab.methods.mae_finetune import (
-    MAEFinetune,
-    layer_decay_groups,
-    target_kind,
-    target_loss,
-)
+from mtneuro_lab.methods.em import target_loss
+from mtneuro_lab.methods.mae_finetune import MAEFinetune, layer_decay_groups
 from mtneuro_lab.methods.mae_pretrain import (
     CKPT_META_KEY,
     MAEPretrain,
@@ -294,11 +290,7 @@ def test_unetr_anisotropic_patch_stages_and_shapes():
     assert net(torch.randn(2, 1, 4, 16, 32)).shape == (2, 3, 4, 16, 32)
 
 
-def test_target_kind_and_loss():
-    assert target_kind(["aff_z", "aff_y", "aff_x"]) == "affinity"
-    assert target_kind(["foreground", "contour", "distance"]) == "bcd"
-    with pytest.raises(ConfigError):
-        target_kind(["background", "cell"])
+def test_target_loss_masks_and_adds_the_distance_term():
     logits = torch.zeros(1, 3, 2, 4, 4, requires_grad=True)
     target = torch.rand(1, 3, 2, 4, 4) * 2 - 1
     target[:, :2] = target[:, :2].abs()

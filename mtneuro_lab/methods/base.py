@@ -59,6 +59,15 @@ class BaseMethod(pl.LightningModule):
         """Every ``val/`` key this method logs: what checkpoint selection and sweeps may choose by."""
         return {"val/loss"}
 
+    # -- hooks the run calls ---------------------------------------------------------------------
+    def bind_task(self, task: Any) -> None:
+        """Take what the method needs from the task beyond the facts (the builder calls it once,
+        right after construction, before any data is read); nothing by default."""
+
+    def check_trainer(self, trainer_cfg: Any) -> None:
+        """One line if the ``trainer`` section cannot serve this method (called by the builder after
+        :meth:`bind_task`, before any data is read); nothing by default."""
+
     # -- optimisation --------------------------------------------------------------------------
     @property
     def global_batch_size(self) -> int:
