@@ -198,10 +198,10 @@ def test_unet3d_is_the_xray_method_on_seg3d_and_the_em_method_on_em_tasks():
 
 
 def test_every_task_config_declares_its_kind():
+    from conftest import ROOT
+
     from mtneuro_lab.build import build_task
     from mtneuro_lab.data.cubes import catalog_from_config
-
-    from conftest import ROOT
 
     for path in sorted((ROOT / "mtneuro_lab" / "conf" / "task").glob("*.yaml")):
         cfg = compose([f"task={path.stem}"], return_hydra_config=True)
@@ -269,9 +269,7 @@ def test_predictions_file_holds_segmentation_probabilities_and_image(tmp_path):
 
 def test_cli_trains_chooses_postprocessing_on_validation_and_writes_outputs(tmp_path):
     run = tmp_path / "run"
-    proc = run_cli(
-        "train.py", "task=snemi3d", *SMALL, *TINY_RSUNET, "trainer=cpu", "task.downsample=1", run_dir=run
-    )
+    proc = run_cli("train.py", "task=snemi3d", *SMALL, *TINY_RSUNET, "trainer=cpu", "task.downsample=1", run_dir=run)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(run)
     assert metrics["selection/metric"] == "val/arand"
