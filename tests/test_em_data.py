@@ -128,7 +128,9 @@ def test_evaluate_scores_a_perfect_prediction():
     task = comps.task
     task.postprocess.min_size = 0
     task.postprocess.min_seed_size = 0
-    metrics, _ = evaluate_volume(batch["target"][0], batch["instances"][0], task.target, task.postprocess, task.ignore_zero)
+    metrics, _ = evaluate_volume(
+        batch["target"][0], batch["instances"][0], task.target, task.postprocess, task.ignore_zero
+    )
     assert metrics["arand"] < 0.02 and metrics["ap50"] > 0.9
     assert {"arand", "voi_split", "voi_merge", "ap50", "ap75"} <= set(metrics)
 
