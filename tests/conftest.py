@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from omegaconf import DictConfig
@@ -55,6 +56,20 @@ def compose(overrides: Iterable[str] = (), return_hydra_config: bool = False) ->
 
         HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def build(*overrides: str) -> Any:
+    """The run's components (task, datamodule, method ...) of a composed, validated config."""
+    from omegaconf import open_dict
+
+    from mtneuro_lab.build import build_components
+    from mtneuro_lab.config.schema import validate_config
+
+    cfg = compose(list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = "unused"
+    validate_config(cfg)
+    return build_components(cfg)
 
 
 def run_cli(

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import build as components
 from conftest import compose, run_cli
-from omegaconf import open_dict
 
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.data import targets
@@ -16,7 +16,6 @@ from mtneuro_lab.data.em import EMDataModule, EMTask
 from mtneuro_lab.data.sources.phantom_em import PhantomEMSource
 from mtneuro_lab.errors import ConfigError, DataError
 from mtneuro_lab.methods.em_eval import evaluate_volume
-from mtneuro_lab.run import build_components
 
 SMALL = [
     "source.em_shape=[24,64,64]",
@@ -28,14 +27,6 @@ SMALL = [
     "data.batch_size=4",
     "model=mae_finetune",
 ]
-
-
-def components(*overrides: str):
-    cfg = compose(list(overrides))
-    with open_dict(cfg):
-        cfg.paths.output_dir = "unused"
-    validate_config(cfg)
-    return build_components(cfg)
 
 
 def test_phantom_em_is_deterministic_cached_and_plausible(tmp_path):

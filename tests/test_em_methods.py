@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import build as components
 from conftest import compose, read_metrics, run_cli
-from omegaconf import open_dict
 
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.config.sections import PostprocessConfig
@@ -24,7 +24,6 @@ from mtneuro_lab.methods.em_eval import choose, search_postprocess
 from mtneuro_lab.metrics.em import evaluate_instances
 from mtneuro_lab.nets.rsunet import RSUNet
 from mtneuro_lab.nets.segmentation import inplane_first_factors
-from mtneuro_lab.run import build_components
 
 SMALL = [
     "source.em_shape=[24,64,64]",
@@ -37,14 +36,6 @@ SMALL = [
 ]
 TINY_RSUNET = ["model=rsunet", "model.net.widths=[4,8]"]
 EM_TASKS = ("snemi3d", "mitoem", "gala_fibsem", "isbi2012_em")
-
-
-def components(*overrides: str):
-    cfg = compose(list(overrides))
-    with open_dict(cfg):
-        cfg.paths.output_dir = "unused"
-    validate_config(cfg)
-    return build_components(cfg)
 
 
 @pytest.fixture(scope="module")

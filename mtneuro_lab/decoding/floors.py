@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -31,7 +32,7 @@ def one_segment(shape: Sequence[int]) -> Segmentation:
     return Segmentation(base, np.array([0, 1], dtype=np.int64), {})
 
 
-def _watershed(smoothed: np.ndarray, seed_level: float, connectivity: int) -> np.ndarray:
+def _watershed(smoothed: np.ndarray, seed_level: float, connectivity: Literal[4, 6, 26]) -> np.ndarray:
     import cc3d
     from skimage.segmentation import watershed
 

@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ def sliding_window_predict(
         return (out, activation(out)) if keep_logits else activation(out)
 
     with torch.no_grad():
-        return sliding_window_inference(
+        return cast(Any, sliding_window_inference)(
             image,
             roi,
             sw_batch_size,
@@ -134,7 +134,7 @@ def waterz_passes(affs: np.ndarray, cfg: PostprocessConfig, thresholds: Sequence
             seg = next(passes, None)
         if seg is None:
             return
-        yield seg
+        yield np.asarray(seg)
 
 
 def agglomerate(affs: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
@@ -215,7 +215,7 @@ def bc_candidates(
 ) -> Iterator[Segmentation]:
     """One seeded watershed per setting (``{"seed_foreground": .., "mask_foreground": ..}``)."""
     for params in settings:
-        yield clean(seeded_watershed(pred, replace(cfg, **params)), cfg, dict(params))
+        yield clean(seeded_watershed(pred, replace(cfg, **cast(dict[str, Any], params))), cfg, dict(params))
 
 
 def search_settings(kind: str, cfg: PostprocessConfig) -> list[dict[str, float]]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -109,6 +109,7 @@ def build_net(net: nn.Module | Callable[..., nn.Module], out_channels: int, inpu
             f"model.net.{fixed[0]}: set by the run (1 input channel, the task's {out_channels} target "
             f"channels, the crop); remove it from the network config"
         )
+    accepts: Mapping[str, Any]
     try:
         accepts = inspect.signature(func).parameters
     except (TypeError, ValueError):  # builtins without a signature
@@ -186,7 +187,9 @@ class EMSegmentation(BaseMethod):
                 f"needs {task.num_classes} ({', '.join(task.class_names)})"
             )
         self.em_task = task
-        self.monitor = (f"val/{task.metric}", "min" if METRIC_LOWER_IS_BETTER[task.metric] else "max")
+        # per instance: the selection key is the bound task's metric (the class default is a fallback)
+        direction = "min" if METRIC_LOWER_IS_BETTER[task.metric] else "max"
+        self.monitor = (f"val/{task.metric}", direction)  # type: ignore[misc]
 
     def check_trainer(self, trainer_cfg: Any) -> None:
         """``select=val`` needs a validation pass: one line before any work if the trainer skips it."""
@@ -214,7 +217,7 @@ class EMSegmentation(BaseMethod):
         return self._task().target
 
     def validation_metrics(self) -> set[str]:
-        params = ("threshold",) if self.em_task is None or self.em_task.target == "affinity" else ()
+        params: tuple[str, ...] = ("threshold",) if self.em_task is None or self.em_task.target == "affinity" else ()
         params = params or ("seed_foreground", "mask_foreground")
         return {"val/loss", *(f"val/{m}" for m in VAL_METRICS), *(f"val/pp_{p}" for p in params)}
 
@@ -303,7 +306,7 @@ class EMSegmentation(BaseMethod):
 
     def _write_predictions(self, seg: np.ndarray, prob: np.ndarray, image: torch.Tensor, params: dict) -> None:
         """``<run_dir>/predictions/test.h5``: segmentation, probabilities, uint8 image (gzip)."""
-        dm = self.trainer.datamodule
+        dm = getattr(self.trainer, "datamodule", None)
         raw = dm.volumes["test"].image if isinstance(dm, EMDataModule) and "test" in dm.volumes else None
         if raw is None or raw.shape != seg.shape:
             raw = image.float().cpu().numpy()

@@ -99,7 +99,7 @@ def choose(
 
 def contingency_of(gt_c: np.ndarray, base: np.ndarray, n_base: int) -> Any:
     """``table[gt, base]`` with exactly ``n_base`` columns (ids absent at the end included)."""
-    table = contingency(gt_c, base)
+    table: Any = contingency(gt_c, base)  # scipy.sparse (its stubs reject resize)
     if table.shape[1] < n_base:
         table.resize((table.shape[0], n_base))
     return table
@@ -139,7 +139,8 @@ def search_postprocess(
 
 def with_params(cfg: PostprocessConfig, params: Mapping[str, float]) -> PostprocessConfig:
     """``cfg`` with the searched values replaced by ``params`` (what the test step applies)."""
-    return replace(cfg, **{k: float(v) for k, v in params.items()})
+    values: dict[str, Any] = {k: float(v) for k, v in params.items()}
+    return replace(cfg, **values)
 
 
 def evaluate_volume(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -150,7 +150,7 @@ class MAEFinetune(EMSegmentation):
 
     @property
     def encoder(self) -> ViTEncoder:
-        return self.net.encoder
+        return cast(UNETR, self.net).encoder
 
     def optimizer_parameters(self) -> Any:
         named = [(n[len("net.") :], p) for n, p in self.named_parameters()]

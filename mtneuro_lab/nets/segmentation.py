@@ -36,6 +36,14 @@ _SMP_MIN_FACTOR = {"pan": 32, "deeplabv3": 8, "deeplabv3plus": 16}
 SMP_MIN_SIZE = {"pan": 128}
 
 
+def unet_levels(levels: int | None) -> int:
+    """``model.levels`` of a U-Net: 3 when unset, else checked to lie in 1..5."""
+    levels = 3 if levels is None else levels
+    if not 1 <= levels <= 5:
+        raise ConfigError(f"model.levels: must be in 1..5, got {levels}")
+    return levels
+
+
 def check_divisible(shape: Sequence[int], factors: Sequence[int], what: str, fix: str) -> None:
     """Raise a ConfigError if any spatial axis is not divisible by its factor."""
     bad = [(s, f) for s, f in zip(shape, factors) if s % f]
@@ -292,9 +300,7 @@ def em_unet(
         )
     if arch != "unet3d":
         raise ConfigError(f"model.arch: on EM tasks must be unet3d or basic_unet, got {arch!r}")
-    levels = 3 if levels is None else levels
-    if not 1 <= levels <= 5:
-        raise ConfigError(f"model.levels: must be in 1..5, got {levels}")
+    levels = unet_levels(levels)
     from monai.networks.nets import UNet
 
     factors = inplane_first_factors(input_shape, levels)
