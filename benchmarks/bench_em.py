@@ -491,6 +491,7 @@ def main(
     models: Sequence[str] = MODELS,
     seeds: Sequence[int] = SEEDS,
     volume_ckpt: Path | None = None,
+    volume_shape: Sequence[int] = VOLUME_SHAPE,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -506,7 +507,8 @@ def main(
     if "search" in stages:
         res["search"] = search_cost(workdir)
     if "volume" in stages:
-        res["volume"] = volume(workdir, ckpt=volume_ckpt)
+        vz, vy, vx = volume_shape
+        res["volume"] = volume(workdir, (vz, vy, vx), ckpt=volume_ckpt)
     res.setdefault("wall_s", {}).update({"+".join(stages): time.perf_counter() - start})
     results.write_text(json.dumps(res, indent=2, default=str) + "\n")
     if "doc" in stages:
@@ -524,5 +526,8 @@ if __name__ == "__main__":
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--volume-ckpt", type=Path, default=None, help="checkpoint for the volume stage")
+    parser.add_argument(
+        "--volume-shape", type=int, nargs=3, default=list(VOLUME_SHAPE), help="z y x of the volume stage"
+    )
     args = parser.parse_args()
-    main(args.stages, args.workdir, args.tasks, args.models, args.seeds, args.volume_ckpt)
+    main(args.stages, args.workdir, args.tasks, args.models, args.seeds, args.volume_ckpt, args.volume_shape)
