@@ -50,11 +50,13 @@ def relabel_consecutive(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def compact(mapping: np.ndarray) -> np.ndarray:
-    """Renumber a mapping's targets to 1..k in order of first appearance of their value (0 stays 0)."""
-    values, inverse = np.unique(mapping, return_inverse=True)
-    if values[0] != 0:
-        inverse = inverse + 1
-    return inverse.astype(np.int64)
+    """Renumber a mapping's targets to 1..k in increasing order of their value (0 stays 0).
+
+    A rank by counting (no sort): every candidate of a search compacts its mapping."""
+    present = np.zeros(int(mapping.max()) + 1 if mapping.size else 1, dtype=bool)
+    present[mapping] = True
+    present[0] = True
+    return (np.cumsum(present) - 1)[mapping].astype(np.int64)
 
 
 @dataclass
@@ -100,10 +102,13 @@ class RegionGraph:
         summed_aff = None if affinity is None else np.bincount(inverse, weights=affinity, minlength=keys.size)
         return cls(keys // n, keys % n, summed_area, summed_aff)
 
-    def coarsen(self, mapping: np.ndarray) -> RegionGraph:
-        """The graph between the segments of ``mapping`` (contacts inside one segment vanish)."""
+    def coarsen(self, mapping: np.ndarray, touching: np.ndarray | None = None) -> RegionGraph:
+        """The graph between the segments of ``mapping`` (contacts inside one segment vanish);
+        with ``touching`` (a mask over the segments) only the edges with an end in it."""
         a, b = mapping[self.u], mapping[self.v]
         keep = (a != b) & (a != 0) & (b != 0)
+        if touching is not None:
+            keep &= touching[a] | touching[b]
         u, v = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])
         aff = None if self.affinity is None else self.affinity[keep]
         return self.aggregate(u, v, self.area[keep], aff, int(mapping.max()) + 1)
@@ -127,7 +132,7 @@ def merge_small(mapping: np.ndarray, base_sizes: np.ndarray, graph: RegionGraph 
     small = (sizes < merge_size) & (np.arange(n) > 0)
     if not small.any():
         return mapping
-    coarse = graph.coarsen(mapping)
+    coarse = graph.coarsen(mapping, touching=small)  # only the small segments' edges are read
     if coarse.u.size == 0:
         return mapping
     # both directions of every edge: (segment, neighbour, strength, area)
