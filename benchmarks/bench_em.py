@@ -331,8 +331,9 @@ def volume(workdir: Path, shape: tuple[int, int, int] = VOLUME_SHAPE, ckpt: Path
     from mtneuro_lab.data.sources.phantom_em import PhantomEMSource
 
     ckpt = ckpt or best_checkpoint(workdir / "runs" / "gala_fibsem" / "rsunet" / "s1")
-    src = workdir / "volume" / "input.zarr"
-    dst = workdir / "volume" / "output.zarr"
+    tag = "x".join(map(str, shape))
+    src = workdir / "volume" / f"input_{tag}.zarr"  # one input per shape: a rerun reuses it
+    dst = workdir / "volume" / f"output_{tag}.zarr"
     if not src.exists():
         source = PhantomEMSource(seed=0, cache_dir=os.environ.get("MTNEURO_CACHE", str(ROOT / ".cache")), shape=shape)
         image = np.array(source.cutout("image", (0, shape[2]), (0, shape[1]), (0, shape[0])))
