@@ -159,6 +159,7 @@ def build_components(cfg: DictConfig) -> Components:
     datamodule = build_datamodule(cfg, task, source, catalog)
     method = build_method(cfg, task_facts(task))
     method.bind_task(task)
+    method.check_trainer(cfg.get("trainer"))
     return Components(catalog, source, task, datamodule, method)
 
 

@@ -30,9 +30,12 @@ from mtneuro_lab.build import (  # noqa: F401 - build_components, instantiate_* 
 from mtneuro_lab.checkpoints import checkpoint_position, load_checkpoint, run_dir_of
 from mtneuro_lab.config.hydra_runtime import hydra_node
 from mtneuro_lab.config.schema import validate_config
+from mtneuro_lab.data.sources.local import open_volume
+from mtneuro_lab.decoding.volume import open_output
 from mtneuro_lab.errors import CheckpointError, ConfigError
 from mtneuro_lab.methods.base import BaseMethod
-from mtneuro_lab.rundir import evaluation_config, save_config, write_metrics
+from mtneuro_lab.methods.em import EMSegmentation
+from mtneuro_lab.rundir import evaluation_config, save_config, saved_config, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -294,3 +297,44 @@ preflight_checks = {
     "sweep": _preflight_sweep,
     "sweep_names": _preflight_sweep_names,
 }
+
+
+# -- prediction of volumes larger than memory ------------------------------------------------------
+class _Sections:
+    """A lazily read volume file sliced by sections: ``volume[z0:z1]`` -> ``(z, y, x)`` uint8."""
+
+    def __init__(self, path: str | Path, key: str | None) -> None:
+        self.reader = open_volume(path, key)
+        self.shape = self.reader.shape
+
+    def __getitem__(self, zs: slice) -> Any:
+        _, ny, nx = self.shape
+        return self.reader.read((zs.start, zs.stop), (0, ny), (0, nx))
+
+
+def predict_volume(
+    ckpt_path: str | Path,
+    input_path: str | Path,
+    output_path: str | Path,
+    key: str | None = None,
+    dtype: str = "float16",
+) -> Any:
+    """Probabilities of a whole volume file (HDF5/zarr/TIFF/npy/slices, uint8) with an EM checkpoint.
+
+    The model and task come from the checkpoint's run directory (``config.yaml``), the
+    normalisation from the checkpoint; the output is a chunked ``.zarr`` or ``.h5``
+    (``probabilities``, ``(C, Z, Y, X)``), filled section slab by slab so the volume may be
+    larger than memory. Returns :class:`~mtneuro_lab.decoding.volume.ChunkedStats`.
+    """
+    cfg = saved_config(ckpt_path)
+    validate_config(cfg)
+    comps = build_components(cfg)
+    if not isinstance(comps.method, EMSegmentation):
+        raise ConfigError(f"ckpt_path: {ckpt_path} is not a checkpoint of an EM method ({cfg.model._target_})")
+    state = load_method_checkpoint(comps.method, ckpt_path, str(cfg.model._target_))
+    stats = next((v for k, v in state.items() if isinstance(v, dict) and "mean" in v and "std" in v), None)
+    if stats is None:
+        raise CheckpointError(f"ckpt_path: {ckpt_path} holds no normalisation (datamodule mean/std)")
+    source = _Sections(input_path, key)
+    out = open_output(output_path, (comps.method.num_classes, *source.shape), dtype=dtype)
+    return comps.method.predict_large(source, out, float(stats["mean"]), float(stats["std"]))

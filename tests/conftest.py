@@ -35,6 +35,7 @@ import traceback
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -88,6 +89,20 @@ def cli_args(
     if run_dir is not None:
         args.append(f"{'hydra.sweep.dir' if multirun else 'hydra.run.dir'}={run_dir}")
     return args
+
+
+def build(*overrides: str) -> Any:
+    """The run's components (task, datamodule, method ...) of a composed, validated config."""
+    from omegaconf import open_dict
+
+    from mtneuro_lab.build import build_components
+    from mtneuro_lab.config.schema import validate_config
+
+    cfg = compose(list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = "unused"
+    validate_config(cfg)
+    return build_components(cfg)
 
 
 def run_cli(

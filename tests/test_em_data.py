@@ -7,16 +7,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import build as components
 from conftest import compose, run_inproc
-from omegaconf import open_dict
 
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.data import targets
 from mtneuro_lab.data.em import EMDataModule, EMTask
 from mtneuro_lab.data.sources.phantom_em import PhantomEMSource
 from mtneuro_lab.errors import ConfigError, DataError
-from mtneuro_lab.methods.mae_finetune import evaluate_volume
-from mtneuro_lab.run import build_components
+from mtneuro_lab.methods.em_eval import evaluate_volume
 
 SMALL = [
     "source.em_shape=[24,64,64]",
@@ -28,14 +27,6 @@ SMALL = [
     "data.batch_size=4",
     "model=mae_finetune",
 ]
-
-
-def components(*overrides: str):
-    cfg = compose(list(overrides))
-    with open_dict(cfg):
-        cfg.paths.output_dir = "unused"
-    validate_config(cfg)
-    return build_components(cfg)
 
 
 def test_phantom_em_is_deterministic_cached_and_plausible(tmp_path):
@@ -128,7 +119,9 @@ def test_evaluate_scores_a_perfect_prediction():
     task = comps.task
     task.postprocess.min_size = 0
     task.postprocess.min_seed_size = 0
-    metrics = evaluate_volume(task, batch["target"][0], batch["instances"][0])
+    metrics, _ = evaluate_volume(
+        batch["target"][0], batch["instances"][0], task.target, task.postprocess, task.ignore_zero
+    )
     assert metrics["arand"] < 0.02 and metrics["ap50"] > 0.9
     assert {"arand", "voi_split", "voi_merge", "ap50", "ap75"} <= set(metrics)
 

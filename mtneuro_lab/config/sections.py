@@ -9,7 +9,8 @@ importing the code that uses them: ``data.augment.*`` (:class:`AugmentConfig`, u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from mtneuro_lab.errors import ConfigError
 
@@ -31,6 +32,39 @@ SCORING = {
 }
 
 
+#: what ``task.postprocess.select`` may be: search the grid on validation, or use the fixed values
+SELECT_MODES = ("val", "fixed")
+
+
+def _default_thresholds() -> list[float]:
+    return [0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+
+@dataclass
+class PostprocessGrid:
+    """``task.postprocess.grid.*``: the values searched on the validation volume (``select=val``).
+
+    Affinities: every waterz ``threshold`` comes from ONE agglomeration pass (the fragments and
+    the merge order are shared). BC/BCD: every pair of ``seed_foreground`` x ``mask_foreground``
+    is one seeded watershed (the other seeded-watershed values stay as configured).
+    """
+
+    threshold: list[float] = field(default_factory=_default_thresholds)
+    seed_foreground: list[float] = field(default_factory=lambda: [0.8, 0.9])
+    mask_foreground: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.85])
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "seed_foreground", "mask_foreground"):
+            values = list(getattr(self, name))
+            if not values:
+                raise ConfigError(f"task.postprocess.grid.{name}: empty; give at least one value in [0, 1]")
+            bad = [v for v in values if not 0.0 <= float(v) <= 1.0]
+            if bad:
+                raise ConfigError(f"task.postprocess.grid.{name}: values must lie in [0, 1], got {bad[0]}")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"task.postprocess.grid.{name}: values repeat in {values}")
+
+
 @dataclass
 class PostprocessConfig:
     """``task.postprocess.*``: how predictions become instances (thresholds are probabilities).
@@ -40,22 +74,37 @@ class PostprocessConfig:
     initial zwatershed; ``scoring`` is mean or median affinity of the boundary.
     BC/BCD: seeds where foreground > ``seed_foreground``, contour < ``seed_contour`` (and
     distance > ``seed_distance`` for BCD), seeds under ``min_seed_size`` voxels dropped; the
-    watershed floods where foreground > ``mask_foreground``. Finally segments under
-    ``min_size`` voxels are removed (set to 0) for every kind.
+    watershed floods where foreground > ``mask_foreground``. Then, for every kind, segments
+    under ``merge_size`` voxels join the neighbour they are most strongly connected to (one
+    round; mean affinity across the contact, or contact area for BC/BCD) and segments still
+    under ``min_size`` voxels are removed (set to 0).
+
+    ``select=val`` searches ``grid`` on the validation volume by the task's ``metric`` and
+    applies the chosen values to the test volume; ``select=fixed`` applies the values above.
     """
 
+    select: str = "val"  # val | fixed (checked in __post_init__: OmegaConf has no Literal)
     threshold: float = 0.5
     aff_low: float = 0.0001
     aff_high: float = 0.9999
-    scoring: str = "mean"  # mean | median (checked in __post_init__: OmegaConf has no Literal)
+    scoring: str = "mean"  # mean | median
     seed_foreground: float = 0.9
     seed_contour: float = 0.8
     seed_distance: float = 0.5
     mask_foreground: float = 0.85
     min_seed_size: int = 32
+    merge_size: int = 0
     min_size: int = 0
+    grid: PostprocessGrid = field(default_factory=PostprocessGrid)
 
     def __post_init__(self) -> None:
+        if isinstance(self.grid, Mapping):  # built from a plain mapping (not through OmegaConf)
+            try:
+                self.grid = PostprocessGrid(**self.grid)
+            except TypeError as err:
+                raise ConfigError(f"task.postprocess.grid: {err}") from None
+        if self.select not in SELECT_MODES:
+            raise ConfigError(f"task.postprocess.select: must be one of {', '.join(SELECT_MODES)}, got {self.select!r}")
         for name in ("threshold", "aff_low", "aff_high", "seed_foreground", "seed_contour", "mask_foreground"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -66,7 +115,7 @@ class PostprocessConfig:
             raise ConfigError(f"task.postprocess.aff_low: must be below aff_high ({self.aff_high}), got {self.aff_low}")
         if self.scoring not in SCORING:
             raise ConfigError(f"task.postprocess.scoring: must be one of {', '.join(SCORING)}, got {self.scoring!r}")
-        for name in ("min_seed_size", "min_size"):
+        for name in ("min_seed_size", "merge_size", "min_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"task.postprocess.{name}: must be >= 0, got {getattr(self, name)}")
 

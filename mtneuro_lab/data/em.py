@@ -45,6 +45,9 @@ from mtneuro_lab.data.tasks import SPLITS, downsample_area, downsample_nearest, 
 from mtneuro_lab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+#: main scores of an EM task (``task.metric``) and what the labels channel holds (``task.instances``)
+METRICS = ("arand", "voi", "ap50", "ap75")
+INSTANCE_KINDS = ("ids", "section_components")
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,12 @@ class EMTask(Task):
     ``voxel_size`` ``[z, y, x]`` nm of the stored data (null: the source's own, e.g. the
     phantom's 30x6x6; only BCD distances use it) before ``downsample``, which mean-pools
     images and subsamples labels in-plane; ``ignore_zero`` leaves ground-truth 0
-    out of ARAND/VOI (0 = unlabelled boundary, SNEMI3D) or scores it as background (MitoEM).
+    out of ARAND/VOI (0 = unlabelled boundary, SNEMI3D) or scores it as background (MitoEM);
+    ``metric`` is the task's main score, by which checkpoints and post-processing are chosen on
+    validation (``arand``/``voi`` lower is better, ``ap50``/``ap75`` higher); ``instances`` says
+    what the labels channel holds: ``ids`` (instance ids) or ``section_components`` (a mask,
+    nonzero inside objects, whose 4-connected components in each section are the instances:
+    ISBI 2012, whose cells are not traced across sections).
     """
 
     kind = "em"
@@ -120,6 +128,8 @@ class EMTask(Task):
         samples_per_epoch: int = 1024,
         ignore_zero: bool = True,
         eval_overlap: float = 0.5,
+        metric: Literal["arand", "voi", "ap50", "ap75"] = "arand",
+        instances: Literal["ids", "section_components"] = "ids",
         postprocess: PostprocessConfig | None = None,
     ) -> None:
         if target not in targets.TARGET_KINDS:
@@ -152,6 +162,12 @@ class EMTask(Task):
         self.samples_per_epoch = int(samples_per_epoch)
         self.ignore_zero = bool(ignore_zero)
         self.eval_overlap = float(eval_overlap)
+        if metric not in METRICS:
+            raise ConfigError(f"task.metric: must be one of {', '.join(METRICS)}, got {metric!r}")
+        if instances not in INSTANCE_KINDS:
+            raise ConfigError(f"task.instances: must be one of {', '.join(INSTANCE_KINDS)}, got {instances!r}")
+        self.metric = metric
+        self.instances = instances
         if isinstance(postprocess, Mapping):
             try:
                 postprocess = PostprocessConfig(**postprocess)
@@ -288,6 +304,8 @@ class EMTask(Task):
             )
         image = downsample_area(image, self.downsample)
         labels = _as_int32(downsample_nearest(labels, self.downsample), f"{part.labels} ({split})")
+        if self.instances == "section_components":
+            labels = section_components(labels)
         volume = EMVolume(np.ascontiguousarray(image), labels, tuple(z))
         if self.target == "bcd":
             volume.distance = targets.signed_distance(
@@ -323,6 +341,19 @@ def _as_int32(labels: np.ndarray, what: str) -> np.ndarray:
     ids, inverse = np.unique(labels, return_inverse=True)
     offset = 0 if ids[0] == 0 else 1
     return (inverse.reshape(labels.shape) + offset).astype(np.int32)
+
+
+def section_components(mask: np.ndarray) -> np.ndarray:
+    """int32 ids of the 4-connected nonzero components of each section, unique over the volume."""
+    import cc3d
+
+    out = np.zeros(mask.shape, dtype=np.int32)
+    offset = 0
+    for z in range(mask.shape[0]):
+        comp = cc3d.connected_components(np.ascontiguousarray(mask[z] != 0), connectivity=4).astype(np.int32)
+        out[z] = np.where(comp > 0, comp + offset, 0)
+        offset += int(comp.max())
+    return out
 
 
 def gather_crops(volume: torch.Tensor, origins: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

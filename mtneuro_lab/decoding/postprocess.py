@@ -3,12 +3,14 @@
 * :func:`sliding_window_predict` runs a model over a whole volume in overlapping windows
   (MONAI ``sliding_window_inference``, Gaussian blending), so validation and test see complete
   volumes whatever the training crop.
-* :func:`segment` turns the predicted target (probabilities, see
-  :func:`mtneuro_lab.data.targets.activate`) into an instance segmentation:
-  affinities -> waterz (zwatershed fragments + agglomeration at ``threshold``);
-  BC/BCD -> seeded watershed (scikit-image): seeds are connected components of confident
-  foreground away from contours (and, for BCD, deep inside objects), flooded over the
-  foreground mask on the inverted foreground x (1 - contour) map.
+* :func:`candidates` turns the predicted target (probabilities, see
+  :func:`mtneuro_lab.data.targets.activate`) into instance segmentations, one per
+  post-processing setting: affinities -> waterz (zwatershed fragments + agglomeration, every
+  threshold of the grid from one pass); BC/BCD -> seeded watershed (scikit-image): seeds are
+  connected components of confident foreground away from contours (and, for BCD, deep inside
+  objects), flooded over the foreground mask on the inverted foreground x (1 - contour) map.
+  Each is then cleaned at segment level (:mod:`mtneuro_lab.decoding.segments`: small-segment
+  merging, size filter). :func:`segment` is the one segmentation of the configured values.
 """
 
 from __future__ import annotations
@@ -17,12 +19,21 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
+from dataclasses import replace
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 
 from mtneuro_lab.config.sections import SCORING, PostprocessConfig
+from mtneuro_lab.decoding.segments import (
+    RegionGraph,
+    Segmentation,
+    compact,
+    drop_small,
+    merge_small,
+    relabel_consecutive,
+)
 from mtneuro_lab.errors import ConfigError, DataError
 
 
@@ -36,7 +47,8 @@ def sliding_window_predict(
     sigma_scale: float = 0.125,
     activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
     output_device: torch.device | str | None = None,
-) -> torch.Tensor:
+    keep_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Predict a whole ``(B, 1, Z, Y, X)`` volume window by window with blended overlaps.
 
     ``predictor`` maps ``(n, 1, *roi_size)`` to ``(n, C, *roi_size)``; ``activation`` (e.g.
@@ -44,6 +56,7 @@ def sliding_window_predict(
     not logits, are averaged. Volumes smaller than ``roi_size`` are padded (zeros = the
     normalised mean) and cropped back. Output ``(B, C, Z, Y, X)`` on ``output_device``
     (default: the image's device; pass "cpu" to keep large volumes off the GPU).
+    ``keep_logits=True`` returns ``(blended logits, blended activations)`` from the same windows.
     """
     from monai.inferers import sliding_window_inference
 
@@ -51,12 +64,14 @@ def sliding_window_predict(
         raise DataError(f"sliding_window_predict: expected (B, 1, Z, Y, X), got shape {tuple(image.shape)}")
     roi = tuple(int(r) for r in roi_size)
 
-    def run(window: torch.Tensor) -> torch.Tensor:
+    def run(window: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         out = predictor(window)
-        return activation(out) if activation is not None else out
+        if activation is None:
+            return out
+        return (out, activation(out)) if keep_logits else activation(out)
 
     with torch.no_grad():
-        stitched = sliding_window_inference(
+        return cast(Any, sliding_window_inference)(
             image,
             roi,
             sw_batch_size,
@@ -69,11 +84,10 @@ def sliding_window_predict(
             sw_device=image.device,
             device=output_device or image.device,
         )
-    assert isinstance(stitched, torch.Tensor)  # one tensor per window in, one volume out
-    return stitched
 
 
-def _as_numpy(pred: np.ndarray | torch.Tensor) -> np.ndarray:
+def as_prediction(pred: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A ``(C, Z, Y, X)`` numpy prediction from a tensor or array (a leading batch of one dropped)."""
     arr = pred.detach().float().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
     if arr.ndim == 5 and arr.shape[0] == 1:
         arr = arr[0]
@@ -101,20 +115,31 @@ def _quiet_stdout() -> Iterator[None]:
         os.close(saved)
 
 
-def agglomerate(affs: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
-    """waterz on the nearest-neighbour affinities ``(>=3, Z, Y, X)`` -> uint64 segmentation."""
+def waterz_passes(affs: np.ndarray, cfg: PostprocessConfig, thresholds: Sequence[float]) -> Iterator[np.ndarray]:
+    """waterz on the nearest-neighbour affinities ``(>=3, Z, Y, X)``: one uint64 segmentation per
+    threshold (ascending), all from ONE agglomeration pass. The yielded array is reused by waterz:
+    copy what must outlive the next step."""
     import waterz
 
     nearest = np.ascontiguousarray(affs[:3], dtype=np.float32)
-    with _quiet_stdout():
-        segmentations = waterz.agglomerate(
-            nearest,
-            [float(cfg.threshold)],
-            aff_threshold_low=cfg.aff_low,
-            aff_threshold_high=cfg.aff_high,
-            scoring_function=SCORING[cfg.scoring],
-        )
-        return np.array(next(iter(segmentations)), copy=True)
+    passes = waterz.agglomerate(
+        nearest,
+        [float(t) for t in sorted(thresholds)],
+        aff_threshold_low=cfg.aff_low,
+        aff_threshold_high=cfg.aff_high,
+        scoring_function=SCORING[cfg.scoring],
+    )
+    while True:  # silence waterz's progress lines during its own steps only, not between them
+        with _quiet_stdout():
+            seg = next(passes, None)
+        if seg is None:
+            return
+        yield np.asarray(seg)
+
+
+def agglomerate(affs: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
+    """waterz at ``cfg.threshold`` alone -> uint64 segmentation (no merging or filtering)."""
+    return np.array(next(iter(waterz_passes(affs, cfg, [cfg.threshold]))), copy=True)
 
 
 def seeded_watershed(pred: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
@@ -136,26 +161,110 @@ def seeded_watershed(pred: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
     return seg.astype(np.int64)
 
 
-def segment(pred: np.ndarray | torch.Tensor, kind: str, cfg: PostprocessConfig | None = None) -> np.ndarray:
-    """Instance segmentation ``(Z, Y, X)`` int64 from a ``(C, Z, Y, X)`` prediction of ``kind``."""
+def clean(
+    seg: np.ndarray,
+    cfg: PostprocessConfig,
+    params: dict[str, float],
+    affs: np.ndarray | None = None,
+) -> Segmentation:
+    """A raw segmentation (any integer ids, 0 = background) with small segments merged
+    (``cfg.merge_size``; by mean affinity if ``affs`` are given, else by contact area) and then
+    removed (``cfg.min_size``): a :class:`Segmentation` of consecutive ids."""
+    base, _, sizes = relabel_consecutive(seg)
+    graph = RegionGraph.build(base, affs) if cfg.merge_size else None
+    return _finish(base, sizes, np.arange(sizes.size, dtype=np.int64), graph, cfg, params)
+
+
+def _finish(
+    base: np.ndarray,
+    sizes: np.ndarray,
+    mapping: np.ndarray,
+    graph: RegionGraph | None,
+    cfg: PostprocessConfig,
+    params: dict[str, float],
+) -> Segmentation:
+    mapping = merge_small(mapping, sizes, graph, cfg.merge_size)
+    return Segmentation(base, drop_small(mapping, sizes, cfg.min_size), params)
+
+
+def affinity_candidates(
+    affs: np.ndarray, cfg: PostprocessConfig, thresholds: Sequence[float]
+) -> Iterator[Segmentation]:
+    """One :class:`Segmentation` per waterz threshold (ascending), sharing one base volume.
+
+    The base is the segmentation of the lowest threshold; a higher threshold only merges its
+    segments, so its mapping is read off at each base segment's first voxel. The region graph
+    (mean affinity per contact) is built once on the base.
+    """
+    passes = waterz_passes(affs, cfg, thresholds)
+    base, first, sizes = relabel_consecutive(next(passes))
+    graph = RegionGraph.build(base, affs) if cfg.merge_size else None
+    ordered = sorted(float(t) for t in thresholds)
+    identity = np.arange(sizes.size, dtype=np.int64)
+    yield _finish(base, sizes, identity, graph, cfg, {"threshold": ordered[0]})
+    present = first >= 0
+    for t, seg in zip(ordered[1:], passes):
+        mapping = np.zeros(sizes.size, dtype=np.int64)
+        mapping[present] = seg.reshape(-1)[first[present]]
+        mapping[0] = 0
+        yield _finish(base, sizes, compact(mapping), graph, cfg, {"threshold": t})
+
+
+def bc_candidates(
+    pred: np.ndarray, cfg: PostprocessConfig, settings: Sequence[dict[str, float]]
+) -> Iterator[Segmentation]:
+    """One seeded watershed per setting (``{"seed_foreground": .., "mask_foreground": ..}``)."""
+    for params in settings:
+        yield clean(seeded_watershed(pred, replace(cfg, **cast(dict[str, Any], params))), cfg, dict(params))
+
+
+def search_settings(kind: str, cfg: PostprocessConfig) -> list[dict[str, float]]:
+    """The candidate settings of ``cfg.grid`` for ``kind``, in the order they are produced."""
+    if kind == "affinity":
+        return [{"threshold": float(t)} for t in sorted(cfg.grid.threshold)]
+    return [
+        {"seed_foreground": float(s), "mask_foreground": float(m)}
+        for s in cfg.grid.seed_foreground
+        for m in cfg.grid.mask_foreground
+    ]
+
+
+def fixed_setting(kind: str, cfg: PostprocessConfig) -> dict[str, float]:
+    """The configured values of the parameters :func:`search_settings` varies."""
+    keys = ("threshold",) if kind == "affinity" else ("seed_foreground", "mask_foreground")
+    return {k: float(getattr(cfg, k)) for k in keys}
+
+
+def candidates(
+    pred: np.ndarray | torch.Tensor,
+    kind: str,
+    cfg: PostprocessConfig | None = None,
+    settings: Sequence[dict[str, float]] | None = None,
+) -> Iterator[Segmentation]:
+    """Segmentations of a ``(C, Z, Y, X)`` prediction of ``kind``, one per setting (default: the
+    configured values only). Settings must all vary the same keys (:func:`search_settings`)."""
     cfg = cfg or PostprocessConfig()
-    arr = _as_numpy(pred)
+    arr = as_prediction(pred)
+    settings = list(settings) if settings is not None else [fixed_setting(kind, cfg)]
     if kind == "affinity":
         if arr.shape[0] < 3:
             raise DataError(f"segment: affinity predictions need >= 3 channels, got {arr.shape[0]}")
-        seg = agglomerate(arr, cfg).astype(np.int64)
+        if any(set(s) != {"threshold"} for s in settings):
+            raise ConfigError(f"segment: affinity settings vary threshold only, got {settings}")
+        yield from affinity_candidates(arr, cfg, [s["threshold"] for s in settings])
     elif kind in ("bc", "bcd"):
         need = 2 if kind == "bc" else 3
         if arr.shape[0] < need:
             raise DataError(f"segment: {kind} predictions need {need} channels, got {arr.shape[0]}")
-        seg = seeded_watershed(arr[:need], cfg)
+        yield from bc_candidates(arr[:need], cfg, settings)
     else:
         raise ConfigError(f"task.target: must be one of affinity, bc, bcd, got {kind!r}")
-    if cfg.min_size:
-        import cc3d
 
-        seg = cc3d.dust(seg, threshold=cfg.min_size, connectivity=6, in_place=True)
-    return seg
+
+def segment(pred: np.ndarray | torch.Tensor, kind: str, cfg: PostprocessConfig | None = None) -> np.ndarray:
+    """Instance segmentation ``(Z, Y, X)`` int64 from a ``(C, Z, Y, X)`` prediction of ``kind``,
+    with the configured values (merging and size filter included)."""
+    return next(iter(candidates(pred, kind, cfg))).labels()
 
 
 def instance_scores(seg: np.ndarray, prob: np.ndarray) -> dict[int, float]:
@@ -168,5 +277,5 @@ def instance_scores(seg: np.ndarray, prob: np.ndarray) -> dict[int, float]:
 
 def confidence_map(pred: np.ndarray | torch.Tensor, kind: str) -> np.ndarray:
     """Per-voxel confidence for :func:`instance_scores`: mean nearest affinity, or foreground."""
-    arr = _as_numpy(pred)
+    arr = as_prediction(pred)
     return arr[:3].mean(axis=0) if kind == "affinity" else arr[0]

@@ -79,6 +79,10 @@ class BaseMethod(pl.LightningModule):
         metrics for ``metrics.json`` (none by default)."""
         return {}
 
+    def check_trainer(self, trainer_cfg: Any) -> None:
+        """One line if the ``trainer`` section cannot serve this method (called by the builder after
+        :meth:`bind_task`, before any data is read); nothing by default."""
+
     # -- optimisation --------------------------------------------------------------------------
     @property
     def global_batch_size(self) -> int:

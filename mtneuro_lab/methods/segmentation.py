@@ -32,6 +32,7 @@ from mtneuro_lab.nets.segmentation import (
     net3d_reduction,
     smp_net,
     smp_reduction,
+    unet_levels,
 )
 
 Loss = Literal["ce", "dice", "ce_dice"]
@@ -209,9 +210,7 @@ class Volumetric3DSegmentation(SegmentationMethod):
             raise ConfigError(f"model.base_channels: must be >= 1, got {base_channels}")
         if arch == "highresnet" and levels is not None:
             raise ConfigError("model.levels: highresnet does not downsample; leave model.levels=null")
-        levels = 3 if levels is None else levels
-        if not 1 <= levels <= 5:
-            raise ConfigError(f"model.levels: must be in 1..5, got {levels}")
+        levels = unet_levels(levels)
         factor = net3d_reduction(arch, levels)
         check_divisible(
             shape,

@@ -123,6 +123,70 @@ def average_precision(
     return float((precision * recall_steps).sum())
 
 
+def merge_columns(table: sparse.csr_array, mapping: np.ndarray) -> sparse.csr_array:
+    """The contingency table of a coarser prediction: column ``p`` is added into ``mapping[p]``.
+
+    ``table[g, p]`` counts a prediction whose segment ``p`` becomes segment ``mapping[p]``
+    (0 = background) when fragments are merged or removed, so a candidate segmentation built
+    from shared fragments is scored without touching its voxels again.
+    """
+    mapping = np.asarray(mapping, dtype=np.int64)
+    if mapping.shape != (table.shape[1],):
+        raise DataError(f"merge_columns: mapping has {mapping.shape} entries for {table.shape[1]} columns")
+    n_out = int(mapping.max()) + 1 if mapping.size else 1
+    merge = sparse.csr_array((np.ones(mapping.size), (np.arange(mapping.size), mapping)), shape=(mapping.size, n_out))
+    return sparse.csr_array(table @ merge)
+
+
+def ranked_scores(scores: Mapping[int, float] | np.ndarray | None, pred_ids: np.ndarray) -> np.ndarray | None:
+    """AP ranking of the table's columns 1..n: ``scores`` keyed by original id, or already by column."""
+    if scores is None:
+        return None
+    if isinstance(scores, np.ndarray):
+        return scores[1:].astype(float)
+    return np.array([float(scores.get(int(i), 0.0)) for i in pred_ids[1:]])
+
+
+def evaluate_table(
+    table: sparse.csr_array,
+    ignore_zero: bool = True,
+    ranked: np.ndarray | None = None,
+    ap_thresholds: Sequence[float] = AP_THRESHOLDS,
+    only: str | None = None,
+) -> dict[str, float]:
+    """Every EM metric from a contingency table ``table[gt, pred]`` (0 = background on both sides).
+
+    ``ranked[k]`` is the confidence of prediction column ``k + 1`` (AP ranking). ``only`` names
+    one metric (``arand``, ``ap75`` ...) when a search needs just that one: the rest are skipped.
+    """
+    out: dict[str, float] = {}
+    if only is None or not only.startswith("ap"):
+        out.update(rand_voi(table, ignore_zero))
+    if only is None or only.startswith("ap"):
+        iou = iou_matrix(table)
+        for t in ap_thresholds:
+            name = f"ap{int(round(100 * t))}"
+            if only is None or only == name:
+                out[name] = average_precision(iou, t, ranked)
+        out["n_pred"] = float(iou.shape[1])
+        out["n_gt"] = float(iou.shape[0])
+    if only is not None and only not in out:
+        raise DataError(f"evaluate_table: unknown metric {only!r}")
+    return out
+
+
+def instance_table(
+    pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor
+) -> tuple[sparse.csr_array, np.ndarray]:
+    """``(table[gt, pred], original id of each pred column)`` of two same-shape label volumes."""
+    pred_arr, gt_arr = _as_labels(pred, "pred"), _as_labels(gt, "gt")
+    if pred_arr.shape != gt_arr.shape:
+        raise DataError(f"pred shape {pred_arr.shape} differs from gt shape {gt_arr.shape}")
+    gt_c, _ = relabel(gt_arr)
+    pred_c, pred_ids = relabel(pred_arr)
+    return contingency(gt_c, pred_c), pred_ids
+
+
 def evaluate_instances(
     pred: np.ndarray | torch.Tensor,
     gt: np.ndarray | torch.Tensor,
@@ -137,19 +201,5 @@ def evaluate_instances(
     Returns ``arand``, ``arand_precision``, ``arand_recall``, ``voi_split``, ``voi_merge``,
     ``voi``, ``ap50``, ``ap75`` (``ap<100 t>`` for other thresholds), ``n_pred``, ``n_gt``.
     """
-    pred_arr, gt_arr = _as_labels(pred, "pred"), _as_labels(gt, "gt")
-    if pred_arr.shape != gt_arr.shape:
-        raise DataError(f"pred shape {pred_arr.shape} differs from gt shape {gt_arr.shape}")
-    gt_c, _ = relabel(gt_arr)
-    pred_c, pred_ids = relabel(pred_arr)
-    table = contingency(gt_c, pred_c)
-    out = rand_voi(table, ignore_zero)
-    iou = iou_matrix(table)
-    ranked = None
-    if scores is not None:
-        ranked = np.array([float(scores.get(int(i), 0.0)) for i in pred_ids[1:]])
-    for t in ap_thresholds:
-        out[f"ap{int(round(100 * t))}"] = average_precision(iou, t, ranked)
-    out["n_pred"] = float(iou.shape[1])
-    out["n_gt"] = float(iou.shape[0])
-    return out
+    table, pred_ids = instance_table(pred, gt)
+    return evaluate_table(table, ignore_zero, ranked_scores(scores, pred_ids), ap_thresholds)

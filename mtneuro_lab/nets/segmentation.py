@@ -36,6 +36,14 @@ _SMP_MIN_FACTOR = {"pan": 32, "deeplabv3": 8, "deeplabv3plus": 16}
 SMP_MIN_SIZE = {"pan": 128}
 
 
+def unet_levels(levels: int | None) -> int:
+    """``model.levels`` of a U-Net: 3 when unset, else checked to lie in 1..5."""
+    levels = 3 if levels is None else levels
+    if not 1 <= levels <= 5:
+        raise ConfigError(f"model.levels: must be in 1..5, got {levels}")
+    return levels
+
+
 def check_divisible(shape: Sequence[int], factors: Sequence[int], what: str, fix: str) -> None:
     """Raise a ConfigError if any spatial axis is not divisible by its factor."""
     bad = [(s, f) for s, f in zip(shape, factors) if s % f]
@@ -246,3 +254,67 @@ def net3d(arch: str, classes: int, base_channels: int, levels: int, in_channels:
     if arch == "vnet_light":
         return VNetLight(in_channels, classes, base_channels=base_channels, levels=levels)
     raise ConfigError(f"model.arch: must be one of unet3d, vnet_light, highresnet, got {arch!r}")
+
+
+# -- 3D U-Nets for serial EM (anisotropic crops) ----------------------------------------------
+Factor = tuple[int, int, int]
+
+
+def inplane_first_factors(input_shape: Sequence[int], levels: int) -> list[Factor]:
+    """Down-sampling factors of ``levels`` levels: ``(1, 2, 2)`` first, ``(2, 2, 2)`` at the last ``k``.
+
+    ``k`` is the largest number of z halvings that leaves at least 2 sections and divides the
+    crop depth: 16 sections and 3 levels -> all 3D; 6 sections -> one 3D level; 4 -> one.
+    """
+    depth = int(input_shape[0])
+    k = 0
+    while k < levels and depth % 2 ** (k + 1) == 0 and depth // 2 ** (k + 1) >= 2:
+        k += 1
+    return [(1, 2, 2)] * (levels - k) + [(2, 2, 2)] * k
+
+
+def total_factor(factors: Sequence[Sequence[int]]) -> Factor:
+    """Product of the per-level factors: what every input side must be divisible by."""
+    out = [1, 1, 1]
+    for f in factors:
+        out = [a * int(b) for a, b in zip(out, f)]
+    return (out[0], out[1], out[2])
+
+
+def em_unet(
+    arch: str, classes: int, base_channels: int, levels: int | None, input_shape: Sequence[int], in_channels: int = 1
+) -> nn.Module:
+    """MONAI ``UNet`` (residual units, y/x halved at every level, z only at the last levels the
+    crop depth allows) or ``BasicUNet`` (4 levels, all axes halved) for EM crops ``input_shape``."""
+    if base_channels < 1:
+        raise ConfigError(f"model.base_channels: must be >= 1, got {base_channels}")
+    if arch == "basic_unet":
+        if levels not in (None, 4):
+            raise ConfigError(f"model.levels: basic_unet always has 4 levels; leave model.levels=null, got {levels}")
+        from monai.networks.nets import BasicUNet
+
+        check_divisible(input_shape, (16, 16, 16), "task.crop", "basic_unet halves every axis 4 times")
+        b = base_channels
+        return BasicUNet(
+            spatial_dims=3, in_channels=in_channels, out_channels=classes, features=(b, b, 2 * b, 4 * b, 8 * b, b)
+        )
+    if arch != "unet3d":
+        raise ConfigError(f"model.arch: on EM tasks must be unet3d or basic_unet, got {arch!r}")
+    levels = unet_levels(levels)
+    from monai.networks.nets import UNet
+
+    factors = inplane_first_factors(input_shape, levels)
+    check_divisible(
+        input_shape,
+        total_factor(factors),
+        "task.crop",
+        f"unet3d with model.levels={levels} halves the axes that often: change task.crop or model.levels",
+    )
+    return UNet(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=classes,
+        channels=[base_channels * 2**i for i in range(levels + 1)],
+        strides=factors,
+        num_res_units=2,
+    )

@@ -1,0 +1,534 @@
+"""Serial EM on real volumes (docs/em.md): learned models vs non-learned floors, search cost, volume scale.
+
+Stages (each resumable: a run whose directory holds ``metrics.json`` is not run again):
+
+* ``pretrain``: the phantom MAE encoder (``model=mae_pretrain`` with bench_mae's recipe, at
+  ``PRETRAIN_STEPS`` steps) that ``mae`` fine-tunes from.
+* ``train``: for every task (``gala_fibsem``, ``isbi2012_em``), model (``rsunet``, ``unetr``
+  = UNETR from scratch, ``mae`` = UNETR from the phantom encoder) and seed: one CLI training
+  run at the CPU budget below; checkpoints and the waterz threshold chosen on validation by
+  ``val/arand``, test touched once. Each run records its inference CPU time and voxels.
+* ``floors``: the same scoring code on the same test volumes for two non-learned floors: one
+  segment for everything, and a Gaussian-smoothed intensity watershed whose smoothing and
+  seed level are chosen on the validation volume.
+* ``search``: what the validation search costs relative to one post-processing of the
+  validation volume (both measured here, interleaved, on one trained model's prediction).
+* ``volume``: chunked sliding-window prediction of a phantom volume stored as zarr, peak RSS
+  against the output's bytes, voxels per second.
+* ``doc``: writes the ``bench:em_real``, ``bench:em_search`` and ``bench:em_volume`` blocks of
+  docs/em.md from the results (``results.json`` in the work directory).
+
+Usage::
+
+    python benchmarks/bench_em.py pretrain train floors search volume doc --workdir outputs/bench_em
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `python benchmarks/bench_em.py` from anywhere
+
+from benchmarks import bench_mae  # noqa: E402
+from benchmarks.cli_runs import run_cli  # noqa: E402
+
+DOC = ROOT / "docs" / "em.md"
+
+# -- the CPU budget --------------------------------------------------------------------------------
+PRETRAIN_STEPS = 8000  # bench_mae's recipe (16000 there) at half the steps
+TASKS = ("gala_fibsem", "isbi2012_em")
+MODELS = ("rsunet", "unetr", "mae")
+SEEDS = (1, 2)
+STEPS = 600
+BATCH = 2
+COMMON = (
+    "logger=csv",
+    "trainer=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.max_epochs=-1",
+    f"trainer.max_steps={STEPS}",
+    f"data.batch_size={BATCH}",
+    "data.augment.intensity_jitter=0.1",
+)
+UNETR = (
+    "model=mae_finetune",
+    "model.preset=tiny",
+    "model.patch_size=[1,16,16]",
+    "model.feature_size=8",
+    "model.rebalance=true",
+    "model.optimizer.lr=1e-3",
+    "model.optimizer.lr_scaling=none",
+    "model.scheduler.warmup_epochs=0.1",
+)
+MODEL_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "rsunet": ("model=rsunet", "model.net.widths=[8,16,32,64]", "model.optimizer.lr=1e-3"),
+    "unetr": (*UNETR, "model.pretrained=null", "model.layer_decay=1.0"),
+    "mae": (*UNETR, "model.layer_decay=0.75"),  # + model.pretrained=<encoder.pt>
+}
+TASK_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "gala_fibsem": ("task=gala_fibsem", "task.crop=[8,64,64]"),
+    "isbi2012_em": ("task=isbi2012_em", "task.crop=[4,96,96]"),
+}
+METRIC_KEYS = ("test/arand", "test/voi_split", "test/voi_merge")
+
+
+def pretrain_overrides() -> list[str]:
+    """bench_mae's pretraining recipe with ``PRETRAIN_STEPS`` steps."""
+    recipe = [o for o in (*bench_mae.COMMON, *bench_mae.PRETRAIN) if not o.startswith("trainer.max_steps=")]
+    return [*recipe, f"trainer.max_steps={PRETRAIN_STEPS}"]
+
+
+def pretrain(workdir: Path) -> dict[str, Any]:
+    return run_cli(workdir / "pretrain", pretrain_overrides(), threads=1, log=print)
+
+
+def train_overrides(task: str, model: str, seed: int, workdir: Path) -> list[str]:
+    extra = [f"model.pretrained={workdir / 'pretrain' / 'encoder.pt'}"] if model == "mae" else []
+    return [*TASK_OVERRIDES[task], *MODEL_OVERRIDES[model], *extra, *COMMON, f"seed={seed}"]
+
+
+def train(workdir: Path, tasks: Sequence[str], models: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
+    """Every (task, model, seed) run, one at a time on one thread; failures are recorded, not fatal."""
+    out: dict[str, Any] = {}
+    for task in tasks:
+        for model in models:
+            for seed in seeds:
+                name = f"{task}/{model}/s{seed}"
+                try:
+                    out[name] = run_cli(
+                        workdir / "runs" / task / model / f"s{seed}",
+                        train_overrides(task, model, seed, workdir),
+                        threads=1,
+                        log=print,
+                    )
+                except RuntimeError as err:
+                    out[name] = {"failed": str(err).splitlines()[0]}
+                    print(f"failed: {name}: {out[name]['failed']}", flush=True)
+    return out
+
+
+# -- helpers that build a task's data outside a run ------------------------------------------------
+def compose(overrides: Sequence[str]) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from mtneuro_lab.cli import CONF_DIR, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.paths.output_dir = "unused"
+    return cfg
+
+
+def task_volumes(task: str) -> tuple[Any, dict[str, Any]]:
+    """``(task object, {split: EMVolume})`` of a task config, as a run builds them."""
+    from mtneuro_lab.build import build_components
+
+    comps = build_components(compose([*TASK_OVERRIDES[task], "model=rsunet"]))
+    dm = comps.datamodule
+    dm.setup("fit")
+    dm.setup("test")
+    return comps.task, dm.volumes
+
+
+# -- floors ------------------------------------------------------------------------------------------
+def floors(tasks: Sequence[str]) -> dict[str, Any]:
+    """One segment, and the intensity watershed with (sigma, seed level) chosen on validation."""
+    from mtneuro_lab.decoding.floors import intensity_watershed_candidates, one_segment
+    from mtneuro_lab.methods.em_eval import choose
+
+    out: dict[str, Any] = {}
+    for name in tasks:
+        task, vols = task_volumes(name)
+        sections = task.instances == "section_components"
+        vz, vy, _ = task.effective_voxel_size()
+        z_ratio = vy / vz
+        test, val = vols["test"], vols["val"]
+        one = choose([one_segment(test.shape)], test.labels, task.metric, task.ignore_zero)
+        cpu = time.process_time()
+        picked = choose(
+            intensity_watershed_candidates(val.image, task.postprocess, z_ratio=z_ratio, sections=sections),
+            val.labels,
+            task.metric,
+            task.ignore_zero,
+        )
+        search_cpu = time.process_time() - cpu
+        cpu = time.process_time()
+        applied = choose(
+            intensity_watershed_candidates(
+                test.image,
+                task.postprocess,
+                [picked.params["sigma"]],
+                [picked.params["seed_level"]],
+                z_ratio=z_ratio,
+                sections=sections,
+            ),
+            test.labels,
+            task.metric,
+            task.ignore_zero,
+        )
+        out[name] = {
+            "one_segment": one.metrics,
+            "watershed": applied.metrics,
+            "watershed_params": picked.params,
+            "watershed_val": picked.metrics,
+            "watershed_test_cpu_s": time.process_time() - cpu,
+            "watershed_search_cpu_s": search_cpu,
+            "test_voxels": int(test.labels.size),
+        }
+        print(
+            f"{name}: one segment {one.metrics['arand']:.3f}, watershed {applied.metrics['arand']:.3f} "
+            f"({picked.params})",
+            flush=True,
+        )
+    return out
+
+
+# -- the cost of the validation search -------------------------------------------------------------
+def _median_cpu(fn: Any, repeats: int) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(repeats):
+        cpu = time.process_time()
+        result = fn()
+        times.append(time.process_time() - cpu)
+    return statistics.median(times), result
+
+
+def search_ratio(prob: Any, gt: Any, task: Any, repeats: int = 3) -> dict[str, Any]:
+    """CPU seconds of the search over ``task.postprocess.grid`` and of ONE post-processing with the
+    chosen values (segmentation + merging + size filter, volume materialised), interleaved."""
+    from mtneuro_lab.decoding import postprocess as pp
+    from mtneuro_lab.methods.em_eval import search_postprocess, with_params
+
+    sections = task.instances == "section_components"
+    arr = pp.as_prediction(prob)
+
+    def search() -> Any:
+        return search_postprocess(arr, gt, task.target, task.postprocess, task.metric, task.ignore_zero, sections)
+
+    chosen = search()
+    single_cfg = with_params(task.postprocess, chosen.params)
+
+    def single() -> Any:
+        return pp.segment(arr, task.target, single_cfg)
+
+    search_s, single_s = [], []
+    for _ in range(repeats):  # interleaved: load changes hit both alike
+        search_s.append(_median_cpu(search, 1)[0])
+        single_s.append(_median_cpu(single, 1)[0])
+    return {
+        "kind": task.target,
+        "candidates": len(chosen.tried),
+        "voxels": int(arr[0].size),
+        "search_cpu_s": statistics.median(search_s),
+        "one_postprocess_cpu_s": statistics.median(single_s),
+        "ratio": statistics.median(search_s) / statistics.median(single_s),
+        "chosen": chosen.params,
+    }
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
+    if not ckpts:
+        raise FileNotFoundError(f"no selected checkpoint in {run_dir / 'checkpoints'}")
+    return ckpts[-1]
+
+
+def validation_prediction(run_dir: Path) -> tuple[Any, Any, Any]:
+    """``(probabilities, ground truth, task)`` of a trained run's validation volume."""
+    from mtneuro_lab.build import build_components, load_method_checkpoint
+    from mtneuro_lab.data import augment
+    from mtneuro_lab.rundir import saved_config
+
+    ckpt = best_checkpoint(run_dir)
+    cfg = saved_config(ckpt)
+    comps = build_components(cfg)
+    load_method_checkpoint(comps.method, ckpt, str(cfg.model._target_))
+    dm = comps.datamodule
+    dm.setup("fit")
+    val = dm.volumes["val"]
+    import torch
+
+    image = augment.to_float(torch.from_numpy(val.image)[None], dm.mean, dm.std)
+    comps.method.eval()
+    prob = comps.method.predict_volume(image)
+    return prob[0], val.labels, comps.task
+
+
+def stand_in(task_name: str, shape: tuple[int, int, int] = (10, 256, 256)) -> tuple[Any, Any, Any]:
+    """A degraded ground-truth prediction on the EM phantom (bench_watershed's recipe)."""
+    import numpy as np
+    import torch
+
+    from benchmarks.bench_watershed import _degrade
+    from mtneuro_lab.build import build_task
+    from mtneuro_lab.data import targets
+    from mtneuro_lab.data.cubes import catalog_from_config
+    from mtneuro_lab.data.sources.phantom_em import PhantomEMSource
+
+    cfg = compose([f"task={task_name}"])
+    task = build_task(cfg, catalog_from_config(cfg.cubes))
+    source = PhantomEMSource(
+        seed=0, cache_dir=os.environ.get("MTNEURO_CACHE", str(ROOT / ".cache")), shape=(24, *shape[1:])
+    )
+    box = [(0, shape[2]), (0, shape[1]), (0, shape[0])]
+    labels = np.array(source.cutout(task.label_channel, *box)).astype(np.int64)
+    target, _ = targets.compute_targets(task.target, torch.from_numpy(labels)[None])
+    return _degrade(target, np.random.default_rng(0)), labels, task
+
+
+def search_cost(workdir: Path, repeats: int = 3) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    rows: dict[str, Any] = {}
+    for task in TASKS:
+        run = workdir / "runs" / task / "rsunet" / "s1"
+        if (run / "metrics.json").is_file():
+            rows[f"{task} (rsunet seed 1, validation volume)"] = search_ratio(*validation_prediction(run), repeats)
+    rows["snemi3d phantom 10x256x256 (stand-in affinities)"] = search_ratio(*stand_in("snemi3d"), repeats)
+    rows["mitoem phantom 10x256x256 (stand-in BC)"] = search_ratio(*stand_in("mitoem"), repeats)
+    for name, row in rows.items():
+        print(f"{name}: {row['candidates']} candidates, ratio {row['ratio']:.2f}", flush=True)
+    return rows
+
+
+# -- volume-scale prediction -------------------------------------------------------------------------
+VOLUME_SHAPE = (200, 512, 512)
+_CHILD = """
+import json, resource, sys
+from mtneuro_lab.run import predict_volume
+stats = predict_volume(sys.argv[1], sys.argv[2], sys.argv[3], key="image")
+print(json.dumps({"windows": stats.windows, "voxels": stats.voxels, "wall_s": stats.wall_s, "cpu_s": stats.cpu_s,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def volume(workdir: Path, shape: tuple[int, int, int] = VOLUME_SHAPE, ckpt: Path | None = None) -> dict[str, Any]:
+    """Chunked prediction of a ``shape`` phantom volume stored as zarr, in its own process.
+
+    ``ckpt`` defaults to the gala_fibsem rsunet seed-1 run's selected checkpoint; memory and
+    throughput do not depend on the weights, only on the network and the crop."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import zarr
+
+    from mtneuro_lab.data.sources.phantom_em import PhantomEMSource
+
+    ckpt = ckpt or best_checkpoint(workdir / "runs" / "gala_fibsem" / "rsunet" / "s1")
+    tag = "x".join(map(str, shape))
+    src = workdir / "volume" / f"input_{tag}.zarr"  # one input per shape: a rerun reuses it
+    dst = workdir / "volume" / f"output_{tag}.zarr"
+    if not src.exists():
+        source = PhantomEMSource(seed=0, cache_dir=os.environ.get("MTNEURO_CACHE", str(ROOT / ".cache")), shape=shape)
+        image = np.array(source.cutout("image", (0, shape[2]), (0, shape[1]), (0, shape[0])))
+        src.parent.mkdir(parents=True, exist_ok=True)
+        root = zarr.open_group(str(src), mode="w")
+        root.create_array("image", shape=shape, chunks=(16, 256, 256), dtype="uint8")[:] = image
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(ckpt), str(src), str(dst)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = zarr.open_array(str(dst), mode="r")
+    res["output_bytes"] = int(np.prod(out.shape)) * out.dtype.itemsize
+    res["output_disk_bytes"] = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
+    res["input_bytes"] = int(np.prod(shape))
+    res["shape"] = list(shape)
+    res["checkpoint"] = str(ckpt.relative_to(workdir)) if ckpt.is_relative_to(workdir) else str(ckpt)
+    res["rss_over_output"] = res["peak_rss_bytes"] / res["output_bytes"]
+    res["voxels_per_s"] = res["voxels"] / res["wall_s"]
+    res["voxels_per_cpu_s"] = res["voxels"] / res["cpu_s"]
+    print(json.dumps(res), flush=True)
+    return res
+
+
+# -- docs/em.md --------------------------------------------------------------------------------------
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def real_table(res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """Markdown of test/arand and VOI per task and arm, inference cost, and the target checks."""
+    lines, checks = [], []
+    runs, floor = res.get("train", {}), res.get("floors", {})
+    for task in TASKS:
+        if task not in floor:
+            continue
+        f = floor[task]
+        lines += [
+            f"**{task}** (test volume {f['test_voxels']:,} voxels)",
+            "",
+            "| arm | test/arand per seed | mean test/arand | mean VOI split / merge | inference CPU s "
+            "| voxels per CPU s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, m in (("one segment (floor)", f["one_segment"]), ("intensity watershed (floor)", f["watershed"])):
+            cpu = f["watershed_test_cpu_s"] if "watershed" in name else float("nan")
+            per = f"{f['test_voxels'] / cpu:,.0f}" if cpu == cpu else ""
+            shown = "" if cpu != cpu else f"{cpu:.1f}"
+            lines.append(
+                f"| {name} | | {m['arand']:.3f} | {m['voi_split']:.3f} / {m['voi_merge']:.3f} | {shown} | {per} |"
+            )
+        params = ", ".join(f"{k} {v:g}" for k, v in f["watershed_params"].items())
+        ws = f["watershed"]["arand"]
+        one = f["one_segment"]["arand"]
+        for model in MODELS:
+            done = [(s, runs[k]) for s in SEEDS if "failed" not in runs.get(k := f"{task}/{model}/s{s}", {"failed": 1})]
+            if not done:
+                lines.append(f"| {model} | not run | | | | |")
+                continue
+            arand = [m["test/arand"] for _, m in done]
+            cpu = _mean([m["test/infer_cpu_s"] for _, m in done])
+            vox = _mean([m["test/voxels"] / m["test/infer_cpu_s"] for _, m in done])
+            lines.append(
+                f"| {model} | {' / '.join(f'{a:.3f}' for a in arand)} (seeds {', '.join(str(s) for s, _ in done)}) | "
+                f"**{_mean(arand):.3f}** | {_mean([m['test/voi_split'] for _, m in done]):.3f} / "
+                f"{_mean([m['test/voi_merge'] for _, m in done]):.3f} | {cpu:.1f} | {vox:,.0f} |"
+            )
+            checks.append(
+                {
+                    "name": f"{task} {model}: mean test/arand below both floors",
+                    "value": round(_mean(arand), 4),
+                    "target": f"< {min(ws, one):.4f}",
+                    "passed": _mean(arand) < min(ws, one),
+                }
+            )
+            if model == "rsunet":
+                checks.append(
+                    {
+                        "name": f"{task} rsunet: mean test/arand at most half the watershed floor's",
+                        "value": round(_mean(arand), 4),
+                        "target": f"<= {ws / 2:.4f}",
+                        "passed": _mean(arand) <= ws / 2,
+                    }
+                )
+        lines += ["", f"Watershed floor settings chosen on validation: {params}.", ""]
+    lines += ["| check | value | target | passed |", "|---|---|---|---|"]
+    lines += [f"| {c['name']} | {c['value']} | {c['target']} | {'yes' if c['passed'] else 'NO'} |" for c in checks]
+    return "\n".join(lines), checks
+
+
+def search_table(rows: dict[str, Any]) -> str:
+    lines = [
+        "| prediction | target | voxels | candidates | search CPU s | one post-processing CPU s | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['kind']} | {r['voxels']:,} | {r['candidates']} | {r['search_cpu_s']:.2f} | "
+            f"{r['one_postprocess_cpu_s']:.2f} | **{r['ratio']:.2f}** |"
+        )
+    return "\n".join(lines)
+
+
+def volume_table(r: dict[str, Any]) -> str:
+    gib = 2**30
+    return "\n".join(
+        [
+            "| volume | windows | wall s | CPU s | voxels / s (wall) | voxels / CPU s | peak RSS "
+            "| output (float16) | RSS / output |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| {'x'.join(map(str, r['shape']))} phantom, zarr in/out ({r['checkpoint']}) | {r['windows']} | "
+            f"{r['wall_s']:.0f} | "
+            f"{r['cpu_s']:.0f} | {r['voxels_per_s']:,.0f} | {r['voxels_per_cpu_s']:,.0f} | "
+            f"{r['peak_rss_bytes'] / gib:.2f} GiB | {r['output_bytes'] / gib:.2f} GiB "
+            f"({r['output_disk_bytes'] / gib:.2f} GiB on disk) | **{r['rss_over_output']:.2f}** |",
+        ]
+    )
+
+
+def load_average() -> str:
+    return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def write_docs(res: dict[str, Any], wall: float) -> None:
+    from benchmarks.doc_blocks import write_block
+
+    trained = bool(res.get("train"))
+    budget = {
+        "budget": f"{STEPS} steps of batch {BATCH} per run, one thread each, one run at a time; "
+        f"MAE encoder: {PRETRAIN_STEPS} pretraining steps (bench_mae recipe)"
+        if trained
+        else "floors only: no learned arm was trained (stage `train` not run)",
+        "seeds": ", ".join(map(str, SEEDS)) if trained else "none (floors are deterministic)",
+        "load average (1/5/15 min) when written": load_average(),
+    }
+    if "floors" in res:  # learned arms not (yet) trained show as "not run"
+        table, _ = real_table(res)
+        write_block(DOC, "em_real", table, wall, budget)
+    if "search" in res:
+        write_block(DOC, "em_search", search_table(res["search"]), wall, {"load average": load_average()})
+    if "volume" in res:
+        write_block(DOC, "em_volume", volume_table(res["volume"]), wall, {"load average": load_average()})
+
+
+def main(
+    stages: Sequence[str] = ("floors", "search"),
+    workdir: Path = ROOT / "outputs" / "bench_em",
+    tasks: Sequence[str] = TASKS,
+    models: Sequence[str] = MODELS,
+    seeds: Sequence[int] = SEEDS,
+    volume_ckpt: Path | None = None,
+    volume_shape: Sequence[int] = VOLUME_SHAPE,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = workdir / "results.json"
+    res = json.loads(results.read_text()) if results.is_file() else {}
+    print(f"load average at start: {load_average()}", flush=True)
+    if "pretrain" in stages:
+        res["pretrain"] = pretrain(workdir)
+    if "train" in stages:
+        res.setdefault("train", {}).update(train(workdir, tasks, models, seeds))
+    if "floors" in stages:
+        res.setdefault("floors", {}).update(floors(tasks))
+    if "search" in stages:
+        res["search"] = search_cost(workdir)
+    if "volume" in stages:
+        vz, vy, vx = volume_shape
+        res["volume"] = volume(workdir, (vz, vy, vx), ckpt=volume_ckpt)
+    res.setdefault("wall_s", {}).update({"+".join(stages): time.perf_counter() - start})
+    results.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    if "doc" in stages:
+        write_docs(res, sum(res["wall_s"].values()))
+    if "train" in res and "floors" in res:
+        res["checks"] = real_table(res)[1]
+    return res
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("stages", nargs="+", choices=["pretrain", "train", "floors", "search", "volume", "doc"])
+    parser.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "bench_em")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--volume-ckpt", type=Path, default=None, help="checkpoint for the volume stage")
+    parser.add_argument(
+        "--volume-shape", type=int, nargs=3, default=list(VOLUME_SHAPE), help="z y x of the volume stage"
+    )
+    args = parser.parse_args()
+    main(args.stages, args.workdir, args.tasks, args.models, args.seeds, args.volume_ckpt, args.volume_shape)
