@@ -3,6 +3,7 @@ launch checks that fail before any process group forms, and run directories shar
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,25 @@ def test_cli_refuses_mismatched_nodes_before_any_work(tmp_path: Path) -> None:
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: trainer.num_nodes: 2 but hydra.launcher.nodes: 1"), last
     assert not run_dir.exists()
+
+
+def test_requeue_hands_over_to_submitit_or_scontrol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from mtneuro_lab.cluster import preemption
+
+    calls: list[int] = []
+    preemption.requeue(preemption.Preempted(signal.SIGUSR2, 5, 0, lambda signum, frame: calls.append(signum)))
+    assert calls == [signal.SIGUSR2]  # the handler installed before ours: submitit's
+    preemption.requeue(preemption.Preempted(signal.SIGUSR2, 5, 1, lambda signum, frame: calls.append(signum)))
+    assert calls == [signal.SIGUSR2], "only rank 0 requeues"
+
+    fake = tmp_path / "scontrol"  # a plain sbatch job: scontrol requeue <array job>_<task>
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "args"}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "70")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    preemption.requeue(preemption.Preempted(signal.SIGUSR2, 5, 0, signal.SIG_DFL))
+    assert (tmp_path / "args").read_text().split() == ["requeue", "70_3"]
