@@ -24,7 +24,7 @@ import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -173,8 +173,7 @@ def process_count(trainer: Mapping[str, Any], launcher: Mapping[str, Any] | None
 
 def check_launch(cfg: DictConfig, launcher: Mapping[str, Any] | None = None) -> None:
     """One line for a launch that cannot work, before any process group forms (see module)."""
-    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    assert isinstance(trainer, dict)
+    trainer = cast(dict[str, Any], OmegaConf.to_container(cfg.trainer, resolve=True))
     accelerator = str(trainer.get("accelerator", "auto")).lower()
     nodes = int(trainer.get("num_nodes") or 1)
     if accelerator in GPU_ACCELERATORS and not runs_elsewhere(launcher) and _gpu_count() == 0:

@@ -92,7 +92,8 @@ class PreemptionCheckpoint(pl.Callback):
 
 def watching(trainer: pl.Trainer) -> contextlib.AbstractContextManager[None]:
     """The trainer's :meth:`PreemptionCheckpoint.watching` (a no-op context without one)."""
-    callback = next((cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)), None)
+    callbacks = getattr(trainer, "callbacks", [])  # set by the trainer at run time
+    callback = next((cb for cb in callbacks if isinstance(cb, PreemptionCheckpoint)), None)
     return callback.watching() if callback is not None else contextlib.nullcontext()
 
 

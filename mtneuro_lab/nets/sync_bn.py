@@ -82,6 +82,7 @@ class SyncBatchNorm(AnyBatchNorm):
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
         """As ``F.batch_norm`` does: momentum (or cumulative) average, unbiased variance."""
+        assert self.num_batches_tracked is not None and self.running_mean is not None and self.running_var is not None
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         unbiased = var * count / (count - 1).clamp(min=1)
@@ -90,7 +91,7 @@ class SyncBatchNorm(AnyBatchNorm):
 
 
 def swap_batchnorm(
-    module: nn.Module, old: tuple[type, ...], new: type[_BatchNorm], skip: tuple[type, ...] = ()
+    module: nn.Module, old: tuple[type[_BatchNorm], ...], new: type[_BatchNorm], skip: tuple[type, ...] = ()
 ) -> nn.Module:
     """``module`` with every layer of a type in ``old`` (not ``skip``) replaced by a ``new`` layer
     sharing its parameters and buffers; the tree is changed in place and its root returned."""
