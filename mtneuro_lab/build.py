@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtneuro_lab.callbacks import RNGStateCheckpoint
 from mtneuro_lab.checkpoints import AtomicCheckpointIO, load_checkpoint
+from mtneuro_lab.cluster.preemption import PreemptionCheckpoint
 from mtneuro_lab.config.schema import DataConfig, import_target, merge_dataclass, target_options
 from mtneuro_lab.data.contract import Task
 from mtneuro_lab.data.cubes import CubeCatalog, catalog_from_config
@@ -31,6 +32,7 @@ from mtneuro_lab.data.em import EMDataModule
 from mtneuro_lab.data.sources.base import VolumeSource
 from mtneuro_lab.errors import CheckpointError, ConfigError, MtneuroError
 from mtneuro_lab.methods.base import BaseMethod
+from mtneuro_lab.nets.sync_bn import SyncBatchNormPlugin
 
 #: the datamodule built for each task kind; every other kind gets :class:`VolumeDataModule`
 DATAMODULES: dict[str, type[VolumeDataModule]] = {"em": EMDataModule}
@@ -173,12 +175,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path, method: BaseMethod) -> pl.Trai
             extra = {"monitor": method.monitor[0], "mode": method.monitor[1]}
         callbacks.append(instantiate(sub, **extra))
     callbacks.append(RNGStateCheckpoint())
+    callbacks.append(PreemptionCheckpoint(run_dir))
     loggers = [instantiate(sub) for sub in (cfg.get("logger") or {}).values() if sub is not None]
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if cfg.trainer.get("sync_batchnorm"):  # batch norm over all ranks, on CPU (gloo) too
+        plugins.append(SyncBatchNormPlugin())
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
         default_root_dir=str(run_dir),
     )
 

@@ -22,6 +22,7 @@ from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mtneuro_lab.cluster import env as cluster_env
 from mtneuro_lab.config.hydra_runtime import hydra_node
 from mtneuro_lab.errors import MtneuroError
 from mtneuro_lab.io import atomic_write_bytes
@@ -61,6 +62,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("job_subdir", job_subdir)
     if not OmegaConf.has_resolver("experiment_group"):
         OmegaConf.register_new_resolver("experiment_group", experiment_group)
+    if not OmegaConf.has_resolver("run_stamp"):  # cached like ${now:}: one value per config
+        OmegaConf.register_new_resolver("run_stamp", cluster_env.run_stamp, use_cache=True)
 
 
 def _short_name(name: str, limit: int = 120) -> str:
@@ -119,7 +122,12 @@ def preflight(overrides: list[str], validate: Callable[[DictConfig], None]) -> N
 
     register_resolvers()
     # Hydra's own keys are left to Hydra, except the sweeper's (its direction is checked here)
-    plain = [o for o in overrides if not o.lstrip("+~").startswith("hydra.") or o.startswith("hydra.sweeper.")]
+    # and the launcher's (nodes and tasks are checked against the trainer's)
+    plain = [
+        o
+        for o in overrides
+        if not o.lstrip("+~").startswith("hydra.") or o.startswith(("hydra.sweeper.", "hydra.launcher."))
+    ]
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=plain, return_hydra_config=True)
@@ -309,6 +317,11 @@ def main(flow_name: str) -> None:
     import hydra
 
     register_resolvers()
+    problem = cluster_env.shared_dir_problem(sys.argv[1:])
+    if problem:
+        _fail(problem)
+    # ranks > 0 started by torchrun/srun: no .hydra/ of their own, their own log file
+    sys.argv += cluster_env.rank_overrides(flow_name, sys.argv[1:])
     argv = sys.argv[1:]
     if needs_preflight(argv):
         from mtneuro_lab import run

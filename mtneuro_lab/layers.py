@@ -18,8 +18,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # only), this table, the package itself
     ("mtneuro_lab", "mtneuro_lab.errors", "mtneuro_lab.io", "mtneuro_lab.layers"),
     # config schemas; checkpoint files and the RNG state every checkpoint carries (Lightning
-    # plugin and callback)
-    ("mtneuro_lab.config", "mtneuro_lab.checkpoints", "mtneuro_lab.callbacks"),
+    # plugin and callback); where a process runs (torchrun, SLURM) and preemption checkpoints
+    ("mtneuro_lab.config", "mtneuro_lab.checkpoints", "mtneuro_lab.callbacks", "mtneuro_lab.cluster"),
     # data (sources -> cache -> tasks/splits -> datamodules -> augment) and, independent of it,
     # networks, scores and post-processing
     ("mtneuro_lab.data", "mtneuro_lab.nets", "mtneuro_lab.metrics", "mtneuro_lab.decoding"),

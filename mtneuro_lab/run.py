@@ -28,6 +28,8 @@ from mtneuro_lab.build import (  # noqa: F401 - build_components, instantiate_* 
     load_method_checkpoint,
 )
 from mtneuro_lab.checkpoints import checkpoint_position, load_checkpoint, run_dir_of
+from mtneuro_lab.cluster import preemption
+from mtneuro_lab.cluster.env import check_launch, hydra_launcher
 from mtneuro_lab.config.hydra_runtime import hydra_node
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.data.sources.local import open_volume
@@ -123,13 +125,17 @@ def _selection_record(trainer: pl.Trainer, method: BaseMethod, datamodule: Any) 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     validate_config(cfg)
+    check_launch(cfg)  # this process's view: GPUs, the torchrun world, batch vs processes
     run_dir = Path(cfg.paths.output_dir)
-    # seed before building: weight initialisation must depend on the seed alone
+    # seed before building: weight initialisation depends on the seed alone (the same on every
+    # rank); each training batch then reseeds per rank (mtneuro_lab.data.distributed)
     pl.seed_everything(int(cfg.seed), workers=True)
     comps = build_components(cfg)
     check_selection(cfg, comps.method)
     perf.apply(cfg.get("perf"), comps.method, comps.datamodule)
     resume = resolve_ckpt(cfg.get("ckpt_path"), run_dir)
+    if resume is None and (resume := preemption.requeued_checkpoint(run_dir)) is not None:
+        log.info("requeued after preemption: resuming from %s", resume)
     contacts = comps.task.contacts  # cube tasks: val/test windows touching training ones (EM: None)
     if contacts is not None:
         comps.task.log_contacts()
@@ -138,7 +144,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer = build_trainer(cfg, run_dir, comps.method)
         if trainer.is_global_zero:
             save_config(cfg, run_dir)
-        trainer.fit(comps.method, datamodule=comps.datamodule, ckpt_path=resume)
+        try:
+            with preemption.watching(trainer):
+                trainer.fit(comps.method, datamodule=comps.datamodule, ckpt_path=resume)
+        except preemption.Preempted as err:  # last.ckpt and requeue.json are written
+            preemption.requeue(err)
+            return {}
         # choose on validation, then touch the test split once, with the chosen checkpoint
         best, metrics = _selection_record(trainer, comps.method, comps.datamodule)
         if contacts is not None:
@@ -148,6 +159,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics.update(_test_metrics(trainer))
         if trainer.is_global_zero:
             metrics = write_metrics(run_dir, metrics)
+            preemption.finished(run_dir)
             log.info("metrics: %s", json.dumps(metrics))
         return metrics
     finally:
@@ -208,6 +220,7 @@ def check_checkpoint_fits(method: pl.LightningModule, path: str | Path, model_ta
 
 def _preflight_train(cfg: DictConfig) -> None:
     validate_config(cfg)
+    check_launch(cfg, hydra_launcher())
     comps = build_components(cfg)
     check_selection(cfg, comps.method)
     ckpt = cfg.get("ckpt_path")
@@ -267,13 +280,16 @@ def check_selection(cfg: DictConfig, method: BaseMethod | None) -> None:
 
 
 def _preflight_sweep(cfg: DictConfig) -> None:
-    """Before a multirun's first job: the selection checks on the config without swept values."""
+    """Before a multirun's first job: the launch and selection checks on the config without
+    swept values."""
     validate_config(cfg)
+    check_launch(cfg, hydra_launcher())
     check_selection(cfg, build_components(cfg).method)
 
 
 def _preflight_sweep_names(cfg: DictConfig) -> None:
-    """Multirun whose model or task is swept: only what needs no method (test/ objectives)."""
+    """Multirun whose model or task is swept: only what needs no method (launch, test/ objectives)."""
+    check_launch(cfg, hydra_launcher())
     check_selection(cfg, None)
 
 

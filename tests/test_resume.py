@@ -6,6 +6,7 @@ a real ``train.py`` computes)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -41,10 +42,17 @@ CASES = {
 SLOW = {"byol", "unet2d"}
 
 
-def _kill_after_checkpoints(args: list[str], run_dir: Path, writes: int, timeout: float = 600) -> int:
-    """Start a run, SIGKILL it right after ``last`` has been (re)written ``writes`` times."""
+def _kill_after_checkpoints(
+    args: list[str],
+    run_dir: Path,
+    writes: int,
+    timeout: float = 600,
+    sig: int = signal.SIGKILL,
+    fast: bool | str = True,
+) -> int:
+    """Start a run, send ``sig`` right after ``last`` has been (re)written ``writes`` times."""
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *cli_args(args, run_dir)],
+        [sys.executable, str(ROOT / "train.py"), *cli_args(args, run_dir, fast)],
         cwd=ROOT,
         env=cli_env(),
         stdout=subprocess.DEVNULL,
@@ -59,10 +67,10 @@ def _kill_after_checkpoints(args: list[str], run_dir: Path, writes: int, timeout
                 if current != mtime:
                     seen, mtime = seen + 1, current
                     if seen >= writes:
-                        proc.send_signal(signal.SIGKILL)
+                        proc.send_signal(sig)
                         break
             time.sleep(0.01)
-        return proc.wait(timeout=60)
+        return proc.wait(timeout=60 if sig == signal.SIGKILL else timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -87,6 +95,37 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(name: str, tmp_path
     proc = run_inproc("train.py", *args, "ckpt_path=last", run_dir=crashed)
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected, resumed = read_metrics(reference), read_metrics(crashed)
+    assert resumed.keys() == expected.keys()
+    for key, value in expected.items():
+        assert resumed[key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_two_processes_preempted_by_sigusr2_requeue_and_end_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    """The SLURM pre-timeout signal, rehearsed on CPU: it reaches rank 0 only; both ranks stop
+    after the same batch, last.ckpt and requeue.json are written, and running the same command
+    again (what the requeued job does: same run directory, no ckpt_path) ends where an
+    uninterrupted 2-process run ends."""
+    args = (*RESUME_ARGS, *CASES["supervised"], "trainer=ddp_cpu", "callbacks.last_checkpoint.every_n_train_steps=2")
+    reference = tmp_path / "reference"
+    proc = run_cli("train.py", *args, run_dir=reference, fast=False, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    preempted = tmp_path / "preempted"
+    last = preempted / "checkpoints" / "last.ckpt"
+    code = _kill_after_checkpoints(list(args), preempted, writes=1, sig=signal.SIGUSR2, fast=False)
+    assert code == 0, "a preempted run ends cleanly after saving"
+    assert not (preempted / "metrics.json").exists()
+    record = json.loads((preempted / "requeue.json").read_text())
+    assert record["signal"] == "SIGUSR2" and record["requeues"] == 1
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == record["global_step"] < 16, "stopped mid-run, checkpoint of that very step"
+
+    proc = run_cli("train.py", *args, run_dir=preempted, fast=False, timeout=900)  # the requeued job
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "requeued after preemption" in (preempted / "cli.log").read_text()
+    assert not (preempted / "requeue.json").exists()
+    expected, resumed = read_metrics(reference), read_metrics(preempted)
     assert resumed.keys() == expected.keys()
     for key, value in expected.items():
         assert resumed[key] == pytest.approx(value, abs=1e-6), key

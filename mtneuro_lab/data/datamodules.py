@@ -6,14 +6,16 @@ per batch, no per-item ``__getitem__``); casting, normalisation and augmentation
 on the model's device in :meth:`VolumeDataModule.on_after_batch_transfer`.
 
 ``batch_size`` is the **global** batch size: with DDP every rank gets ``batch_size //
-world_size`` samples per step, so changing the number of GPUs does not change the
-optimisation. ``eval_batch_size`` (default: ``batch_size``) is global too.
+world_size`` samples of each global batch, so changing the number of GPUs does not change the
+optimisation; ``eval_batch_size`` (default: ``batch_size``) is global too. How global batches
+are split over ranks, and how each training batch gets its own random stream (seeded from
+``(seed, rank, epoch, batch)`` before it is augmented), is in :mod:`mtneuro_lab.data.distributed`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,7 @@ import torch
 from mtneuro_lab.data import augment
 from mtneuro_lab.data.augment import AugmentConfig
 from mtneuro_lab.data.cubes import CubeCatalog
+from mtneuro_lab.data.distributed import GlobalBatchLoader, seed_streams
 from mtneuro_lab.data.sources.base import VolumeSource
 from mtneuro_lab.data.tasks import CubeTask, SplitArrays, describe_counts
 from mtneuro_lab.errors import ConfigError
@@ -30,17 +33,14 @@ from mtneuro_lab.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-class ArrayBatchLoader:
-    """Iterates over batches of an in-memory split; DDP-aware, resumable mid-epoch.
+class ArrayBatchLoader(GlobalBatchLoader):
+    """Batches of an in-memory split: global batches split over DDP ranks
+    (:class:`~mtneuro_lab.data.distributed.GlobalBatchLoader`), resumable mid-epoch.
 
-    The order of epoch ``e`` is a permutation seeded by ``(seed, e)``, where ``e`` comes from
-    ``epoch_fn`` (the trainer's current epoch), so it depends neither on how many batches were
-    drawn before nor on whether an epoch was cut short by ``limit_train_batches``.
-
-    Resumption: Lightning prefetches one batch ahead, so "batches yielded" overstates progress.
-    The datamodule calls :meth:`mark_consumed` when a batch actually reaches the model, and
-    :meth:`state_dict` reports consumed batches; a checkpoint taken after batch ``k`` resumes
-    at batch ``k + 1`` of the same permutation.
+    The order of epoch ``e`` is a permutation seeded by ``(seed, e)`` (training) or the split's
+    own order (evaluation); ``batch_size`` is the GLOBAL batch. Training pads a last partial
+    batch by wrapping (``drop_last=False``); evaluation never pads, so every sample is scored
+    exactly once over all ranks.
     """
 
     def __init__(
@@ -55,57 +55,22 @@ class ArrayBatchLoader:
         epoch_fn: Callable[[], int] | None = None,
     ) -> None:
         self.tensors = dict(tensors)
-        self.n = len(next(iter(self.tensors.values())))
-        self.batch_size = batch_size
+        n = len(next(iter(self.tensors.values())))
+        super().__init__(n, batch_size, drop_last, pad=shuffle, rank=rank, world_size=world_size, epoch_fn=epoch_fn)
         self.shuffle = shuffle
-        self.drop_last = drop_last
         self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch_fn = epoch_fn
-        self._own_epoch = 0  # used when no epoch_fn is given
-        self._iter_epoch = 0
-        self._consumed = 0
-        self._resume: dict[str, int] | None = None
 
-    def _indices(self, epoch: int) -> torch.Tensor:
+    def epoch_order(self, epoch: int) -> torch.Tensor:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
-        return order[self.rank :: self.world_size]
+        return order.to(next(iter(self.tensors.values())).device)  # perf.data_on_device
 
-    def __len__(self) -> int:
-        per_rank = len(range(self.rank, self.n, self.world_size))
-        if self.drop_last:
-            return per_rank // self.batch_size
-        return -(-per_rank // self.batch_size)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        epoch = self.epoch_fn() if self.epoch_fn is not None else self._own_epoch
-        start = 0
-        if self._resume is not None and self._resume["epoch"] == epoch:
-            start = self._resume["position"]
-        self._resume = None
-        self._iter_epoch, self._consumed = epoch, start
-        order = self._indices(epoch).to(next(iter(self.tensors.values())).device)  # perf.data_on_device
-        for b in range(start, len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            # index_select, not v[idx]: ~10x faster for uint8 tiles (one contiguous row copy each)
-            yield {k: v.index_select(0, idx) for k, v in self.tensors.items()}
-        if self.epoch_fn is None and self.shuffle:
-            self._own_epoch += 1
-
-    def mark_consumed(self) -> None:
-        self._consumed += 1
-
-    # Lightning calls these for stateful dataloaders: exact mid-epoch resumption.
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._iter_epoch, "position": self._consumed}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self._resume = {"epoch": int(state["epoch"]), "position": int(state["position"])}
+    def make_batch(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        # index_select, not v[idx]: ~10x faster for uint8 tiles (one contiguous row copy each)
+        return {k: v.index_select(0, items) for k, v in self.tensors.items()}
 
 
 def augment_training_batch(
@@ -172,6 +137,7 @@ class VolumeDataModule(pl.LightningDataModule):
         self.source = source
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
+        self._eval_key = "data.eval_batch_size" if eval_batch_size else "data.batch_size"  # for messages
         self.augment_cfg = augment_cfg or AugmentConfig()
         self.normalize = normalize
         self.seed = seed
@@ -222,28 +188,32 @@ class VolumeDataModule(pl.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def per_rank_batch(self, global_batch: int) -> int:
-        rank, world = self._world()
-        if global_batch % world:
-            raise ConfigError(
-                f"data.batch_size: global batch {global_batch} is not divisible by the {world} DDP processes"
-            )
-        return global_batch // world
+    def check_world(self, split: str, samples: int, train: bool) -> int:
+        """The global batch of ``split``, checked against the DDP world: it must divide by the
+        number of processes, and every rank needs at least one batch (else a collective waits)."""
+        _, world = self._world()
+        key = "data.batch_size" if train else self._eval_key
+        batch = self.batch_size if train else self.eval_batch_size
+        if batch % world:
+            raise ConfigError(f"{key}: global batch {batch} is not divisible by the {world} DDP processes")
+        if train and self.drop_last and samples < batch:
+            raise ConfigError(f"data.batch_size: {batch} is larger than the {samples} training samples")
+        if samples < world:
+            raise ConfigError(f"task: the {split} split has {samples} samples, fewer than the {world} DDP processes")
+        return batch
 
     def _loader(self, split: str, train: bool) -> ArrayBatchLoader:
         if split not in self.arrays:
             self.setup({"train": "fit", "val": "fit", "test": "test"}[split])
         arr = self.arrays[split]
         rank, world = self._world()
-        batch = self.per_rank_batch(self.batch_size if train else self.eval_batch_size)
+        batch = self.check_world(split, len(arr), train)
         tensors = {
             "image": torch.from_numpy(arr.images),
             "target": torch.from_numpy(arr.targets),
             "region": torch.from_numpy(arr.regions),
             "index": torch.arange(len(arr)),
         }
-        if train and len(arr) // world < batch and self.drop_last:
-            raise ConfigError(f"data.batch_size: {self.batch_size} is larger than the {len(arr)} training samples")
         if self.data_on_device:
             tensors = self._on_device(split, tensors)
         loader = ArrayBatchLoader(
@@ -256,7 +226,12 @@ class VolumeDataModule(pl.LightningDataModule):
             world_size=world,
             epoch_fn=self._current_epoch,
         )
-        if train and self._pending_train_state:
+        return self.register_loader(split, loader)
+
+    def register_loader(self, split: str, loader: Any) -> Any:
+        """Keep ``loader`` as the split's current loader; a training loader first gets the
+        position a resumed checkpoint saved (:meth:`load_state_dict`)."""
+        if split == "train" and getattr(self, "_pending_train_state", None):
             loader.load_state_dict(self._pending_train_state)
             self._pending_train_state = None
         self._loaders[split] = loader
@@ -273,9 +248,18 @@ class VolumeDataModule(pl.LightningDataModule):
             self._device_tensors[split] = cached
         return cached
 
+    def seed_training_batch(self) -> None:
+        """A training batch reached the model: count it (resume position) and reseed the random
+        streams from ``(seed, rank, epoch, batch)`` before anything random touches it."""
+        loader = self._loaders.get("train")
+        if loader is None:
+            return
+        epoch, index = loader.mark_consumed()
+        seed_streams(self.seed, self._world()[0], epoch, index)
+
     def _current_epoch(self) -> int:
         trainer = getattr(self, "trainer", None)
-        return int(trainer.current_epoch) if trainer is not None else 0
+        return int(getattr(trainer, "current_epoch", 0)) if trainer is not None else 0
 
     def train_dataloader(self) -> ArrayBatchLoader:
         return self._loader("train", train=True)
@@ -296,8 +280,7 @@ class VolumeDataModule(pl.LightningDataModule):
         batch = dict(batch)
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.training:
-            if "train" in self._loaders:
-                self._loaders["train"].mark_consumed()
+            self.seed_training_batch()
             batch = augment_training_batch(batch, self.augment_cfg, self.mean, self.std, self._workspace)
         else:
             batch["image"] = augment.to_float(batch["image"], self.mean, self.std)

@@ -29,7 +29,7 @@ depth. The same channel may not appear in two splits with overlapping z.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,6 +40,7 @@ from mtneuro_lab.config.sections import PostprocessConfig
 from mtneuro_lab.data import augment, targets
 from mtneuro_lab.data.contract import Task
 from mtneuro_lab.data.datamodules import VolumeDataModule
+from mtneuro_lab.data.distributed import GlobalBatchLoader
 from mtneuro_lab.data.sources.base import VolumeSource
 from mtneuro_lab.data.tasks import SPLITS, downsample_area, downsample_nearest, parse_z
 from mtneuro_lab.errors import ConfigError, DataError
@@ -366,11 +367,13 @@ def gather_crops(volume: torch.Tensor, origins: torch.Tensor, size: Sequence[int
     return volume[zi, yi, xi]
 
 
-class EMCropLoader:
+class EMCropLoader(GlobalBatchLoader):
     """Random training crops of one volume, as whole batches; DDP-aware and resumable.
 
     An epoch is ``samples_per_epoch`` crops whose origins are drawn from a generator seeded by
-    ``(seed, epoch)``, split over ranks like :class:`~mtneuro_lab.data.datamodules.ArrayBatchLoader`.
+    ``(seed, epoch)``; ``batch_size`` is the GLOBAL batch, split over ranks like every loader of
+    :mod:`mtneuro_lab.data.distributed` (every rank runs ``samples_per_epoch // batch_size``
+    steps, whatever the number of ranks).
     """
 
     def __init__(
@@ -382,42 +385,28 @@ class EMCropLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        epoch_fn: Callable[[], int] | None = None,
     ) -> None:
+        super().__init__(samples_per_epoch, batch_size, True, False, rank, world_size, epoch_fn)
         self.tensors = dict(tensors)
         self.size = tuple(int(s) for s in size)
         self.shape = tuple(next(iter(self.tensors.values())).shape)
-        self.samples = samples_per_epoch
-        self.batch_size = batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = 0
-        self._position = 0
-        self._resume_from = 0
+        self.seed = seed
+        self._origins: tuple[int, torch.Tensor] | None = None
 
-    def __len__(self) -> int:
-        return len(range(self.rank, self.samples, self.world_size)) // self.batch_size
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """Crop numbers ``0..samples_per_epoch-1``; their origins are drawn per epoch."""
+        if self._origins is None or self._origins[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            highs = [s - c + 1 for s, c in zip(self.shape, self.size)]
+            cols = [torch.randint(0, hi, (self.n,), generator=g) for hi in highs]
+            self._origins = (epoch, torch.stack(cols, dim=1))
+        return torch.arange(self.n)
 
-    def _origins(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        highs = [s - c + 1 for s, c in zip(self.shape, self.size)]
-        cols = [torch.randint(0, hi, (self.samples,), generator=g) for hi in highs]
-        return torch.stack(cols, dim=1)[self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        origins = self._origins()
-        start, self._resume_from = self._resume_from, 0
-        for b in range(start, len(self)):
-            batch = origins[b * self.batch_size : (b + 1) * self.batch_size]
-            self._position = b + 1
-            yield {k: gather_crops(v, batch, self.size) for k, v in self.tensors.items()}
-        self._position = 0
-        self.epoch += 1
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self._position}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self._resume_from = int(state["position"])
+    def make_batch(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        assert self._origins is not None
+        origins = self._origins[1][items]
+        return {k: gather_crops(v, origins, self.size) for k, v in self.tensors.items()}
 
 
 class EMVolumeLoader:
@@ -480,12 +469,12 @@ class EMDataModule(VolumeDataModule):
             tensors["instances"] = tensors.pop("labels")
             return EMVolumeLoader(tensors)
         rank, world = self._world()
-        batch = self.per_rank_batch(self.batch_size)
-        if self.task.samples_per_epoch // world < batch:
+        if self.task.samples_per_epoch < self.batch_size:
             raise ConfigError(
                 f"data.batch_size: {self.batch_size} is larger than task.samples_per_epoch "
                 f"({self.task.samples_per_epoch})"
             )
+        batch = self.check_world(split, self.task.samples_per_epoch, train)
         mz, m = self.task.margin
         d, h, w = self.task.crop
         loader = EMCropLoader(
@@ -496,9 +485,9 @@ class EMDataModule(VolumeDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world,
+            epoch_fn=self._current_epoch,
         )
-        self._loaders[split] = loader  # type: ignore[assignment]
-        return loader
+        return self.register_loader(split, loader)
 
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, Any]:
         """uint8/int32 on device -> the batch contract of the module docstring."""
@@ -509,6 +498,7 @@ class EMDataModule(VolumeDataModule):
             labels, margin = batch["labels"].unsqueeze(1), task.margin
             trainer = getattr(self, "trainer", None)
             if trainer is not None and trainer.training:
+                self.seed_training_batch()
                 spatial = [image, labels] + ([distance.unsqueeze(1)] if distance is not None else [])
                 if task.flip_z:
                     spatial = augment.random_flip(spatial, -3)

@@ -134,8 +134,25 @@ class ScoredMethod(BaseMethod):
 
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
         logits = self(batch["image"])
-        self.log(f"{stage}/loss", self.loss(logits, batch["target"]), batch_size=len(logits), sync_dist=True)
+        loss = self.loss(logits, batch["target"]).detach()
+        self._loss_sum(stage, loss.device).add_(
+            torch.stack([loss.double() * len(logits), loss.new_tensor(len(logits))])
+        )
         self.metrics.update(stage, logits, batch["target"])
+
+    def _loss_sum(self, stage: str, device: torch.device) -> torch.Tensor:
+        """(sum of sample losses, samples) of this stage on this rank, since the epoch began."""
+        sums: dict[str, torch.Tensor] = self.__dict__.setdefault("_eval_loss_sums", {})
+        return sums.setdefault(stage, torch.zeros(2, dtype=torch.float64, device=device))
+
+    def _log_loss(self, stage: str) -> None:
+        """``<stage>/loss``: the mean over every sample of every rank. Lightning's ``sync_dist``
+        would average the ranks' means, which differs when ranks scored unequal counts."""
+        total = self._loss_sum(stage, self.device)
+        self.__dict__["_eval_loss_sums"].pop(stage)
+        total = self.trainer.strategy.reduce(total, reduce_op="sum")  # every rank, even one with no batch
+        if total[1] > 0:
+            self.log(f"{stage}/loss", (total[0] / total[1]).float(), rank_zero_only=False)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -151,7 +168,9 @@ class ScoredMethod(BaseMethod):
         self._log_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
+        self._log_loss("val")
         self._log_epoch("val")
 
     def on_test_epoch_end(self) -> None:
+        self._log_loss("test")
         self._log_epoch("test")

@@ -7,12 +7,14 @@ samples of the batch (``pool=batch``) or a queue of recent target representation
 network's prediction for a sample regresses the target projection of its mined neighbour
 through a second projector/predictor pair; the mined loss weight ramps linearly from 0 to
 ``mined_weight`` over ``ramp_epochs``. ``model=myow_m`` (:mod:`.myow_m`) shares one
-projector/predictor between augmented and mined views.
+projector/predictor between augmented and mined views. Under DDP the pool holds the candidates
+of every rank (:meth:`MYOW.mined_loss`), as one process with the whole global batch would.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
 from torch import nn
 
+from mtneuro_lab.data.distributed import gather_from_ranks, rank_and_world
 from mtneuro_lab.errors import ConfigError
 from mtneuro_lab.methods.byol import BYOL, ViewOutputs
 from mtneuro_lab.methods.ssl import make_target, regression_loss
@@ -50,7 +53,12 @@ def mine_neighbours(
 
 
 class RepresentationQueue(nn.Module):
-    """FIFO of recent target representations and their tile ids (buffers: in checkpoints)."""
+    """FIFO of recent target representations and their tile ids (buffers: in checkpoints).
+
+    Under DDP every rank pushes the representations gathered from all ranks, so all ranks hold
+    the same queue, the one a single process would hold. ``origin`` (the rank each entry came
+    from, for the ``train/pool_foreign`` count only) is not saved in checkpoints.
+    """
 
     keys: torch.Tensor
     ids: torch.Tensor
@@ -61,19 +69,38 @@ class RepresentationQueue(nn.Module):
         self.register_buffer("keys", torch.zeros(size, dim))
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("origin", torch.full((size,), -1, dtype=torch.long), persistent=False)
 
     def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
         valid = self.ids >= 0
         return self.keys[valid], self.ids[valid]
 
+    def filled_origin(self) -> torch.Tensor:
+        """The rank each filled entry came from (-1: unknown, pushed before a resume)."""
+        return self.origin[self.ids >= 0]
+
     @torch.no_grad()
-    def push(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
+    def push(self, keys: torch.Tensor, ids: torch.Tensor, origin: torch.Tensor | None = None) -> None:
         size = self.keys.shape[0]
         keys, ids = keys[-size:], ids[-size:]
         slots = (self.ptr + torch.arange(len(ids), device=ids.device)) % size
         self.keys[slots] = keys.detach().to(self.keys.dtype)
         self.ids[slots] = ids
+        self.origin[slots] = origin[-size:] if origin is not None else torch.zeros_like(ids)
         self.ptr.copy_((self.ptr + len(ids)) % size)
+
+
+@dataclass
+class CandidatePool:
+    """What neighbours are mined from: target representations, tile ids, the rank of each."""
+
+    keys: torch.Tensor
+    ids: torch.Tensor
+    origin: torch.Tensor
+
+    def foreign(self, rank: int) -> int:
+        """Candidates that came from other ranks (entries of unknown origin do not count)."""
+        return int(((self.origin != rank) & (self.origin >= 0)).sum())
 
 
 class MYOW(BYOL):
@@ -125,13 +152,14 @@ class MYOW(BYOL):
             return self.mined_weight
         return self.mined_weight * min(1.0, step / (self.ramp_epochs * self._steps_per_epoch))
 
-    def _candidates(self, keys: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pool searched for neighbours: this batch's keys, or the queue once it holds > k."""
+    def _candidates(self, batch: CandidatePool) -> CandidatePool:
+        """The pool searched for neighbours: this step's batch of every rank, or the queue once it
+        holds > k."""
         if self.queue is not None:
             qkeys, qids = self.queue.filled()
             if len(qids) > self.k:
-                return qkeys, qids
-        return keys, ids
+                return CandidatePool(qkeys, qids, self.queue.filled_origin())
+        return batch
 
     def mined_prediction(self, y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return p if self.shares_heads else self.predictor_m(self.projector_m(y))
@@ -140,25 +168,37 @@ class MYOW(BYOL):
         with torch.no_grad():
             return (self.target_projector if self.shares_heads else self.target_projector_m)(rep)
 
-    def mined_loss(self, out: ViewOutputs, ids: torch.Tensor) -> torch.Tensor:
-        """Each view's online prediction vs the target projection of its neighbour (other view)."""
+    def mined_loss(self, out: ViewOutputs, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Each view's online prediction vs the target projection of its neighbour (other view).
+
+        Candidates are the target representations of every rank's batch (gathered: the pool
+        does not shrink as GPUs are added) or the queue, which is filled with the gathered ones.
+        Returns the loss and the pool's size and foreign count (``train/pool_*``).
+        """
+        dim = out.ty1.shape[1]
+        gathered, origin = gather_from_ranks(torch.cat([out.ty1, out.ty2], dim=1))
+        all_ids, _ = gather_from_ranks(ids)
+        views = (CandidatePool(gathered[:, :dim], all_ids, origin), CandidatePool(gathered[:, dim:], all_ids, origin))
         losses = []
-        for y, p, query, keys in ((out.y1, out.p1, out.ty1, out.ty2), (out.y2, out.p2, out.ty2, out.ty1)):
-            pool_keys, pool_ids = self._candidates(keys, ids)
-            nn_idx = mine_neighbours(query, pool_keys, self.k, ids, pool_ids)
-            losses.append(regression_loss(self.mined_prediction(y, p), self.mined_target(pool_keys[nn_idx])))
-        return 0.5 * (losses[0] + losses[1])
+        for y, p, query, batch in ((out.y1, out.p1, out.ty1, views[1]), (out.y2, out.p2, out.ty2, views[0])):
+            pool = self._candidates(batch)
+            nn_idx = mine_neighbours(query, pool.keys, self.k, ids, pool.ids)
+            losses.append(regression_loss(self.mined_prediction(y, p), self.mined_target(pool.keys[nn_idx])))
+        if self.queue is not None:
+            self.queue.push(views[1].keys, all_ids, origin)
+        stats = {
+            "train/pool_size": torch.tensor(float(len(pool.ids))),
+            "train/pool_foreign": torch.tensor(float(pool.foreign(rank_and_world()[0]))),
+        }
+        return 0.5 * (losses[0] + losses[1]), stats
 
     def ssl_step(
         self, v1: torch.Tensor, v2: torch.Tensor, batch: dict[str, Any]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         out = self.forward_views(v1, v2)
-        ids = batch["index"]
         byol = self.byol_loss(out)
-        mined = self.mined_loss(out, ids)
+        mined, pool_stats = self.mined_loss(out, batch["index"])
         weight = self.mined_weight_at(self.global_step)
-        if self.queue is not None:
-            self.queue.push(out.ty2, ids)
         loss = byol + weight * mined
         return (
             loss,
@@ -166,6 +206,7 @@ class MYOW(BYOL):
                 "train/byol_loss": byol.detach(),
                 "train/mined_loss": mined.detach(),
                 "train/mined_weight": torch.tensor(weight),
+                **pool_stats,
             },
             out.y1,
         )

@@ -1,0 +1,199 @@
+"""DDP building blocks without a trainer: global batches split over ranks (equal steps, every
+evaluation sample once), per-rank random streams, and, in real 2-process gloo groups, the CPU
+synchronised batch norm, gathering with gradients and MYOW's pool over all ranks."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mtneuro_lab.data.datamodules import ArrayBatchLoader
+from mtneuro_lab.data.distributed import rank_batch_count, stream_seed
+from mtneuro_lab.data.em import EMCropLoader
+
+#: a 2-process test that has not finished by then is a hang: it fails, it does not block CI
+GROUP_TIMEOUT_S = 120
+
+
+def _batches(n: int, batch: int, shuffle: bool, drop_last: bool, rank: int, world: int) -> list[list[int]]:
+    loader = ArrayBatchLoader({"i": torch.arange(n)}, batch, shuffle, drop_last, seed=3, rank=rank, world_size=world)
+    items = [b["i"].tolist() for b in loader]
+    assert len(items) == len(loader)
+    return items
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_training_ranks_run_equal_steps_and_together_see_the_global_batch(drop_last: bool) -> None:
+    one = _batches(21, 8, True, drop_last, 0, 1)
+    ranks = [_batches(21, 8, True, drop_last, r, 2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == (2 if drop_last else 3)
+    for step, batch in enumerate(one):
+        joined = ranks[0][step] + ranks[1][step]
+        if len(batch) == 8:
+            assert joined == batch  # rank 0 the first half of the global batch, rank 1 the second
+        else:  # the last 5 items, padded by wrapping to 6 so both ranks take 3
+            assert joined == batch + one[0][:1]
+
+
+def test_evaluation_scores_every_sample_once_whatever_the_world_size() -> None:
+    for world in (1, 2, 3):
+        parts = [_batches(21, 6, False, False, r, world) for r in range(world)]
+        seen = sorted(i for part in parts for batch in part for i in batch)
+        assert seen == list(range(21)), world
+    # 21 = 3 full batches of 6 and a last one of 3: rank 0 gets 1 sample of it, rank 1 gets 2
+    assert [len(b) for b in _batches(21, 6, False, False, 1, 2)] == [3, 3, 3, 2]
+    assert rank_batch_count(3, 6, 2, 4, drop_last=False, pad=False) == 1  # 3 items, 4 ranks: one gets none
+
+
+def test_em_crop_loader_gives_every_rank_the_same_number_of_steps() -> None:
+    volume = {"image": torch.arange(8 * 16 * 16, dtype=torch.float32).view(8, 16, 16)}
+    # 37 crops, global batch 4 over 2 ranks: 9 steps each (37 // 4), not 9 and 10 as per-rank counts gave
+    loaders = [EMCropLoader(volume, (4, 8, 8), 37, 4, seed=0, rank=r, world_size=2) for r in range(2)]
+    runs = [[b["image"] for b in loader] for loader in loaders]
+    assert [len(r) for r in runs] == [9, 9]
+    one = [b["image"] for b in EMCropLoader(volume, (4, 8, 8), 37, 4, seed=0)]
+    assert torch.equal(torch.cat([runs[0][3], runs[1][3]]), one[3])
+
+
+def test_stream_seeds_differ_per_rank_and_batch_and_repeat() -> None:
+    seeds = {stream_seed(1, rank, epoch, batch) for rank in range(2) for epoch in range(2) for batch in range(3)}
+    assert len(seeds) == 12
+    assert stream_seed(1, 1, 0, 2) == stream_seed(1, 1, 0, 2)
+    assert stream_seed(1, 0, 0, 0) != stream_seed(2, 0, 0, 0)
+
+
+# -- real 2-process groups -------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, results: Any) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results.put((rank, fn(rank, *args)))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., Any], *args: Any, world: int = 2) -> list[Any]:
+    """``fn(rank, *args)`` in ``world`` spawned gloo processes; their results in rank order.
+    Fails (and kills the processes) after :data:`GROUP_TIMEOUT_S`."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, args, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        out = dict(results.get(timeout=GROUP_TIMEOUT_S) for _ in procs)
+        for p in procs:
+            p.join(timeout=30)
+    except Exception as err:  # queue.Empty: a rank hung or died
+        pytest.fail(f"{world}-process group did not finish in {GROUP_TIMEOUT_S} s: {err!r}")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    return [out[r] for r in range(world)]
+
+
+def _small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 8, 8, generator=g) * 3 + 1, torch.randint(0, 2, (8,), generator=g)
+
+
+def _sync_bn_rank(rank: int) -> dict[str, np.ndarray]:
+    from mtneuro_lab.nets.sync_bn import SyncBatchNormPlugin
+
+    net = SyncBatchNormPlugin().apply(_small_net())
+    ddp = nn.parallel.DistributedDataParallel(net)
+    x, y = _data()
+    nn.functional.cross_entropy(ddp(x.chunk(2)[rank]), y.chunk(2)[rank]).backward()
+    out = {f"grad.{k}": p.grad.numpy().copy() for k, p in net.named_parameters()}
+    out.update({f"state.{k}": v.numpy().copy() for k, v in net.state_dict().items()})
+    return out
+
+
+def test_sync_batchnorm_on_cpu_equals_one_process_on_the_whole_batch() -> None:
+    ranks = run_ranks(_sync_bn_rank)
+    ref = _small_net()
+    x, y = _data()
+    nn.functional.cross_entropy(ref(x), y).backward()
+    expected = {f"grad.{k}": p.grad for k, p in ref.named_parameters()}
+    expected.update({f"state.{k}": v for k, v in ref.state_dict().items()})
+    assert set(ranks[0]) == set(expected), "checkpoint keys unchanged"
+    for key, value in expected.items():
+        for rank in ranks:
+            # float32: only the summation order differs (two all-reduces vs one sum)
+            torch.testing.assert_close(torch.from_numpy(rank[key]), value, rtol=1e-5, atol=1e-6, msg=key)
+    plain = _small_net()  # the control: per-rank statistics are NOT the whole batch's
+    nn.functional.cross_entropy(plain(x[:4]), y[:4]).backward()
+    assert not torch.allclose(plain[0].weight.grad, ref[0].weight.grad, atol=1e-3)
+
+
+def _gather_rank(rank: int) -> dict[str, Any]:
+    from mtneuro_lab.data.distributed import gather_from_ranks
+
+    x = torch.full((rank + 1, 2), float(rank + 1), requires_grad=True)  # ranks hold 1 and 2 rows
+    rows, origin = gather_from_ranks(x)
+    (rows * torch.arange(1.0, len(rows) + 1).unsqueeze(1)).sum().backward()
+    return {"rows": rows.detach().tolist(), "origin": origin.tolist(), "grad": x.grad.tolist()}
+
+
+def test_gather_from_ranks_keeps_rank_order_and_routes_gradients_back() -> None:
+    r0, r1 = run_ranks(_gather_rank)
+    assert r0["rows"] == r1["rows"] == [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]
+    assert r0["origin"] == [0, 1, 1]
+    # each rank's loss weights row i by i+1; the gradient of both losses' sum reaches the owner
+    assert r0["grad"] == [[2.0, 2.0]]
+    assert r1["grad"] == [[4.0, 4.0], [6.0, 6.0]]
+
+
+def _myow_rank(rank: int, pool: str) -> dict[str, Any]:
+    from mtneuro_lab.methods.byol import ViewOutputs
+    from mtneuro_lab.methods.myow import MYOW
+
+    torch.manual_seed(0)  # same weights on both ranks
+    model = MYOW(4, ["a", "b", "c", "d"], (16, 16), stem="tiny", hidden_dim=32, proj_dim=16, pool=pool, queue_size=24)
+    dim = model.encoder.out_dim
+    stats = []
+    for step in range(4):
+        g = torch.Generator().manual_seed(100 * step + rank)  # each rank its own 4 samples
+        y1, y2, ty1, ty2 = (torch.randn(4, dim, generator=g) for _ in range(4))
+        p1, p2, tz1, tz2 = (torch.randn(4, 16, generator=g) for _ in range(4))
+        out = ViewOutputs(y1, y2, p1, p2, ty1, ty2, tz1, tz2)
+        ids = torch.arange(4) + 4 * rank + 8 * step
+        _, logged = model.mined_loss(out, ids)
+        stats.append((int(logged["train/pool_size"]), int(logged["train/pool_foreign"])))
+    queue_ids = model.queue.filled()[1].tolist() if model.queue is not None else []
+    return {"stats": stats, "queue_ids": sorted(queue_ids)}
+
+
+@pytest.mark.parametrize("pool", ["batch", pytest.param("queue", marks=pytest.mark.slow)])
+def test_myow_mines_over_candidates_from_both_ranks(pool: str) -> None:
+    r0, r1 = run_ranks(_myow_rank, pool)
+    if pool == "batch":  # the global batch of 8, 4 of them from the other rank, every step
+        assert r0["stats"] == r1["stats"] == [(8, 4)] * 4
+    else:  # batch pool until the queue holds more than k; then the queue of gathered keys
+        assert [s for s, _ in r0["stats"]] == [8, 8, 16, 24]
+        assert all(foreign == size // 2 for size, foreign in r0["stats"] + r1["stats"])
+        assert r0["queue_ids"] == r1["queue_ids"] == list(range(8, 32))  # the same queue on every rank
