@@ -545,7 +545,8 @@ class PhantomXraySource(VolumeSource):
         return self.z
 
     def describe(self) -> str:
-        return f"PhantomXraySource({self.version}, seed={self.seed}, {len(self.boxes)} cubes, z={list(self.z)}, cache={self.root})"
+        cubes = f"{len(self.boxes)} cubes, z={list(self.z)}"
+        return f"PhantomXraySource({self.version}, seed={self.seed}, {cubes}, cache={self.root})"
 
     def cube_dir(self, box: _CubeBox) -> Path:
         return self.root / f"{box.name}_z{self.z[0]}-{self.z[1]}"

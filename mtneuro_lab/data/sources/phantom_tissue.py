@@ -49,9 +49,10 @@ class TissueConfig:
     ``*_spread``: how strongly a smooth random field modulates the density (vessel, cell, axon)
     or the cell size inside a cube (0 = uniform, as the v1 phantom). Each field is the sum of
     patches about ``patch`` voxels across and of section-wide changes about ``slab`` slices
-    thick (whole sections differ, as between the real masks' slices). ``set_*``: each cube set (A, B, C, D) draws its own acquisition and location: blur
-    sigma and noise level uniformly in the given [low, high] ranges, and relative shifts of the
-    axon and cell densities (``set_density_shift``) and of the cell radius (``set_size_shift``).
+    thick (whole sections differ, as between the real masks' slices). ``set_*``: each cube set
+    (A, B, C, D) draws its own acquisition and location: blur sigma and noise level uniformly
+    in the given [low, high] ranges, and relative shifts of the axon and cell densities
+    (``set_density_shift``) and of the cell radius (``set_size_shift``).
     """
 
     cortex: RegionTissue = _default(0.0205, 0.043, 0.0, 4.1)
