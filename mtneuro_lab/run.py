@@ -30,6 +30,7 @@ from mtneuro_lab.build import (  # noqa: F401 - build_components, instantiate_* 
 from mtneuro_lab.checkpoints import checkpoint_position, load_checkpoint, run_dir_of
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.errors import CheckpointError, ConfigError
+from mtneuro_lab.methods.base import BaseMethod
 from mtneuro_lab.rundir import evaluation_config, save_config, write_metrics
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def selection_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
     )
 
 
-def check_selection_metric(method: pl.LightningModule, metric: str, key: str) -> None:
+def check_selection_metric(method: BaseMethod, metric: str, key: str) -> None:
     """One line if ``metric`` cannot choose anything: a test metric, or one the method never logs."""
     if metric.startswith("test/"):
         raise ConfigError(f"{key}: {metric} selects on the test split; use a val/ metric")
@@ -90,7 +91,7 @@ def check_selection_metric(method: pl.LightningModule, metric: str, key: str) ->
         )
 
 
-def _selection_record(trainer: pl.Trainer, method: pl.LightningModule, datamodule: Any) -> tuple[str, dict[str, Any]]:
+def _selection_record(trainer: pl.Trainer, method: BaseMethod, datamodule: Any) -> tuple[str, dict[str, Any]]:
     """The best checkpoint and what chose it: ``selection/*``, ``best_epoch``/``best_step`` and
     the ``val/*`` metrics of exactly that checkpoint (validated again after loading it).
 
@@ -166,9 +167,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             save_config(ecfg, run_dir)
         trainer.test(comps.method, datamodule=comps.datamodule)
         metrics = _test_metrics(trainer)
-        after = getattr(comps.method, "after_evaluate", None)
-        if after is not None:
-            metrics.update(after(comps.datamodule, run_dir) or {})
+        metrics.update(comps.method.after_evaluate(comps.datamodule, run_dir))
         return write_metrics(run_dir, metrics) if trainer.is_global_zero else {}
     finally:
         _finish_loggers(trainer)
@@ -224,14 +223,14 @@ def _sweeper_direction() -> str | None:
     return None if direction is None else str(direction).lower()
 
 
-def check_selection(cfg: DictConfig, method: pl.LightningModule | None) -> None:
+def check_selection(cfg: DictConfig, method: BaseMethod | None) -> None:
     """What chooses checkpoints and sweep trials is a validation metric the method logs.
 
     ``sweep.objective: selection`` means the method's own selection metric (what chose its
     checkpoint); its direction must match the sweeper's. ``method=None`` checks names only.
     """
     monitor = OmegaConf.select(cfg, "callbacks.model_checkpoint.monitor", default=None)
-    default_metric, default_mode = getattr(method, "monitor", (None, None))
+    default_metric, default_mode = method.monitor if method is not None else (None, None)
     if monitor is not None:
         if method is not None:
             check_selection_metric(method, str(monitor), "callbacks.model_checkpoint.monitor")
