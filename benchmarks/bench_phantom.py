@@ -13,7 +13,12 @@ Writes docs/phantom.md (blocks ``phantom_generation``, ``phantom_fractions``,
   pixels, 7 texture statistics (each + logistic regression), ROI-C1 (set A, train z 110-379,
   test z 420-469) and ROI-C2 (train set A z 110-469, test sets C and D z 110-469).
 
-Usage: ``python benchmarks/bench_phantom.py [--masks DIR] [--no-doc]``
+``--part supervised`` (HEAVY, ~30-60 min per run on 2 shared cores) instead trains the supervised
+ResNet-18 of ``benchmarks/bench_task1.py`` (64x64 tiles, batch 64, 10 epochs, seed 1, checkpoint
+chosen by ``val/acc``, ROI-C2 tested with the ROI-C1 checkpoint) with and without
+``data.augment.intensity_jitter`` and writes the ``phantom_supervised`` block.
+
+Usage: ``python benchmarks/bench_phantom.py [--masks DIR] [--no-doc] [--part supervised --out DIR]``
 """
 
 from __future__ import annotations
@@ -272,9 +277,46 @@ def main(masks_dir: Path = MASKS_DIR, write_doc: bool = False) -> dict[str, Any]
     }
 
 
+def supervised(out_dir: Path, jitters: tuple[float, ...] = (0.0, 0.4), write_doc: bool = False) -> dict[str, Any]:
+    """bench_task1's supervised ResNet-18 on ROI-C1/ROI-C2 per intensity jitter (finished runs reused)."""
+    from benchmarks.bench_task1 import accuracy
+    from benchmarks.doc_blocks import write_block
+
+    wall, load = time.perf_counter(), os.getloadavg()
+    rows = ["| intensity jitter | chosen by (val/acc) | best epoch | ROI-C1 test/acc | ROI-C2 test/acc |"]
+    rows.append("|---|---|---|---|---|")
+    figures: dict[str, Any] = {}
+    for jitter in jitters:
+        extra = [f"data.augment.intensity_jitter={jitter}"] if jitter else []
+        runs = accuracy(out_dir / f"jitter{jitter}", models=("supervised",), seeds=(1,), jobs=1, extra=extra)
+        acc = {r["task"]: float(r["test/acc"]) for r in runs}
+        first = runs[0]
+        figures[str(jitter)] = acc
+        rows.append(
+            f"| {jitter} | {float(first['val/acc']):.3f} | {int(first['best_epoch'])} | "
+            f"{acc.get('roi_c1', float('nan')):.3f} | {acc.get('roi_c2', float('nan')):.3f} |"
+        )
+    markdown = "\n".join(rows)
+    print(markdown)
+    if write_doc:
+        extra_facts = {
+            "budget (non-default CPU recipe)": "task.downsample=4 (64x64 tiles), data.batch_size=64, "
+            "trainer.max_epochs=10, seed 1, one run at a time",
+            "load average (1/5/15 min) at start": " ".join(f"{v:.1f}" for v in load),
+        }
+        write_block(DOC, "phantom_supervised", markdown, time.perf_counter() - wall, extra_facts)
+    return figures
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--masks", type=Path, default=MASKS_DIR)
     parser.add_argument("--no-doc", action="store_true", help="print only, do not write docs/phantom.md")
+    parser.add_argument("--part", choices=("calibration", "supervised"), default="calibration")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_phantom", help="supervised run dirs")
+    parser.add_argument("--jitters", type=float, nargs="+", default=[0.0, 0.4])
     args = parser.parse_args()
-    main(args.masks, write_doc=not args.no_doc)
+    if args.part == "supervised":
+        supervised(args.out, tuple(args.jitters), write_doc=not args.no_doc)
+    else:
+        main(args.masks, write_doc=not args.no_doc)
