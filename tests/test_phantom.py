@@ -7,13 +7,8 @@ import numpy as np
 import pytest
 
 from mtneuro_lab.data import cache
-from mtneuro_lab.data.sources import phantom
-from mtneuro_lab.data.sources.phantom import (
-    PROFILES,
-    PhantomXraySource,
-    generate_cube,
-    seed_key,
-)
+from mtneuro_lab.data.sources.phantom import PROFILES, generate_cube, seed_key
+from mtneuro_lab.data.sources.phantom_source import PhantomXraySource
 from mtneuro_lab.errors import ConfigError, DataError
 
 SET_A = {
@@ -138,7 +133,7 @@ def test_second_instance_reads_cache_without_regenerating(tmp_path, monkeypatch)
     def fail(*args, **kwargs):
         raise AssertionError("cube regenerated although cached")
 
-    monkeypatch.setattr(phantom.PhantomXraySource, "_generate", fail)
+    monkeypatch.setattr(PhantomXraySource, "_generate", fail)
     source = make_source(tmp_path)
     np.testing.assert_array_equal(source.cutout("image", x, y, SMALL_Z), expected)
     assert source.cell_count("A", "vp") == count

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from mtneuro_lab.data.sources import phantom, phantom_v2
-from mtneuro_lab.data.sources.phantom import CELL, PhantomXraySource, clean_image
+from mtneuro_lab.data.sources.phantom import CELL, clean_image
+from mtneuro_lab.data.sources.phantom_source import PhantomXraySource
 from mtneuro_lab.data.sources.phantom_tissue import TissueConfig, draw_set, tissue_config
 from mtneuro_lab.errors import ConfigError
 

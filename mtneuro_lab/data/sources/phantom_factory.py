@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from mtneuro_lab.data.sources.base import VolumeSource
-from mtneuro_lab.data.sources.phantom import PhantomXraySource
 from mtneuro_lab.data.sources.phantom_em import PhantomEMSource
+from mtneuro_lab.data.sources.phantom_source import PhantomXraySource
 from mtneuro_lab.data.sources.phantom_tissue import TissueConfig
 
 
