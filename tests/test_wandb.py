@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import compose, run_cli
+from conftest import compose, run_inproc
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
@@ -42,7 +42,7 @@ def test_api_key_is_never_written(tmp_path: Path, mode: str) -> None:
         "WANDB_CONFIG_DIR": str(tmp_path / "wandb_cfg"),
         "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
     }
-    proc = run_cli("train.py", "logger=wandb", run_dir=run_dir, env=env)
+    proc = run_inproc("train.py", "logger=wandb", run_dir=run_dir, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files), "no offline W&B run was written"
