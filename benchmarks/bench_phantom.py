@@ -1,16 +1,24 @@
-"""Phantom X-ray generator: speed and faithfulness to the real data.
+"""Phantom X-ray generator: speed and faithfulness to the real data, v2 (default) against v1.
 
-Prints Markdown tables: single-core generation time for the four ROI-C1 cubes (set A, z 100-480),
-class fractions against the paper's, cell sizes against the real manual masks, and a check that
-mean brightness is not a region shortcut (linear probes on pixels vs. a few texture features,
-trained on z 110-379 and tested on z 420-469 of the same cubes, as in ROI-C1).
+Writes docs/phantom.md (blocks ``phantom_generation``, ``phantom_fractions``,
+``phantom_quadrants``, ``phantom_cells``, ``phantom_shortcuts``) and prints the same Markdown
+(docs/benchmarks.md quotes it through ``make bench``):
 
-The real masks (``masks_<ctx|str|trn|zi>.npz``, key ``arr_0``, 1 axon / 2 vessel / 3 cell) hold
-32 *non-adjacent* annotated slices each: their cells never span two slices. So sizes are compared
-as 2D cell-profile areas per slice, plus a stereological 3D volume estimate for the real data
-(median section of a sphere of radius R has area 0.75 pi R^2).
+* generation time of set A (four 380x256x256 cubes), v2 / v1 measured in one run, one thread;
+* class fractions of all 12 cubes of sets A, C, D against the paper's per-region percentages;
+* per 64x64 quadrant mean and std of the Task 3 features (``mtneuro_lab.data.features``) of
+  the phantom against the real manual masks (``masks_<ctx|str|trn|zi>.npz``: 32 non-adjacent
+  128x128 slices each, so their cells are labelled per slice; the phantom's in 3D);
+* region classification by shortcut baselines on whole slices: slice mean, PCA(50) of 64x64
+  pixels, 7 texture statistics (each + logistic regression), ROI-C1 (set A, train z 110-379,
+  test z 420-469) and ROI-C2 (train set A z 110-469, test sets C and D z 110-469).
 
-Usage: ``python benchmarks/bench_phantom.py [MASKS_DIR]``
+``--part supervised`` (HEAVY, ~30-60 min per run on 2 shared cores) instead trains the supervised
+ResNet-18 of ``benchmarks/bench_task1.py`` (64x64 tiles, batch 64, 10 epochs, seed 1, checkpoint
+chosen by ``val/acc``, ROI-C2 tested with the ROI-C1 checkpoint) with and without
+``data.augment.intensity_jitter`` and writes the ``phantom_supervised`` block.
+
+Usage: ``python benchmarks/bench_phantom.py [--masks DIR] [--no-doc] [--part supervised --out DIR]``
 """
 
 from __future__ import annotations
@@ -20,56 +28,146 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
+import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from mtneuro_lab.data.sources.phantom import PROFILES, generate_cube, seed_key
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-MASKS_DIR = Path("/work/shared/data/prasad2020_sparse_masks")
+from mtneuro_lab.data.features import (  # noqa: E402
+    BOSSDB,
+    FEATURES,
+    PRASAD2020_MASKS,
+    cube_features,
+    label_cells,
+    label_cells_per_slice,
+)
+from mtneuro_lab.data.sources import phantom, phantom_v2  # noqa: E402
+from mtneuro_lab.data.sources.phantom_tissue import draw_set, tissue_config  # noqa: E402
+
+MASKS_DIR = ROOT.parent / "shared" / "data" / "prasad2020_sparse_masks"
+DOC = ROOT / "docs" / "phantom.md"
 REAL_FILE = {"cortex": "ctx", "striatum": "str", "vp": "trn", "zi": "zi"}
-SET_A = {"cortex": (4600, 900), "striatum": (3700, 500), "vp": (3063, 850), "zi": (1543, 650)}
+REGIONS = tuple(REAL_FILE)
+#: (x0, y0) of every region's cube in the sets the ROI-C1/C2 tasks use (mtneuro_lab/conf/cubes/paper.yaml)
+SETS = {
+    "A": {"cortex": (4600, 900), "striatum": (3700, 500), "vp": (3063, 850), "zi": (1543, 650)},
+    "C": {"cortex": (5056, 644), "striatum": (3344, 400), "vp": (2151, 950), "zi": (1031, 906)},
+    "D": {"cortex": (4600, 400), "striatum": (3800, 244), "vp": (2295, 694), "zi": (1799, 650)},
+}
 SHAPE = (380, 256, 256)  # z 100-480
 Z0 = 100
-TARGET = {
+TARGET = {  # paper, % background, vessel, cell, axon
     "cortex": (93.1, 2.3, 4.6, 0.0),
     "striatum": (72.6, 2.5, 5.7, 19.2),
     "vp": (22.8, 4.7, 5.7, 66.8),
     "zi": (32.2, 5.4, 9.4, 53.0),
 }
-EIGHT = np.ones((3, 3), dtype=bool)
+#: Task 3 features compared (nn_distance depends on the 128x128 extent of the masks' slices)
+COMPARED = ("vessel_density", "axon_density", "cell_count", "cell_size")
+QUADRANT_STEP = 4  # every 4th phantom slice: neighbouring slices repeat the same cells
+
+Cubes = dict[str, dict[str, dict[str, np.ndarray]]]
 
 
-def profile_areas(cells: np.ndarray, step: int = 1) -> np.ndarray:
-    """Areas of 8-connected cell profiles in every ``step``-th z slice."""
-    areas = [np.bincount(ndimage.label(plane, EIGHT)[0].ravel())[1:] for plane in cells[::step]]
-    return np.concatenate(areas)
+def generate(seed: int = 0) -> tuple[Cubes, dict[str, float]]:
+    """v1 set A and v2 sets A, C, D; CPU seconds of each generator on set A."""
+    tissue = tissue_config(None)
+    cubes: Cubes = {"v1": {}}
+    seconds = {"v1": 0.0, "v2": 0.0}
+    for region, (x0, y0) in SETS["A"].items():
+        start = time.process_time()
+        cubes["v1"][region] = phantom.generate_cube(region, phantom.seed_key(seed, region, x0, y0), SHAPE)
+        seconds["v1"] += time.process_time() - start
+    for set_name, members in SETS.items():
+        draw = draw_set(seed, set_name, tissue)
+        cubes[set_name] = {}
+        for region, (x0, y0) in members.items():
+            start = time.process_time()
+            key = phantom_v2.seed_key(seed, region, x0, y0)
+            cubes[set_name][region] = phantom_v2.generate_cube(region, key, SHAPE, tissue, draw)
+            if set_name == "A":
+                seconds["v2"] += time.process_time() - start
+    return cubes, seconds
 
 
-def real_cell_stats(masks_dir: Path, region: str) -> dict[str, float] | None:
+# --------------------------------------------------------------------------- calibration
+
+
+def quadrant_stats(features: np.ndarray) -> dict[str, tuple[float, float]]:
+    """Mean and std of each compared feature over the quadrants where it is defined."""
+    out = {}
+    for name in COMPARED:
+        column = features[:, FEATURES.index(name)]
+        column = column[np.isfinite(column)]
+        out[name] = (float(column.mean()), float(column.std()))
+    return out
+
+
+def real_quadrants(masks_dir: Path, region: str) -> dict[str, tuple[float, float]] | None:
     path = masks_dir / f"masks_{REAL_FILE[region]}.npz"
     if not path.is_file():
         return None
     masks = np.load(path)["arr_0"]
-    area = float(np.median(profile_areas(masks == 3)))
-    radius = np.sqrt(area / (0.75 * np.pi))
-    return {
-        "area": area,
-        "volume": 4 / 3 * np.pi * radius**3,
-        "cell_pct": 100 * float(np.mean(masks == 3)),
-    }
+    cells = label_cells_per_slice(masks, PRASAD2020_MASKS)
+    return quadrant_stats(cube_features(masks, grid=2, encoding=PRASAD2020_MASKS, cells=cells))
 
 
-def generate_all() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
-    cubes, seconds = {}, {}
-    for region, (x0, y0) in SET_A.items():
-        start = time.perf_counter()
-        cubes[region] = generate_cube(region, seed_key(0, region, x0, y0), SHAPE)
-        seconds[region] = time.perf_counter() - start
-    return cubes, seconds
+def phantom_quadrants(labels: np.ndarray) -> dict[str, tuple[float, float]]:
+    cells = label_cells(labels, BOSSDB)[::QUADRANT_STEP]
+    return quadrant_stats(cube_features(labels[::QUADRANT_STEP], grid=4, cells=cells))
+
+
+def quadrant_table(cubes: Cubes, masks_dir: Path) -> tuple[str, dict[str, Any]]:
+    """Markdown: per region and feature, phantom v2 (sets A, C, D pooled) vs masks vs v1."""
+    rows = [
+        "| region | feature | masks mean | v2 mean (ratio) | v1 mean | masks std | v2 std (ratio) | v1 std |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    figures: dict[str, Any] = {}
+    for region in REGIONS:
+        real = real_quadrants(masks_dir, region)
+        per_set = [phantom_quadrants(cubes[s][region]["pixel_labels"]) for s in SETS]
+        v2 = {n: (np.mean([p[n][0] for p in per_set]), np.mean([p[n][1] for p in per_set])) for n in COMPARED}
+        v1 = phantom_quadrants(cubes["v1"][region]["pixel_labels"])
+        for name in COMPARED:
+            if real is None or real[name][0] == 0:
+                anchor = "masks file missing" if real is None else "not annotated in the masks"
+                rows.append(
+                    f"| {region} | {name} | {anchor} | {v2[name][0]:.4g} | {v1[name][0]:.4g} | | "
+                    f"{v2[name][1]:.4g} | {v1[name][1]:.4g} |"
+                )
+                continue
+            ratio_mean, ratio_std = v2[name][0] / real[name][0], v2[name][1] / real[name][1]
+            figures[f"{region}/{name}"] = {"mean_ratio": ratio_mean, "std_ratio": ratio_std}
+            rows.append(
+                f"| {region} | {name} | {real[name][0]:.4g} | {v2[name][0]:.4g} ({ratio_mean:.2f}) | "
+                f"{v1[name][0]:.4g} | {real[name][1]:.4g} | {v2[name][1]:.4g} ({ratio_std:.2f}) | {v1[name][1]:.4g} |"
+            )
+    return "\n".join(rows), figures
+
+
+def fraction_table(cubes: Cubes) -> tuple[str, float]:
+    rows = ["| cube | background | vessel | cell | axon | max rel. diff (classes > 0) |", "|---|---|---|---|---|---|"]
+    worst = 0.0
+    for set_name in SETS:
+        for region, cube in cubes[set_name].items():
+            pct = 100 * np.bincount(cube["pixel_labels"].ravel(), minlength=4) / cube["pixel_labels"].size
+            target = np.asarray(TARGET[region])
+            rel = np.abs(pct[1:] - target[1:])[target[1:] > 0] / target[1:][target[1:] > 0]
+            worst = max(worst, float(rel.max()))
+            shown = " | ".join(f"{p:.2f} / {t:.1f}" for p, t in zip(pct, target, strict=True))
+            rows.append(f"| {set_name}/{region} | {shown} | {100 * rel.max():.1f} % |")
+    return "\n".join(rows), worst
+
+
+# --------------------------------------------------------------------------- shortcuts
 
 
 def texture_features(image: np.ndarray) -> list[float]:
@@ -90,72 +188,135 @@ def texture_features(image: np.ndarray) -> list[float]:
     ]
 
 
-def probe_accuracies(cubes: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
-    """Test accuracy of region classifiers on whole slices (ROI-C1 z split)."""
+def _slice_inputs(images: np.ndarray) -> dict[str, np.ndarray]:
+    images = images.astype(np.float32)
+    n = len(images)
+    return {
+        "slice mean": images.mean((1, 2))[:, None],
+        "PCA(50) of 64x64 pixels": images.reshape(n, 64, 4, 64, 4).mean((2, 4)).reshape(n, -1),
+        "7 texture statistics": np.array([texture_features(im) for im in images]),
+    }
+
+
+def shortcut_accuracies(cubes: dict[str, dict[str, np.ndarray]] | Cubes, sets: tuple[str, ...]) -> dict[str, Any]:
+    """Test accuracy of each baseline (+ logistic regression) on ROI-C1 and ROI-C2 splits."""
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    images = np.concatenate([c["image"] for c in cubes.values()]).astype(np.float32)
-    labels = np.repeat(np.arange(len(cubes)), SHAPE[0])
-    z = np.tile(np.arange(Z0, Z0 + SHAPE[0]), len(cubes))
-    train, test = (z >= 110) & (z < 380), (z >= 420) & (z < 470)
-    pixels = images.reshape(len(images), 64, 4, 64, 4).mean((2, 4)).reshape(len(images), -1)
-    features = {
-        "slice mean only + logistic": images.mean((1, 2))[:, None],
-        "PCA(50) of 64x64 pixels + logistic": pixels,
-        "7 texture features + logistic": np.array([texture_features(im) for im in images]),
+    z = np.arange(Z0, Z0 + SHAPE[0])
+    parts = {s: _slice_inputs(np.concatenate([cubes[s][r]["image"] for r in REGIONS])) for s in sets}
+    region = np.repeat(np.arange(len(REGIONS)), SHAPE[0])
+    zz = np.tile(z, len(REGIONS))
+    splits = {
+        "ROI-C1": ({"A": (zz >= 110) & (zz < 380)}, {"A": (zz >= 420) & (zz < 470)}),
+        "ROI-C2": (
+            {"A": (zz >= 110) & (zz < 470)},
+            {s: (zz >= 110) & (zz < 470) for s in sets if s != "A"},
+        ),
     }
-    results = {}
-    for name, x in features.items():
-        steps = [StandardScaler()] + ([PCA(50, random_state=0)] if "PCA" in name else [])
-        model = make_pipeline(*steps, LogisticRegression(max_iter=3000))
-        model.fit(x[train], labels[train])
-        results[name] = float(np.mean(model.predict(x[test]) == labels[test]))
+    results: dict[str, Any] = {}
+    for name in parts["A"]:
+        results[name] = {}
+        for split, (train, test) in splits.items():
+            if not test or any(s not in parts for s in test):
+                continue
+            x_train = np.concatenate([parts[s][name][m] for s, m in train.items()])
+            y_train = np.concatenate([region[m] for m in train.values()])
+            x_test = np.concatenate([parts[s][name][m] for s, m in test.items()])
+            y_test = np.concatenate([region[m] for m in test.values()])
+            steps = [StandardScaler()] + ([PCA(50, random_state=0)] if "PCA" in name else [])
+            model = make_pipeline(*steps, LogisticRegression(max_iter=3000))
+            model.fit(x_train, y_train)
+            results[name][split] = float(np.mean(model.predict(x_test) == y_test))
     return results
 
 
-def main(masks_dir: Path = MASKS_DIR) -> None:
-    cubes, seconds = generate_all()
-    print("## Generation (one core, set A, 4 cubes of 380x256x256)\n")
-    print("| region | seconds | cells placed |\n|---|---|---|")
-    for region in PROFILES:
-        print(f"| {region} | {seconds[region]:.2f} | {int(cubes[region]['cell_count'])} |")
-    print(f"| **total** | **{sum(seconds.values()):.2f}** (budget 30) | |\n")
+def shortcut_table(v2: dict[str, Any], v1: dict[str, Any]) -> str:
+    rows = ["| baseline (+ logistic) | v2 ROI-C1 | v2 ROI-C2 | v1 ROI-C1 |", "|---|---|---|---|"]
+    for name in v2:
+        rows.append(f"| {name} | {v2[name]['ROI-C1']:.3f} | {v2[name]['ROI-C2']:.3f} | {v1[name]['ROI-C1']:.3f} |")
+    return "\n".join(rows)
 
-    print("## Class fractions, % (phantom / paper target)\n")
-    print("| region | background | vessel | cell | axon | max abs diff |\n|---|---|---|---|---|---|")
-    for region, cube in cubes.items():
-        pct = 100 * np.bincount(cube["pixel_labels"].ravel(), minlength=4) / cube["pixel_labels"].size
-        cells = " | ".join(f"{p:.2f} / {t:.1f}" for p, t in zip(pct, TARGET[region]))
-        print(f"| {region} | {cells} | {np.max(np.abs(pct - TARGET[region])):.2f} |")
 
-    print("\n## Cell size (real manual masks vs phantom)\n")
-    print(
-        "| region (real file) | real median 2D profile area | phantom median 2D profile area "
-        "| ratio | real est. 3D volume | phantom median 3D volume | real cell % in masks |"
+def main(masks_dir: Path = MASKS_DIR, write_doc: bool = False) -> dict[str, Any]:
+    from benchmarks.doc_blocks import write_block
+
+    wall, load = time.perf_counter(), os.getloadavg()
+    cubes, seconds = generate()
+    ratio = seconds["v2"] / seconds["v1"]
+    generation = (
+        "| generator | CPU s, set A (4 cubes 380x256x256, one thread) |\n|---|---|\n"
+        f"| v1 | {seconds['v1']:.1f} |\n| v2 (default) | {seconds['v2']:.1f} |\n| **v2 / v1** | **{ratio:.2f}** |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for region, cube in cubes.items():
-        cells = cube["pixel_labels"] == 2
-        area = float(np.median(profile_areas(cells, step=4)))
-        volume = float(np.median(np.bincount(ndimage.label(cells, np.ones((3, 3, 3)))[0].ravel())[1:]))
-        real = real_cell_stats(masks_dir, region)
-        if real is None:
-            print(f"| {region} | n/a | {area:.0f} | n/a | n/a | {volume:.0f} | n/a |")
-            continue
-        print(
-            f"| {region} ({REAL_FILE[region]}) | {real['area']:.0f} | {area:.0f} | "
-            f"{area / real['area']:.2f} | {real['volume']:.0f} | {volume:.0f} | "
-            f"{real['cell_pct']:.1f} |"
-        )
+    fractions, worst = fraction_table(cubes)
+    quadrants, quadrant_figures = quadrant_table(cubes, masks_dir)
+    blocks = {
+        "phantom_generation": generation,
+        "phantom_fractions": fractions + f"\n\nLargest relative difference from the paper: {100 * worst:.1f} %.",
+        "phantom_quadrants": quadrants,
+    }
+    for name, markdown in blocks.items():
+        print(f"## {name}\n\n{markdown}\n", flush=True)
+    v2_short = shortcut_accuracies(cubes, ("A", "C", "D"))
+    v1_short = shortcut_accuracies({"A": cubes["v1"]}, ("A",))
+    blocks["phantom_shortcuts"] = shortcut_table(v2_short, v1_short)
+    print(f"## phantom_shortcuts\n\n{blocks['phantom_shortcuts']}\n")
+    elapsed = time.perf_counter() - wall
+    if write_doc:
+        extra = {"phantom seed": "0", "load average (1/5/15 min) at start": " ".join(f"{v:.1f}" for v in load)}
+        for name, markdown in blocks.items():
+            write_block(DOC, name, markdown, elapsed, extra)
+    return {
+        "generation_ratio_v2_v1": ratio,
+        "max_fraction_rel_diff": worst,
+        "quadrants": quadrant_figures,
+        "shortcuts_v2": v2_short,
+        "shortcuts_v1": v1_short,
+    }
 
-    print("\n## Is brightness a shortcut? (train z 110-379, test z 420-469, chance 0.25)\n")
-    print("| classifier | test accuracy |\n|---|---|")
-    for name, accuracy in probe_accuracies(cubes).items():
-        print(f"| {name} | {accuracy:.3f} |")
+
+def supervised(out_dir: Path, jitters: tuple[float, ...] = (0.0, 0.4), write_doc: bool = False) -> dict[str, Any]:
+    """bench_task1's supervised ResNet-18 on ROI-C1/ROI-C2 per intensity jitter (finished runs reused)."""
+    from benchmarks.bench_task1 import accuracy
+    from benchmarks.doc_blocks import write_block
+
+    wall, load = time.perf_counter(), os.getloadavg()
+    rows = ["| intensity jitter | chosen by (val/acc) | best epoch | ROI-C1 test/acc | ROI-C2 test/acc |"]
+    rows.append("|---|---|---|---|---|")
+    figures: dict[str, Any] = {}
+    for jitter in jitters:
+        extra = [f"data.augment.intensity_jitter={jitter}"] if jitter else []
+        runs = accuracy(out_dir / f"jitter{jitter}", models=("supervised",), seeds=(1,), jobs=1, extra=extra)
+        acc = {r["task"]: float(r["test/acc"]) for r in runs}
+        first = runs[0]
+        figures[str(jitter)] = acc
+        rows.append(
+            f"| {jitter} | {float(first['val/acc']):.3f} | {int(first['best_epoch'])} | "
+            f"{acc.get('roi_c1', float('nan')):.3f} | {acc.get('roi_c2', float('nan')):.3f} |"
+        )
+    markdown = "\n".join(rows)
+    print(markdown)
+    if write_doc:
+        extra_facts = {
+            "budget (non-default CPU recipe)": "task.downsample=4 (64x64 tiles), data.batch_size=64, "
+            "trainer.max_epochs=10, seed 1, one run at a time",
+            "load average (1/5/15 min) at start": " ".join(f"{v:.1f}" for v in load),
+        }
+        write_block(DOC, "phantom_supervised", markdown, time.perf_counter() - wall, extra_facts)
+    return figures
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else MASKS_DIR)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--masks", type=Path, default=MASKS_DIR)
+    parser.add_argument("--no-doc", action="store_true", help="print only, do not write docs/phantom.md")
+    parser.add_argument("--part", choices=("calibration", "supervised"), default="calibration")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_phantom", help="supervised run dirs")
+    parser.add_argument("--jitters", type=float, nargs="+", default=[0.0, 0.4])
+    args = parser.parse_args()
+    if args.part == "supervised":
+        supervised(args.out, tuple(args.jitters), write_doc=not args.no_doc)
+    else:
+        main(args.masks, write_doc=not args.no_doc)

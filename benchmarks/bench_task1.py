@@ -160,9 +160,11 @@ def accuracy(
     stem: str = "small",
     jobs: int = 2,
     keep_going: bool = True,
+    extra: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Train every (task, model, seed) through the CLI, ``jobs`` at once, seeds in order (all
-    models of the first seed before the second); one row per finished run.
+    models of the first seed before the second); one row per finished run. ``extra`` overrides
+    are added to every training run (a non-default recipe: the caller says so next to its figures).
 
     A task that trains exactly like an earlier one (same training and validation splits) is not
     trained again: the earlier run's validation-chosen checkpoint is tested on its test split with
@@ -173,7 +175,7 @@ def accuracy(
     runs = {
         (task, model, seed): (
             out_dir / task / model / f"seed{seed}",
-            _overrides(task, model, seed, epochs, linear_epochs, batch_size, limit_train_batches, stem),
+            [*_overrides(task, model, seed, epochs, linear_epochs, batch_size, limit_train_batches, stem), *extra],
         )
         for seed in seeds
         for task in tasks

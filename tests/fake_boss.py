@@ -97,7 +97,7 @@ class FakeBoss:
         token: str | None = None,
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
-        from mtneuro_lab.data.sources.phantom import PhantomXraySource
+        from mtneuro_lab.data.sources.phantom_source import PhantomXraySource
 
         cubes = paper_cubes()
         cache_dir = cache_dir or os.environ.get("MTNEURO_CACHE", str(ROOT / ".cache"))

@@ -179,7 +179,7 @@ def test_real_masks_agree_with_an_independent_computation(shared_data, region):
 def test_phantom_cell_counts_match_the_generator():
     from conftest import compose
 
-    from mtneuro_lab.data.sources.phantom import PhantomXraySource
+    from mtneuro_lab.data.sources.phantom_source import PhantomXraySource
 
     cfg = compose()
     sets = {"A": {k: dict(v) for k, v in cfg.cubes.sets.A.items()}}

@@ -7,13 +7,8 @@ import numpy as np
 import pytest
 
 from mtneuro_lab.data import cache
-from mtneuro_lab.data.sources import phantom
-from mtneuro_lab.data.sources.phantom import (
-    PROFILES,
-    PhantomXraySource,
-    generate_cube,
-    seed_key,
-)
+from mtneuro_lab.data.sources.phantom import PROFILES, generate_cube, seed_key
+from mtneuro_lab.data.sources.phantom_source import PhantomXraySource
 from mtneuro_lab.errors import ConfigError, DataError
 
 SET_A = {
@@ -106,7 +101,7 @@ def test_cubes_shared_between_sets_are_generated_once(tmp_path):
     a = source.cutout("image", *box("cortex"), SMALL_Z)
     d = source.cutout("image", x_d, y_d, SMALL_Z)
     assert not np.array_equal(a, d)
-    dirs = sorted(p.name for p in (tmp_path / "phantom_xray" / "v1" / "seed0").iterdir())
+    dirs = sorted(p.name for p in source.root.iterdir())
     assert dirs == ["cortex_x4600_y400_z100-140", "cortex_x4600_y900_z100-140"]
     assert source.cell_count("E", "cortex") == source.cell_count("A", "cortex")
 
@@ -138,7 +133,7 @@ def test_second_instance_reads_cache_without_regenerating(tmp_path, monkeypatch)
     def fail(*args, **kwargs):
         raise AssertionError("cube regenerated although cached")
 
-    monkeypatch.setattr(phantom, "generate_cube", fail)
+    monkeypatch.setattr(PhantomXraySource, "_generate", fail)
     source = make_source(tmp_path)
     np.testing.assert_array_equal(source.cutout("image", x, y, SMALL_Z), expected)
     assert source.cell_count("A", "vp") == count

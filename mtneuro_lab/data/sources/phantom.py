@@ -1,4 +1,4 @@
-"""Synthetic X-ray microCT "phantom": the project's embedded default data.
+"""Synthetic X-ray microCT "phantom", v1 generator (``source.generator=v1``) and shared pieces.
 
 The real MTNeuro volume (``bossdb://prasad/prasad2020``, 1.17 um voxels) needs a network and
 hundreds of MB per cube, so tests, smoke runs and examples read this phantom instead. It imitates
@@ -10,22 +10,21 @@ and a linear model on raw pixels does clearly worse than a texture-aware CNN.
 Pixel labels use BossDB's encoding: 0 background, 1 blood vessel, 2 cell, 3 myelinated axon.
 
 Every cube is generated once, deterministically from ``(seed, region, x0, y0)`` and its shape,
-then cached on disk with :mod:`mtneuro_lab.data.cache` and served from memory maps.
+then cached on disk and served by :class:`~mtneuro_lab.data.sources.phantom_source.PhantomXraySource`.
+v1 regions are nearly uniform inside a cube; the default v2 generator
+(:mod:`~mtneuro_lab.data.sources.phantom_v2`) reuses its pieces (curves, cell templates, rendering).
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy import fft, ndimage
 
-from mtneuro_lab.data import cache
-from mtneuro_lab.data.sources.base import Range, VolumeSource, as_range
-from mtneuro_lab.errors import ConfigError, DataError
+from mtneuro_lab.errors import DataError
 
 #: bump when the generator changes so old caches are never mixed with new cubes
 GENERATOR_VERSION = "v1"
@@ -72,6 +71,7 @@ _CLASS_LEVEL = np.array([142.0, 195.0, 100.0, 72.0], dtype=np.float32)
 _CLASS_SLOPE = np.array([-5.0, 0.0, 0.0, -4.0], dtype=np.float32)
 
 _TEMPLATES_PER_CUBE = 48
+_CUBE3 = np.ones((3, 3, 3), dtype=bool)
 
 
 def seed_key(seed: int, region: str, x0: int, y0: int) -> int:
@@ -95,10 +95,19 @@ def _smooth_walk(rng: np.random.Generator, n: int, sigma: float) -> np.ndarray:
     return noise / (noise.std() + 1e-9)
 
 
-def _curve(rng: np.random.Generator, shape: tuple[int, int, int], pad: float) -> np.ndarray:
-    """Points (1 voxel apart) of a smooth random curve through the cube, cut where it leaves."""
-    start = rng.uniform(0, shape)
-    direction = rng.standard_normal(3)
+def _curve(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    pad: float,
+    start: np.ndarray | None = None,
+    direction: np.ndarray | None = None,
+) -> np.ndarray:
+    """Points (1 voxel apart) of a smooth random curve through the cube, cut where it leaves.
+
+    ``start``/``direction`` (z, y, x) are drawn uniformly when not given.
+    """
+    start = rng.uniform(0, shape) if start is None else np.asarray(start, dtype=np.float64)
+    direction = rng.standard_normal(3) if direction is None else np.array(direction, dtype=np.float64)
     direction /= np.linalg.norm(direction)
     n = int(2 * np.linalg.norm(shape))
     halves = []
@@ -112,18 +121,31 @@ def _curve(rng: np.random.Generator, shape: tuple[int, int, int], pad: float) ->
     return np.concatenate([halves[1][::-1], start[None], halves[0]])
 
 
+def _strides(shape: tuple[int, int, int]) -> np.ndarray:
+    """Flat-index strides of a C-ordered ``(z, y, x)`` volume."""
+    return np.array([shape[1] * shape[2], shape[2], 1])
+
+
+def _tube_voxels(curve: np.ndarray, radius: float, dims: np.ndarray, strides: np.ndarray, step: int = 1) -> np.ndarray:
+    """Sorted unique flat indices of the voxels within ``radius`` of every ``step``-th point of a
+    curve (and its last), inside the cube."""
+    if step > 1:
+        curve = np.concatenate([curve[::step], curve[-1:]])
+    points = np.rint(curve).astype(np.int64)
+    voxels = (points[:, None, :] + _ball_offsets(radius)[None]).reshape(-1, 3)
+    voxels = voxels[np.all((voxels >= 0) & (voxels < dims), axis=1)]
+    return np.unique(voxels @ strides)
+
+
 def _draw_vessels(rng: np.random.Generator, shape: tuple[int, int, int], target_voxels: int) -> np.ndarray:
     """Tubes (radius 2-5, mostly capillary-sized) along random curves, until the target volume."""
     mask = np.zeros(int(np.prod(shape)), dtype=bool)
     filled = 0
     dims = np.asarray(shape)
-    strides = np.array([shape[1] * shape[2], shape[2], 1])
+    strides = _strides(shape)
     while filled < target_voxels:
         radius = round(2.0 * (1.0 + 1.5 * rng.beta(1.2, 4.0))) / 2.0
-        points = np.rint(_curve(rng, shape, pad=radius)).astype(np.int64)
-        voxels = (points[:, None, :] + _ball_offsets(radius)[None]).reshape(-1, 3)
-        voxels = voxels[np.all((voxels >= 0) & (voxels < dims), axis=1)]
-        flat = np.unique(voxels @ strides)
+        flat = _tube_voxels(_curve(rng, shape, pad=radius), radius, dims, strides)
         filled += int(np.count_nonzero(~mask[flat]))
         mask[flat] = True
     return mask.reshape(shape)
@@ -141,26 +163,34 @@ class _Template:
     values: np.ndarray
 
 
+def _cell_template(
+    rng: np.random.Generator, size: float, strides: np.ndarray, elongation: float = 0.12
+) -> tuple[_Template, int]:
+    """A randomly rotated ellipsoid of equivalent radius ``size`` (axes jittered by
+    ``elongation``, log-normal); returns it and the half-size of its halo box."""
+    axes = size * np.exp(elongation * rng.standard_normal(3))
+    axes *= size / np.cbrt(np.prod(axes))
+    rotation, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    r = int(np.ceil(axes.max())) + 1
+    grid = np.mgrid[-r : r + 1, -r : r + 1, -r : r + 1].reshape(3, -1).T
+    rho = np.linalg.norm((grid @ rotation) / axes, axis=1)
+    inside = rho <= 1.0
+    halo = ndimage.binary_dilation(inside.reshape((2 * r + 1,) * 3), _CUBE3).reshape(-1)
+    # brighter nucleus in a darker soma
+    values = 100.0 + 45.0 * np.exp(-((rho[inside] / 0.45) ** 2))
+    return _Template(grid[inside] @ strides, grid[halo] @ strides, values.astype(np.float32)), r
+
+
 def _cell_templates(
     rng: np.random.Generator, radius: float, shape: tuple[int, int, int]
 ) -> tuple[list[_Template], int]:
     """Random ellipsoids around ``radius``; returns them and the half-size of their halo box."""
-    strides = np.array([shape[1] * shape[2], shape[2], 1])
-    cube3 = np.ones((3, 3, 3), dtype=bool)
+    strides = _strides(shape)
     templates, half = [], 0
     for _ in range(_TEMPLATES_PER_CUBE):
         size = radius * np.exp(0.15 * rng.standard_normal())
-        axes = size * np.exp(0.12 * rng.standard_normal(3))
-        axes *= size / np.cbrt(np.prod(axes))
-        rotation, _ = np.linalg.qr(rng.standard_normal((3, 3)))
-        r = int(np.ceil(axes.max())) + 1
-        grid = np.mgrid[-r : r + 1, -r : r + 1, -r : r + 1].reshape(3, -1).T
-        rho = np.linalg.norm((grid @ rotation) / axes, axis=1)
-        inside = rho <= 1.0
-        halo = ndimage.binary_dilation(inside.reshape((2 * r + 1,) * 3), cube3).reshape(-1)
-        # brighter nucleus in a darker soma
-        values = 100.0 + 45.0 * np.exp(-((rho[inside] / 0.45) ** 2))
-        templates.append(_Template(grid[inside] @ strides, grid[halo] @ strides, values.astype(np.float32)))
+        template, r = _cell_template(rng, size, strides)
+        templates.append(template)
         half = max(half, r)
     return templates, half
 
@@ -189,6 +219,29 @@ def _place_cells(
     Returns flat indices and intensities of all cell voxels, and the number of cells placed.
     """
     templates, half = _cell_templates(rng, radius, shape)
+    return _place_templates(rng, shape, blocked, target_voxels, templates, half)
+
+
+#: ``n -> (flat centres, template indices)`` of ``n`` proposed cells
+Proposer = Callable[[int], tuple[np.ndarray, np.ndarray]]
+
+
+def _place_templates(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    blocked: np.ndarray,
+    target_voxels: int,
+    templates: Sequence[_Template],
+    half: int,
+    propose: Proposer | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`_place_cells` with given templates; ``propose`` draws candidate cells (default:
+    uniform centres whose halo box lies inside the cube, uniform templates)."""
+    if propose is None:
+
+        def propose(n: int) -> tuple[np.ndarray, np.ndarray]:
+            return _random_centres(rng, shape, half, n), rng.integers(len(templates), size=n)
+
     blocked = blocked.reshape(-1).astype(bool)
     if any(dim <= 2 * half for dim in shape):
         return np.empty(0, np.int64), np.empty(0, np.float32), 0
@@ -201,8 +254,7 @@ def _place_cells(
         if deficit <= 0:
             break
         n = min(int(1.2 * deficit / mean_volume / max(success, 0.005)) + 8, 400_000)
-        centres = _random_centres(rng, shape, half, n)
-        kinds = rng.integers(len(templates), size=n)
+        centres, kinds = propose(n)
         free = np.ones(n, dtype=bool)
         for k, t in enumerate(templates):
             sel = np.flatnonzero(kinds == k)
@@ -255,7 +307,24 @@ def _fibre_field(rng: np.random.Generator, shape: tuple[int, int, int], profile:
     u = _fibre_direction(rng, profile).astype(np.float32)
     scale = np.exp(rng.normal(0.0, 0.08))
     along, across = profile.fibre_len * scale, profile.fibre_width * scale
-    spectrum = fft.rfftn(rng.standard_normal(shape, dtype=np.float32), workers=1)
+    return oriented_field(rng.standard_normal(shape, dtype=np.float32), u, along, across)
+
+
+def oriented_field(volume: np.ndarray, u: np.ndarray, along: float, across: float) -> np.ndarray:
+    """``volume`` (float32) smoothed by a Gaussian with std ``along`` in the direction ``u``
+    (unit, z y x) and ``across`` perpendicular to it, then z-scored (periodic borders)."""
+    return oriented_fields(volume, [(u, along, across)])[0]
+
+
+def oriented_fields(volume: np.ndarray, filters: Sequence[tuple[np.ndarray, float, float]]) -> list[np.ndarray]:
+    """:func:`oriented_field` of one ``volume`` for several ``(u, along, across)``: one forward FFT."""
+    shape = volume.shape
+    spectrum = fft.rfftn(volume, workers=1)
+    return [_filtered(spectrum if len(filters) == 1 else spectrum.copy(), shape, *f) for f in filters]
+
+
+def _filtered(spectrum: np.ndarray, shape: tuple[int, ...], u: np.ndarray, along: float, across: float) -> np.ndarray:
+    """In place on ``spectrum``: the anisotropic Gaussian gain, inverse FFT, z-score."""
     wz = (2 * np.pi * fft.fftfreq(shape[0])).astype(np.float32)[:, None, None]
     wy = (2 * np.pi * fft.fftfreq(shape[1])).astype(np.float32)[None, :, None]
     wx = (2 * np.pi * fft.rfftfreq(shape[2])).astype(np.float32)[None, None, :]
@@ -270,6 +339,11 @@ def _fibre_field(rng: np.random.Generator, shape: tuple[int, int, int], profile:
     spectrum *= gain
     del gain
     field = fft.irfftn(spectrum, s=shape, workers=1)
+    return zscore(field)
+
+
+def zscore(field: np.ndarray) -> np.ndarray:
+    """In place: zero mean, unit std (estimated on every 3rd voxel per axis, which is enough)."""
     sample = field[::3, ::3, ::3]
     field -= np.float32(sample.mean())
     field *= np.float32(1.0 / (sample.std() + 1e-12))
@@ -308,19 +382,28 @@ def _apply_nuisance(rng: np.random.Generator, image: np.ndarray) -> None:
     image += (120.0 + offset).astype(np.float32)[:, None, None]
 
 
+def clean_image(labels: np.ndarray, field: np.ndarray, cell_idx: np.ndarray, cell_values: np.ndarray) -> np.ndarray:
+    """Noise-free float32 intensities, every voxel from its own label: the class level plus the
+    fibre texture (``field``), cell voxels their template's soma/nucleus values."""
+    image = _CLASS_LEVEL[labels]
+    image += _CLASS_SLOPE[labels] * field
+    image.reshape(-1)[cell_idx] = cell_values
+    return image
+
+
 def _render(
     rng: np.random.Generator,
     labels: np.ndarray,
     field: np.ndarray,
     cell_idx: np.ndarray,
     cell_values: np.ndarray,
+    noise: float = 40.0,
+    blur: float = 1.0,
 ) -> np.ndarray:
     """uint8 image: class intensities + fibre texture, blur, correlated noise, nuisance."""
-    image = _CLASS_LEVEL[labels]
-    image += _CLASS_SLOPE[labels] * field
-    image.reshape(-1)[cell_idx] = cell_values
-    image += rng.standard_normal(labels.shape, dtype=np.float32) * np.float32(40.0)
-    image = ndimage.gaussian_filter(image, 1.0, mode="nearest")
+    image = clean_image(labels, field, cell_idx, cell_values)
+    image += rng.standard_normal(labels.shape, dtype=np.float32) * np.float32(noise)
+    image = ndimage.gaussian_filter(image, blur, mode="nearest")
     _apply_nuisance(rng, image)
     np.clip(image, 0, 255, out=image)
     return np.rint(image, out=image).astype(np.uint8)
@@ -359,158 +442,3 @@ def generate_cube(region: str, seed_key: int, shape: tuple[int, int, int]) -> di
         labels[free & (field >= threshold)] = AXON
     image = _render(rng, labels, field, cell_idx, cell_values)
     return {"image": image, "pixel_labels": labels, "cell_count": np.int64(count)}
-
-
-# --------------------------------------------------------------------------- source
-
-
-@dataclass(frozen=True)
-class _CubeBox:
-    region: str
-    x: Range
-    y: Range
-
-    @property
-    def name(self) -> str:
-        return f"{self.region}_x{self.x[0]}_y{self.y[0]}"
-
-
-class PhantomXraySource(VolumeSource):
-    """Serves phantom cubes at the paper's cube coordinates (BossDB frame).
-
-    Any cutout lying inside one known cube (a region's x/y window of any cube set, over
-    ``z_extent``) is answered; the cube is generated on first use and cached under
-    ``<cache_dir>/phantom_xray/<version>/seed<seed>/<region>_x<x0>_y<y0>_z<z0>-<z1>/``.
-    ``pixel_labels`` and ``roi_labels`` are returned as uint8 (BossDB serves uint64; the
-    values are identical and a cube costs 8x less memory).
-
-    ``downsample_cache`` is accepted so one source config schema fits every source; the phantom
-    is generated at full resolution only, so ``True`` is rejected.
-    """
-
-    def __init__(
-        self,
-        cubes: Mapping[str, Mapping[str, Mapping[str, Sequence[int]]]],
-        regions: Sequence[str] = ("cortex", "striatum", "vp", "zi"),
-        roi_ids: Mapping[str, int] | None = None,
-        seed: int = 0,
-        cache_dir: str = "~/.cache/mtneuro_lab",
-        z_extent: Sequence[int] = (100, 480),
-        downsample_cache: bool = False,
-    ) -> None:
-        if downsample_cache:
-            raise ConfigError("source.downsample_cache: not supported by the phantom source")
-        self.regions = tuple(str(r) for r in regions)
-        self.roi_ids = {str(k): int(v) for k, v in dict(roi_ids or DEFAULT_ROI_IDS).items()}
-        self.seed = int(seed)
-        self.z = as_range(tuple(z_extent), "source.z_extent")
-        self.root = Path(cache_dir).expanduser() / "phantom_xray" / GENERATOR_VERSION / f"seed{self.seed}"
-        self.sets = self._parse_cubes(cubes)
-        self.boxes = sorted(
-            {box for members in self.sets.values() for box in members.values()},
-            key=lambda b: b.name,
-        )
-        self._loaded: dict[_CubeBox, dict[str, np.ndarray]] = {}
-
-    def _parse_cubes(self, cubes: Mapping) -> dict[str, dict[str, _CubeBox]]:
-        sets: dict[str, dict[str, _CubeBox]] = {}
-        for set_name, members in dict(cubes).items():
-            sets[str(set_name)] = {}
-            for region, box in dict(members).items():
-                key = f"source.cubes.{set_name}.{region}"
-                region = str(region)
-                if region not in self.regions or region not in self.roi_ids:
-                    raise ConfigError(f"{key}: unknown region {region!r}; known: {list(self.regions)}")
-                if region not in PROFILES:
-                    raise ConfigError(f"{key}: the phantom has no tissue profile for {region!r}")
-                try:
-                    x = as_range(tuple(box["x"]), f"{key}.x")
-                    y = as_range(tuple(box["y"]), f"{key}.y")
-                except (KeyError, TypeError) as err:
-                    raise ConfigError(f"{key}: expected {{x: [x0, x1], y: [y0, y1]}}, got {box!r}") from err
-                except DataError as err:
-                    raise ConfigError(str(err)) from None
-                sets[str(set_name)][region] = _CubeBox(region, x, y)
-        return sets
-
-    @property
-    def z_extent(self) -> Range:
-        """The slices every phantom cube spans: tasks check their z splits against it up front."""
-        return self.z
-
-    def describe(self) -> str:
-        return f"PhantomXraySource(seed={self.seed}, {len(self.boxes)} cubes, z={list(self.z)}, cache={self.root})"
-
-    def cube_dir(self, box: _CubeBox) -> Path:
-        return self.root / f"{box.name}_z{self.z[0]}-{self.z[1]}"
-
-    def _find(self, channel: str, x: Range, y: Range, z: Range) -> _CubeBox:
-        if self.z[0] <= z[0] and z[1] <= self.z[1]:
-            for box in self.boxes:
-                inside_x = box.x[0] <= x[0] and x[1] <= box.x[1]
-                if inside_x and box.y[0] <= y[0] and y[1] <= box.y[1]:
-                    return box
-        raise DataError(
-            f"phantom: {channel} cutout x={list(x)} y={list(y)} z={list(z)} is not inside any "
-            f"known cube (z extent {list(self.z)}); phantom data exists only for configured cubes"
-        )
-
-    def _ensure_cached(self, box: _CubeBox) -> Path:
-        """Generate ``box`` once and store it; later calls (any process) find it on disk."""
-        directory = self.cube_dir(box)
-        roi_id = self.roi_ids[box.region]
-        paths = {name: directory / f"{name}.npy" for name in self.channels}
-        meta = {
-            "generator": f"phantom_xray/{GENERATOR_VERSION}",
-            "seed": self.seed,
-            "region": box.region,
-            "x": list(box.x),
-            "y": list(box.y),
-            "z": list(self.z),
-        }
-        shape = (self.z[1] - self.z[0], box.y[1] - box.y[0], box.x[1] - box.x[0])
-        if not (cache.has_array(paths["image"]) and cache.has_array(paths["pixel_labels"])):
-            cube = generate_cube(box.region, seed_key(self.seed, box.region, box.x[0], box.y[0]), shape)
-            count = int(cube["cell_count"])
-            cache.save_array(paths["image"], cube["image"], {**meta, "channel": "image"})
-            cache.save_array(
-                paths["pixel_labels"],
-                cube["pixel_labels"],
-                {**meta, "channel": "pixel_labels", "cell_count": count},
-            )
-        # roi ids come from config, not the generator: rewrite when the mapping changes
-        roi_path = paths["roi_labels"]
-        if not cache.has_array(roi_path) or cache.read_meta(roi_path).get("roi_id") != roi_id:
-            cache.save_array(
-                paths["roi_labels"],
-                np.full(shape, roi_id, dtype=np.uint8),
-                {**meta, "channel": "roi_labels", "roi_id": roi_id},
-            )
-        return directory
-
-    def _cube(self, box: _CubeBox) -> dict[str, np.ndarray]:
-        if box not in self._loaded:
-            directory = self._ensure_cached(box)
-            self._loaded[box] = {name: cache.load_array(directory / f"{name}.npy") for name in self.channels}
-        return self._loaded[box]
-
-    def cutout(self, channel: str, x: Range, y: Range, z: Range) -> np.ndarray:
-        """Read-only ``(z, y, x)`` view of ``channel``; the range must lie inside one known cube."""
-        self.check_channel(channel)
-        x, y, z = as_range(x, "x"), as_range(y, "y"), as_range(z, "z")
-        box = self._find(channel, x, y, z)
-        array = self._cube(box)[channel]
-        return array[
-            z[0] - self.z[0] : z[1] - self.z[0],
-            y[0] - box.y[0] : y[1] - box.y[0],
-            x[0] - box.x[0] : x[1] - box.x[0],
-        ]
-
-    def cell_count(self, set_name: str, region: str) -> int:
-        """Cells the generator placed in a cube (= 26-connected components of class 2)."""
-        try:
-            box = self.sets[set_name][region]
-        except KeyError:
-            raise DataError(f"phantom: no cube {set_name}/{region}") from None
-        directory = self._ensure_cached(box)
-        return int(cache.read_meta(directory / "pixel_labels.npy")["cell_count"])

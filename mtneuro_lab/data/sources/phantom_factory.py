@@ -10,8 +10,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from mtneuro_lab.data.sources.base import VolumeSource
-from mtneuro_lab.data.sources.phantom import PhantomXraySource
 from mtneuro_lab.data.sources.phantom_em import PhantomEMSource
+from mtneuro_lab.data.sources.phantom_source import PhantomXraySource
+from mtneuro_lab.data.sources.phantom_tissue import TissueConfig
 
 
 def make_phantom(
@@ -23,8 +24,11 @@ def make_phantom(
     roi_ids: Mapping[str, int] | None = None,
     cache_dir: str = "~/.cache/mtneuro_lab",
     em_shape: Sequence[int] = (100, 256, 256),
+    generator: Literal["v1", "v2"] = "v2",
+    tissue: TissueConfig | None = None,
 ) -> VolumeSource:
-    """``em_shape`` is the EM phantom's ``[z, y, x]`` (EM tasks only; ``z_extent`` is X-ray only)."""
+    """``em_shape`` is the EM phantom's ``[z, y, x]`` (EM tasks only; ``z_extent``, ``generator``
+    and ``tissue`` are X-ray only: see :class:`PhantomXraySource` and :class:`TissueConfig`)."""
     if modality == "em":
         return PhantomEMSource(seed=seed, cache_dir=cache_dir, shape=em_shape)
     return PhantomXraySource(
@@ -34,4 +38,6 @@ def make_phantom(
         seed=seed,
         cache_dir=cache_dir,
         z_extent=z_extent,
+        generator=generator,
+        tissue=tissue,
     )
