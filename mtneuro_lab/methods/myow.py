@@ -63,6 +63,7 @@ class RepresentationQueue(nn.Module):
     keys: torch.Tensor
     ids: torch.Tensor
     ptr: torch.Tensor
+    origin: torch.Tensor
 
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()

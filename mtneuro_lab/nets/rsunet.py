@@ -32,7 +32,7 @@ def check_factors(factors: Sequence[Sequence[int]], key: str) -> list[Factor]:
         if len(t) != 3 or any(v not in (1, 2) for v in t):
             raise ConfigError(f"{key}[{i}]: expected [dz, dy, dx] with each 1 or 2, got {list(f)}")
         out.append(t)
-    return out  # type: ignore[return-value]
+    return out
 
 
 class ResModule(nn.Module):

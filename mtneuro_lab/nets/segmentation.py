@@ -15,7 +15,7 @@ import contextlib
 import difflib
 import socket
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Literal, cast
 from urllib.parse import urlparse
 
 import torch
@@ -315,6 +315,6 @@ def em_unet(
         in_channels=in_channels,
         out_channels=classes,
         channels=[base_channels * 2**i for i in range(levels + 1)],
-        strides=factors,
+        strides=cast(Sequence[int], factors),  # MONAI takes a (dz, dy, dx) per level; its hint says int
         num_res_units=2,
     )

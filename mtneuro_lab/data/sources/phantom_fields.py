@@ -58,9 +58,16 @@ class CoarseField:
     __rmul__ = __mul__
 
 
+def as_shape3(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """``shape`` as three plain ints (numpy integers from array shapes would leak into cache keys)."""
+    z, y, x = (int(s) for s in shape)
+    return z, y, x
+
+
 def grid_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     """Coarse nodes per axis: the first at voxel 0, the last at or beyond the cube's far face."""
-    return tuple(int(np.ceil((s - 1) / SPACING)) + 1 for s in shape)
+    z, y, x = (int(np.ceil((s - 1) / SPACING)) + 1 for s in shape)
+    return z, y, x
 
 
 def node_positions(shape: tuple[int, int, int]) -> np.ndarray:
@@ -78,7 +85,7 @@ def smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], size: fl
     blurred = ndimage.gaussian_filter(noise, sigma, mode="constant")
     nodes = blurred[pad : pad + grid[0], pad : pad + grid[1], pad : pad + grid[2]]
     nodes = (nodes - nodes.mean()) / (nodes.std() + 1e-12)
-    return CoarseField(nodes.astype(np.float32), tuple(int(s) for s in shape))
+    return CoarseField(nodes.astype(np.float32), as_shape3(shape))
 
 
 def section_field(rng: np.random.Generator, shape: tuple[int, int, int], slab: float) -> CoarseField:
@@ -95,7 +102,7 @@ def section_field(rng: np.random.Generator, shape: tuple[int, int, int], slab: f
     ramp_x = np.linspace(-1.0, 1.0, grid[2])[None, None, :]
     nodes = level[:, None, None] + 0.5 * (tilt_y[:, None, None] * ramp_y + tilt_x[:, None, None] * ramp_x)
     nodes = (nodes - nodes.mean()) / (nodes.std() + 1e-12)
-    return CoarseField(nodes.astype(np.float32), tuple(int(s) for s in shape))
+    return CoarseField(nodes.astype(np.float32), as_shape3(shape))
 
 
 def two_scale_field(rng: np.random.Generator, shape: tuple[int, int, int], patch: float, slab: float) -> CoarseField:

@@ -144,8 +144,8 @@ def draw_set(seed: int, set_name: str, tissue: TissueConfig) -> SetDraw:
     rng = np.random.default_rng(zlib.crc32(f"phantom_xray/v2/set/{seed}/{set_name}".encode()))
     shift = tissue.set_density_shift
     return SetDraw(
-        blur=float(rng.uniform(*tissue.set_blur)),
-        noise=float(rng.uniform(*tissue.set_noise)),
+        blur=float(rng.uniform(tissue.set_blur[0], tissue.set_blur[1])),
+        noise=float(rng.uniform(tissue.set_noise[0], tissue.set_noise[1])),
         axon_scale=float(1.0 + rng.uniform(-shift, shift)),
         cell_scale=float(1.0 + rng.uniform(-shift, shift)),
         radius_scale=float(1.0 + rng.uniform(-tissue.set_size_shift, tissue.set_size_shift)),

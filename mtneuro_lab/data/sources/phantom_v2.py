@@ -47,7 +47,13 @@ from mtneuro_lab.data.sources.phantom import (
     oriented_field,
     oriented_fields,
 )
-from mtneuro_lab.data.sources.phantom_fields import CoarseField, node_positions, sample_points, two_scale_field
+from mtneuro_lab.data.sources.phantom_fields import (
+    CoarseField,
+    as_shape3,
+    node_positions,
+    sample_points,
+    two_scale_field,
+)
 from mtneuro_lab.data.sources.phantom_tissue import SetDraw, TissueConfig
 from mtneuro_lab.errors import DataError
 
@@ -253,7 +259,7 @@ def build_tissue(
     """Vessels, then cells (kept off vessels), then axons in the remaining background."""
     if region not in MORPHOLOGY:
         raise DataError(f"phantom: no tissue profile for region {region!r}; known: {sorted(MORPHOLOGY)}")
-    shape = tuple(int(s) for s in shape)
+    shape = as_shape3(shape)
     m, base = MORPHOLOGY[region], tissue.region(region)
     rng = np.random.default_rng(key)
     total = int(np.prod(shape))
@@ -268,7 +274,7 @@ def build_tissue(
     pattern = axon_pattern(rng, shape, m, tissue.axon_spread * axon_density, balance)
     g = m.grey_matter
     cells_where = cell_density * np.sqrt(1.0 - g * g) + axon_density * (-g)
-    if m.layers:
+    if depth_axis is not None:
         layers = _layers(rng, shape, depth_axis)
         cells_where = cells_where + layers * 0.9
         cell_size = cell_size * np.sqrt(0.75) + layers * 0.5
