@@ -45,12 +45,18 @@ class Components:
 
 
 def instantiate_cfg(section: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that lets our one-line errors through unwrapped."""
+    """``hydra.utils.instantiate`` that lets our one-line errors through unwrapped.
+
+    A constructor's own failure (anything but our errors and a TypeError of its arguments) is
+    re-raised as itself: the CLI names the section and shows the traceback with ``-v``.
+    """
     try:
         return instantiate(section, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
         if isinstance(cause, MtneuroError):
+            raise cause from None
+        if cause is not None and not isinstance(cause, TypeError):
             raise cause from None
         raise ConfigError(" ".join(str(err).split())) from None
 

@@ -33,9 +33,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("mtneuro_lab.analysis",),
     # flows and tables
     ("mtneuro_lab.run", "mtneuro_lab.report"),
-    # entry points: train.py/evaluate.py (cli), the BossDB pre-download command
+    # entry points: train.py/evaluate.py (cli); the BossDB pre-download command and
+    # ``python -m mtneuro_lab.train|evaluate`` (console scripts of an installed package)
     ("mtneuro_lab.cli",),
-    ("mtneuro_lab.download",),
+    ("mtneuro_lab.download", "mtneuro_lab.train", "mtneuro_lab.evaluate"),
 )
 
 

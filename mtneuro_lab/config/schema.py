@@ -18,7 +18,7 @@ import importlib
 import inspect
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
@@ -65,11 +65,27 @@ def one_line_omegaconf_error(err: OmegaConfBaseException, prefix: str, schema: A
 
 def merge_dataclass(schema: type, value: Any, key: str) -> Any:
     """``value`` (mapping) merged onto the dataclass ``schema``: the instance, or a one-line ConfigError."""
+    _strict_bools(schema, value, key)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), value)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(one_line_omegaconf_error(err, key, schema)) from None
+
+
+def _strict_bools(schema: type, value: Any, key: str) -> None:
+    """Boolean fields take true/false only (OmegaConf alone would turn ``3`` or ``"yes"`` into True)."""
+    if not isinstance(value, (Mapping, DictConfig)) or not dataclasses.is_dataclass(schema):
+        return
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if f.name not in value or OmegaConf.is_config(value) and OmegaConf.is_interpolation(value, f.name):
+            continue
+        item, hint = value[f.name], hints.get(f.name)
+        if hint is bool and not isinstance(item, bool):
+            raise ConfigError(f"{key}.{f.name}: expected true or false (a bool), got {item!r}")
+        if dataclasses.is_dataclass(hint):
+            _strict_bools(hint, item, f"{key}.{f.name}")
 
 
 # -- signature-based validation of _target_ sections ------------------------------------------
@@ -108,6 +124,10 @@ def _type_ok(value: Any, hint: Any, key: str) -> None:
         if value is None and type(None) in args:
             return
         options = [a for a in args if a is not type(None)]
+        schemas = [a for a in options if dataclasses.is_dataclass(a)]
+        if schemas and isinstance(value, (Mapping, DictConfig)):  # `Config | Mapping`: a mapping of Config's keys
+            merge_dataclass(schemas[0], value, key)
+            return
         if options and all(typing.get_origin(a) is Literal for a in options):  # e.g. trainer.precision
             choices = [c for a in options for c in typing.get_args(a)]
             if value not in choices:
@@ -129,6 +149,9 @@ def _type_ok(value: Any, hint: Any, key: str) -> None:
         if value not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
         return
+    if origin in (list, tuple, Sequence) and isinstance(value, (list, tuple)):
+        _items_ok(value, typing.get_args(hint), origin is tuple, key)
+        return
     if dataclasses.is_dataclass(hint):
         if isinstance(value, (Mapping, DictConfig)):
             merge_dataclass(hint, value, key)
@@ -142,6 +165,25 @@ def _type_ok(value: Any, hint: Any, key: str) -> None:
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if hint is str and not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    # any other class that is not a container (Path, Accelerator, timedelta ...): never a list or mapping
+    container = (Mapping, Sequence, Set)
+    plain_class = inspect.isclass(origin or hint) and not issubclass(origin or hint, container)
+    if plain_class and isinstance(value, (list, tuple, Mapping)):
+        raise ConfigError(f"{key}: expected a {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _items_ok(value: list | tuple, args: tuple[Any, ...], fixed: bool, key: str) -> None:
+    """Item types of ``list[X]``/``Sequence[X]``/``tuple[X, ...]``/``tuple[X, Y]`` values (``key.<i>``)."""
+    if not args:
+        return
+    if fixed and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {list(value)!r}")
+        hints = list(args)
+    else:
+        hints = [args[0]] * len(value)
+    for i, (item, item_hint) in enumerate(zip(value, hints)):
+        _type_ok(item, item_hint, f"{key}.{i}")
 
 
 def check_target_section(section: Any, key: str, injected: frozenset[str] = frozenset()) -> None:
@@ -235,6 +277,9 @@ def _check_top_level_types(cfg: DictConfig) -> None:
     source = cfg.get("hparams_from")  # provenance of defaults (mtneuro_lab/conf/paper_hparams/): shown by --cfg job
     if source is not None and not isinstance(source, str):
         raise ConfigError(f"hparams_from: expected a string saying where the defaults come from, got {source!r}")
+    tags = cfg.get("tags")  # W&B tags and report labels
+    if tags is not None and not (isinstance(tags, ListConfig) and all(isinstance(t, str | int) for t in tags)):
+        raise ConfigError(f"tags: expected a list of names, e.g. tags=[paper,seed-study], got {tags!r}")
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and not isinstance(ckpt, str):
         raise ConfigError(f"ckpt_path: expected a checkpoint file, `last` or null, got {ckpt!r}")
