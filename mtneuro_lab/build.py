@@ -30,6 +30,7 @@ from mtneuro_lab.data.datamodules import VolumeDataModule
 from mtneuro_lab.data.em import EMDataModule
 from mtneuro_lab.data.sources.base import VolumeSource
 from mtneuro_lab.errors import CheckpointError, ConfigError, MtneuroError
+from mtneuro_lab.progress import ProgressLog
 
 #: the datamodule built for each task kind; every other kind gets :class:`VolumeDataModule`
 DATAMODULES: dict[str, type[VolumeDataModule]] = {"em": EMDataModule}
@@ -153,7 +154,8 @@ def build_components(cfg: DictConfig) -> Components:
     return Components(catalog, source, task, datamodule, method)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, method: pl.LightningModule) -> pl.Trainer:
+def build_callbacks(cfg: DictConfig, method: pl.LightningModule) -> list[pl.Callback]:
+    """``cfg.callbacks`` instantiated (the preflight builds them too: their range checks run first)."""
     callbacks = []
     for name, sub in (cfg.get("callbacks") or {}).items():
         if sub is None:
@@ -161,15 +163,26 @@ def build_trainer(cfg: DictConfig, run_dir: Path, method: pl.LightningModule) ->
         extra = {}
         if name == "model_checkpoint" and sub.get("monitor", None) is None:
             extra = {"monitor": method.monitor[0], "mode": method.monitor[1]}
-        callbacks.append(instantiate(sub, **extra))
-    callbacks.append(RNGStateCheckpoint())
-    loggers = [instantiate(sub) for sub in (cfg.get("logger") or {}).values() if sub is not None]
+        callbacks.append(instantiate_cfg(sub, **extra))
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    return [instantiate_cfg(sub) for sub in (cfg.get("logger") or {}).values() if sub is not None]
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, method: pl.LightningModule) -> pl.Trainer:
+    callbacks = [*build_callbacks(cfg, method), RNGStateCheckpoint()]
+    extra = {}
+    if any(isinstance(cb, ProgressLog) and cb.hides_progress_bar() for cb in callbacks):
+        extra["enable_progress_bar"] = False  # a log file gets the progress lines instead
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
-        logger=loggers or False,
+        logger=build_loggers(cfg) or False,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
+        **extra,
     )
 
 

@@ -76,6 +76,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("job_subdir", job_subdir)
     if not OmegaConf.has_resolver("experiment_group"):
         OmegaConf.register_new_resolver("experiment_group", experiment_group)
+    if not OmegaConf.has_resolver("wandb_group"):
+        OmegaConf.register_new_resolver("wandb_group", wandb_group)
 
 
 def _short_name(name: str, limit: int = 120) -> str:
@@ -106,6 +108,19 @@ def experiment_group() -> str:
         if key not in ("task", "model") and key.split(".", 1)[0] not in (*_NOT_EXPERIMENT, "hydra"):
             parts.append(text.lstrip("+~"))
     return _short_name(",".join(parts))
+
+
+def wandb_group(sweep_name: object = None) -> str:
+    """The W&B group: a named sweep (``+sweep=table1``), a multirun's directory, else the experiment."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if sweep_name:
+        return _short_name(str(sweep_name))
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return _short_name(f"multirun-{Path(str(hc.sweep.dir)).name}")
+    return experiment_group()
 
 
 def one_line(err: BaseException) -> str:

@@ -200,6 +200,8 @@ def check_target_section(section: Any, key: str, injected: frozenset[str] = froz
             value = section[name]
         except InterpolationResolutionError:
             continue  # e.g. ${hydra:runtime.output_dir} before Hydra made the run directory
+        if value is None and isinstance(section, DictConfig) and OmegaConf.is_interpolation(section, name):
+            continue  # the same, where the preflight's Hydra config leaves it empty
         if name not in params:
             if has_kwargs:
                 continue

@@ -6,7 +6,7 @@ Methods receive from the run (not from their own config) what depends on the tas
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import pytorch_lightning as pl
@@ -58,6 +58,20 @@ class BaseMethod(pl.LightningModule):
     def validation_metrics(self) -> set[str]:
         """Every ``val/`` key this method logs: what checkpoint selection and sweeps may choose by."""
         return {"val/loss"}
+
+    # -- figures ---------------------------------------------------------------------------------
+    #: the media callback (``callbacks.media``) while one is attached; see :meth:`offer_media`
+    media_sink: Any = None
+
+    def offer_media(self, stage: str, kind: str, arrays: Callable[[], Mapping[str, Any]]) -> None:
+        """Hand arrays already at hand in a step (volumes, reconstructions) to the media callback.
+
+        ``arrays`` is called only when the callback wants this ``kind`` at this ``stage`` now (its
+        epoch cadence, first batch only), so a step pays nothing otherwise.
+        """
+        sink = self.media_sink
+        if sink is not None and sink.wants(stage, kind):
+            sink.take(stage, kind, arrays())
 
     # -- optimisation --------------------------------------------------------------------------
     @property

@@ -254,9 +254,22 @@ class MAEFinetune(BaseMethod):
         logits = self._predict_volume(batch["image"])
         loss = target_loss(logits, batch["target"], self.kind, batch.get("mask"))
         self.log("val/loss", loss, prog_bar=True, batch_size=1, sync_dist=True)
+        self.offer_media("val", "em", lambda: _em_media(batch, self._task().activate(logits)))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         task = self._task()
         prob = self._predict_volume(batch["image"], activation=task.activate)
-        metrics = evaluate_volume(task, prob[0], batch["instances"][0])
+        seg = segment_volume(task, prob[0])
+        metrics = score_volume(task, seg, batch["instances"][0], prob[0])  # = evaluate_volume
+        self.offer_media("test", "em", lambda: _em_media(batch, prob, seg))
         self.log_dict({f"test/{k}": float(v) for k, v in metrics.items()}, batch_size=1)
+
+
+def _em_media(batch: dict[str, Any], prob: torch.Tensor, seg: np.ndarray | None = None) -> dict[str, Any]:
+    """The first volume's image, instances, first probability channel (and segmentation) for figures."""
+    arrays = {"image": batch["image"][0, 0], "prob": prob[0, 0]}
+    if "instances" in batch:
+        arrays["truth"] = batch["instances"][0]
+    if seg is not None:
+        arrays["seg"] = seg
+    return arrays
