@@ -28,8 +28,16 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # one place that builds source, task, datamodule, method and trainer from a config; run
     # directories (config.yaml, metrics.json, a checkpoint's saved config); perf.* applied to
     # built components (config.schema validates perf.* without importing perf); figures of
-    # predictions for dashboards and the run directory (media callback); W&B conventions (tracking)
-    ("mtneuro_lab.build", "mtneuro_lab.rundir", "mtneuro_lab.perf", "mtneuro_lab.media", "mtneuro_lab.tracking"),
+    # predictions for dashboards and the run directory (media callback); W&B conventions
+    # (tracking); the memory estimate of a training step (memcheck)
+    (
+        "mtneuro_lab.build",
+        "mtneuro_lab.rundir",
+        "mtneuro_lab.perf",
+        "mtneuro_lab.media",
+        "mtneuro_lab.tracking",
+        "mtneuro_lab.memcheck",
+    ),
     # Task 3 read-outs, embeddings
     ("mtneuro_lab.analysis",),
     # flows and tables

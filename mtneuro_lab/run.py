@@ -31,6 +31,7 @@ from mtneuro_lab.build import (  # noqa: F401 - build_components, instantiate_* 
 from mtneuro_lab.checkpoints import checkpoint_position, load_checkpoint, run_dir_of
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.errors import CheckpointError, ConfigError
+from mtneuro_lab.memcheck import check_memory
 from mtneuro_lab.rundir import cli_overrides, evaluation_config, next_steps, save_config, write_metrics
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,8 @@ def _preflight_train(cfg: DictConfig) -> None:
         if not Path(str(ckpt)).is_file():
             raise CheckpointError(f"ckpt_path: no checkpoint file at {ckpt}")
         check_checkpoint_fits(comps.method, str(ckpt), str(cfg.model._target_))
+    if perf.as_perf_config(cfg.get("perf")).memory_check:  # last: it moves the method to the meta device
+        check_memory(cfg, comps.method, tuple(comps.task.sample_shape()))
 
 
 def _sweeper_direction() -> str | None:

@@ -165,3 +165,25 @@ def test_wrong_typed_overrides_are_one_line(case: tuple, pick: int, tmp_path_fac
     assert len(lines) == 1 and lines[0].startswith("error: "), (override, lines)
     assert key.split(".")[0] in lines[0], (override, lines[0])
     assert list(tmp.iterdir()) == [], f"{override}: the preflight wrote something"
+
+
+# -- memory check (perf.memory_check) -------------------------------------------------------------
+def test_an_oversized_batch_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import re
+
+    overrides = ["data.batch_size=200000", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    line = _preflight_line(overrides, capsys)
+    assert line.startswith("error: data.batch_size: one training step of 200000 samples of 128x128 needs"), line
+    assert "perf.memory_check=false" in line
+    largest = int(re.search(r"the largest batch that fits is about (\d+)", line)[1])
+    assert 1 <= largest < 200000
+    assert list(tmp_path.iterdir()) == [], "the preflight wrote something"
+    # the batch it names as the largest passes the same check
+    fits = [f"data.batch_size={largest}", *overrides[1:]]
+    cli.preflight(fits, run.preflight_checks["train"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_memory_check_opts_out(tmp_path: Path) -> None:
+    overrides = ["data.batch_size=200000", "perf.memory_check=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    cli.preflight([*overrides, f"paths.cache_dir={tmp_path / 'cache'}"], run.preflight_checks["train"])
