@@ -23,13 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtneuro_lab.callbacks import RNGStateCheckpoint
 from mtneuro_lab.checkpoints import AtomicCheckpointIO, load_checkpoint
-from mtneuro_lab.config.schema import DataConfig, import_target, merge_dataclass
+from mtneuro_lab.config.schema import DataConfig, import_target, merge_dataclass, target_options
 from mtneuro_lab.data.contract import Task
 from mtneuro_lab.data.cubes import CubeCatalog, catalog_from_config
 from mtneuro_lab.data.datamodules import VolumeDataModule
 from mtneuro_lab.data.em import EMDataModule
 from mtneuro_lab.data.sources.base import VolumeSource
 from mtneuro_lab.errors import CheckpointError, ConfigError, MtneuroError
+from mtneuro_lab.methods.base import BaseMethod
 from mtneuro_lab.progress import ProgressLog
 
 #: the datamodule built for each task kind; every other kind gets :class:`VolumeDataModule`
@@ -41,8 +42,8 @@ class Components:
     catalog: CubeCatalog
     source: VolumeSource
     task: Task
-    datamodule: pl.LightningDataModule
-    method: pl.LightningModule
+    datamodule: VolumeDataModule
+    method: BaseMethod
 
 
 def instantiate_cfg(section: Any, **kwargs: Any) -> Any:
@@ -64,10 +65,8 @@ def instantiate_cfg(section: Any, **kwargs: Any) -> Any:
 
 def instantiate_filtered(section: DictConfig, **available: Any) -> Any:
     """Instantiate ``section`` passing only those ``available`` kwargs its target accepts."""
-    target = import_target(section._target_, "section")
-    params = inspect.signature(target.__init__ if inspect.isclass(target) else target).parameters
-    accepts_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in available.items() if accepts_all or k in params}
+    options = target_options(import_target(section._target_, "section"))
+    kwargs = {k: v for k, v in available.items() if options.open or k in options.params}
     return instantiate_cfg(section, **kwargs, _convert_="all")
 
 
@@ -81,8 +80,19 @@ def group_choice(cfg: DictConfig, group: str) -> str:
         return str(cfg.get(group, {}).get("_target_", group)).rsplit(".", 1)[-1]
 
 
-def check_compatible(method_cls: type, task: Task, cfg: DictConfig) -> None:
-    kinds = getattr(method_cls, "task_kinds", ("classification",))
+def method_class(cfg: DictConfig) -> type[BaseMethod]:
+    """The class ``model._target_`` names: one line unless it is a method (a :class:`BaseMethod`)."""
+    target = import_target(cfg.model._target_, "model")
+    if not (inspect.isclass(target) and issubclass(target, BaseMethod)):
+        raise ConfigError(
+            f"model._target_: {cfg.model._target_} is not a method (a subclass of mtneuro_lab.methods.base.BaseMethod)"
+        )
+    return target
+
+
+def check_compatible(method_cls: type[BaseMethod], task: Task, cfg: DictConfig) -> None:
+    """One line unless the task's kind is one the method runs on (``task_kinds``)."""
+    kinds = method_cls.task_kinds
     if task.kind not in kinds:
         model = group_choice(cfg, "model")
         raise ConfigError(
@@ -137,24 +147,27 @@ def task_facts(task: Task) -> dict[str, Any]:
     return {"num_classes": task.num_classes, "class_names": task.class_names, "input_shape": task.sample_shape()}
 
 
-def build_method(cfg: DictConfig, facts: Mapping[str, Any]) -> pl.LightningModule:
-    return instantiate_cfg(cfg.model, **facts, _convert_="all")
+def build_method(cfg: DictConfig, facts: Mapping[str, Any]) -> BaseMethod:
+    """``cfg.model`` given the run's facts (:func:`task_facts`); not yet bound to a task."""
+    method_class(cfg)
+    method: BaseMethod = instantiate_cfg(cfg.model, **facts, _convert_="all")
+    return method
 
 
 def build_components(cfg: DictConfig) -> Components:
     """Instantiate everything a run needs; raises ConfigError before reading any data."""
     catalog = catalog_from_config(cfg.cubes)
     task = build_task(cfg, catalog)
-    method_cls = import_target(cfg.model._target_, "model")
-    check_compatible(method_cls, task, cfg)
+    check_compatible(method_class(cfg), task, cfg)
     source = build_source(cfg, task, catalog)
     task.check_source(source)  # z range, and the x/y box of sources that have one (source=local)
     datamodule = build_datamodule(cfg, task, source, catalog)
     method = build_method(cfg, task_facts(task))
+    method.bind_task(task)
     return Components(catalog, source, task, datamodule, method)
 
 
-def build_callbacks(cfg: DictConfig, method: pl.LightningModule) -> list[pl.Callback]:
+def build_callbacks(cfg: DictConfig, method: BaseMethod) -> list[pl.Callback]:
     """``cfg.callbacks`` instantiated (the preflight builds them too: their range checks run first)."""
     callbacks = []
     for name, sub in (cfg.get("callbacks") or {}).items():
@@ -171,7 +184,7 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return [instantiate_cfg(sub) for sub in (cfg.get("logger") or {}).values() if sub is not None]
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, method: pl.LightningModule) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, method: BaseMethod) -> pl.Trainer:
     callbacks = [*build_callbacks(cfg, method), RNGStateCheckpoint()]
     extra = {}
     if any(isinstance(cb, ProgressLog) and cb.hides_progress_bar() for cb in callbacks):

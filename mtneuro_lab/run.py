@@ -32,6 +32,7 @@ from mtneuro_lab.checkpoints import checkpoint_position, load_checkpoint, run_di
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.errors import CheckpointError, ConfigError
 from mtneuro_lab.memcheck import check_memory
+from mtneuro_lab.methods.base import BaseMethod
 from mtneuro_lab.rundir import cli_overrides, evaluation_config, next_steps, save_config, write_metrics
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def selection_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
     )
 
 
-def check_selection_metric(method: pl.LightningModule, metric: str, key: str) -> None:
+def check_selection_metric(method: BaseMethod, metric: str, key: str) -> None:
     """One line if ``metric`` cannot choose anything: a test metric, or one the method never logs."""
     if metric.startswith("test/"):
         raise ConfigError(f"{key}: {metric} selects on the test split; use a val/ metric")
@@ -81,7 +82,7 @@ def check_selection_metric(method: pl.LightningModule, metric: str, key: str) ->
         )
 
 
-def _selection_record(trainer: pl.Trainer, method: pl.LightningModule, datamodule: Any) -> tuple[str, dict[str, Any]]:
+def _selection_record(trainer: pl.Trainer, method: BaseMethod, datamodule: Any) -> tuple[str, dict[str, Any]]:
     """The best checkpoint and what chose it: ``selection/*``, ``best_epoch``/``best_step`` and
     the ``val/*`` metrics of exactly that checkpoint (validated again after loading it).
 
@@ -167,9 +168,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             run.log_config(ecfg)
         trainer.test(comps.method, datamodule=comps.datamodule)
         metrics = _test_metrics(trainer)
-        after = getattr(comps.method, "after_evaluate", None)
-        if after is not None:
-            metrics.update(after(comps.datamodule, run_dir) or {})
+        metrics.update(comps.method.after_evaluate(comps.datamodule, run_dir))
         if not trainer.is_global_zero:
             return {}
         written = write_metrics(run_dir, metrics)
@@ -240,14 +239,14 @@ def _sweeper_direction() -> str | None:
     return None if direction is None else str(direction).lower()
 
 
-def check_selection(cfg: DictConfig, method: pl.LightningModule | None) -> None:
+def check_selection(cfg: DictConfig, method: BaseMethod | None) -> None:
     """What chooses checkpoints and sweep trials is a validation metric the method logs.
 
     ``sweep.objective: selection`` means the method's own selection metric (what chose its
     checkpoint); its direction must match the sweeper's. ``method=None`` checks names only.
     """
     monitor = OmegaConf.select(cfg, "callbacks.model_checkpoint.monitor", default=None)
-    default_metric, default_mode = getattr(method, "monitor", (None, None))
+    default_metric, default_mode = method.monitor if method is not None else (None, None)
     if monitor is not None:
         if method is not None:
             check_selection_metric(method, str(monitor), "callbacks.model_checkpoint.monitor")

@@ -199,7 +199,7 @@ def test_token_is_never_written_or_shown(boss: FakeBoss, tmp_path: Path) -> None
         assert TOKEN.encode() not in path.read_bytes(), path
     side = json.loads(next(p for p in tmp_path.rglob("*.json") if p.name != "frame.json").read_text())
     assert side["meta"]["uri"].startswith("bossdb://prasad/") and "token" not in json.dumps(side)
-    assert TOKEN not in repr(src) and TOKEN not in src.describe()
+    assert TOKEN not in repr(src) and TOKEN not in str(src)
     with pytest.raises(ConfigError, match="source.token: .*BOSSDB_TOKEN"):
         make(boss, tmp_path, token=TOKEN)
 

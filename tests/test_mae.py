@@ -11,7 +11,6 @@ from mtneuro_lab.errors import CheckpointError, ConfigError
 from mtneuro_lab.methods.mae_finetune import (
     MAEFinetune,
     layer_decay_groups,
-    target_kind,
     target_loss,
 )
 from mtneuro_lab.methods.mae_pretrain import (
@@ -294,11 +293,12 @@ def test_unetr_anisotropic_patch_stages_and_shapes():
     assert net(torch.randn(2, 1, 4, 16, 32)).shape == (2, 3, 4, 16, 32)
 
 
-def test_target_kind_and_loss():
-    assert target_kind(["aff_z", "aff_y", "aff_x"]) == "affinity"
-    assert target_kind(["foreground", "contour", "distance"]) == "bcd"
-    with pytest.raises(ConfigError):
-        target_kind(["background", "cell"])
+def test_target_kind_comes_from_the_bound_task_and_loss():
+    ft = finetune()
+    with pytest.raises(ConfigError, match="no task bound"):
+        _ = ft.target_kind
+    with pytest.raises(ConfigError, match="needs an EM task"):
+        ft.bind_task(object())  # type: ignore[arg-type]
     logits = torch.zeros(1, 3, 2, 4, 4, requires_grad=True)
     target = torch.rand(1, 3, 2, 4, 4) * 2 - 1
     target[:, :2] = target[:, :2].abs()
@@ -335,6 +335,8 @@ def test_model_configs_compose_validate_and_build(model, task):
     comps = build_components(cfg)
     assert comps.method.input_shape == tuple(cfg.task.crop)
     assert comps.method.encoder.grid == (6, 6, 6)
+    if model == "mae_finetune":  # the loss follows the task's target (snemi3d: affinity, mitoem: bc)
+        assert comps.method.target_kind == cfg.task.target == {"snemi3d": "affinity", "mitoem": "bc"}[task]
 
 
 @pytest.mark.parametrize(

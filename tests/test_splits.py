@@ -213,7 +213,7 @@ def test_datamodule_train_stats_match_numpy() -> None:
     task = make_task("roi_c1", "task.downsample=4")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(1000, 16, 16), dtype=np.uint8)
-    mean, std = VolumeDataModule._train_stats(images)
+    mean, std = VolumeDataModule.train_stats(images)
     sample = images[::3].astype(np.float64) / 255.0
     assert mean == pytest.approx(sample.mean(), rel=1e-9) and std == pytest.approx(sample.std(), rel=1e-6)
     assert task.num_classes == 4

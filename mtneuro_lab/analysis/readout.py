@@ -42,6 +42,7 @@ from mtneuro_lab.build import (
     data_config,
     group_choice,
     load_method_checkpoint,
+    method_class,
     task_facts,
 )
 from mtneuro_lab.config.schema import DataConfig, import_target, validate_config
@@ -53,6 +54,7 @@ from mtneuro_lab.data.semantic_task import blocked_folds
 from mtneuro_lab.errors import CheckpointError, ConfigError
 from mtneuro_lab.io import atomic_write_bytes
 from mtneuro_lab.media import MediaItem, deliver, save_pngs, write_pngs
+from mtneuro_lab.methods.decomposition import DecompositionClassifier
 from mtneuro_lab.metrics import figures
 from mtneuro_lab.rundir import evaluation_config, save_config, saved_config, write_metrics
 from mtneuro_lab.tracking import finish_loggers, set_job_type, wandb_runs
@@ -282,8 +284,8 @@ def _model_name(cfg: DictConfig) -> str:
 
 
 def _fits_itself(method_cls: type) -> bool:
-    """Decompositions (PCA/NMF) expose ``fit_decomposition()`` and are fitted here without a checkpoint."""
-    return callable(getattr(method_cls, "fit_decomposition", None))
+    """Decompositions (PCA/NMF) are fitted here (``fit_decomposition``) without a checkpoint."""
+    return issubclass(method_cls, DecompositionClassifier)
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -294,7 +296,7 @@ def preflight(cfg: DictConfig) -> None:
             raise CheckpointError(f"ckpt_path: no checkpoint file at {ckpt}")
         return
     validate_config(cfg)
-    method_cls = import_target(cfg.model._target_, "model")
+    method_cls = method_class(cfg)
     if not _fits_itself(method_cls):
         raise ConfigError(
             f"ckpt_path: task=semantic with model={_model_name(cfg)} needs ckpt_path=<Task 1 "
@@ -309,7 +311,7 @@ def _normalisation(state: Mapping[str, Any] | None, data: DataConfig, task: Any,
         return float(saved["mean"]), float(saved["std"])
     if data.normalize == "fixed":
         return 0.5, 0.25
-    return VolumeDataModule._train_stats(task.build("train", source).images)
+    return VolumeDataModule.train_stats(task.build("train", source).images)
 
 
 def run_semantic(cfg: DictConfig) -> dict[str, float]:
@@ -320,7 +322,7 @@ def run_semantic(cfg: DictConfig) -> dict[str, float]:
     model_name = _model_name(ecfg)
     catalog = catalog_from_config(ecfg.cubes)
     task = build_task(ecfg, catalog)
-    method_cls = import_target(ecfg.model._target_, "model")
+    method_cls = method_class(ecfg)
     state = None
     if ckpt:
         saved = saved_config(Path(str(ckpt)))

@@ -5,10 +5,10 @@ name the key and the allowed values:
 
 * plain sections (``data``, ``cubes`` ...) are merged onto dataclass schemas;
 * sections with a ``_target_`` (task, model, source, trainer, logger, callbacks) are checked
-  against the signature of the class they instantiate: unknown keys, wrong scalar types,
-  ``Literal`` choices, and parameters annotated with a dataclass (recursively). The classes'
-  own constructors then check value ranges when the run instantiates them, still before any
-  data is touched.
+  against the constructor of the class they instantiate, and of its parents where it forwards
+  ``**kwargs`` (:func:`target_options`): unknown keys, wrong scalar types, ``Literal`` choices,
+  and parameters annotated with a dataclass (recursively). The classes' own constructors then
+  check value ranges when the run instantiates them, still before any data is touched.
 """
 
 from __future__ import annotations
@@ -97,21 +97,64 @@ def import_target(path: str, key: str) -> Any:
         raise ConfigError(f"{key}._target_: cannot import {path!r} ({err})") from None
 
 
-def _signature(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
-    func = target.__init__ if inspect.isclass(target) else target
+@dataclass(frozen=True)
+class TargetOptions:
+    """The keys a ``_target_`` section may hold: parameters and their type hints; ``open`` means
+    the target takes ``**kwargs`` we cannot follow, so other keys pass unchecked."""
+
+    params: dict[str, inspect.Parameter]
+    hints: dict[str, Any]
+    open: bool
+
+
+def _own_parameters(func: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    """Named parameters of ``func`` (not self, not ``*args``/``**kwargs``), its hints, and whether
+    it takes ``**kwargs``."""
     sig = inspect.signature(func)
     try:
         hints = typing.get_type_hints(func)
     except Exception:  # noqa: BLE001 - third-party annotations may not resolve; skip type checks
         hints = {}
-    params = {n: p for n, p in sig.parameters.items() if n not in ("self", "cls")}
-    has_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    params = {
-        n: p
-        for n, p in params.items()
-        if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
-    }
+    variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    params = {n: p for n, p in sig.parameters.items() if n not in ("self", "cls") and p.kind not in variadic}
+    has_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
     return params, hints, has_kwargs
+
+
+def _is_project(function: Any) -> bool:
+    return str(getattr(function, "__module__", "")).startswith("mtneuro_lab.")
+
+
+def target_options(target: Any) -> TargetOptions:
+    """What ``target``'s constructor accepts, following ``**kwargs`` up the class hierarchy.
+
+    A project class (module ``mtneuro_lab.*``) whose constructor takes ``**kwargs`` forwards them
+    to ``super().__init__`` (see :mod:`mtneuro_lab.methods.base`), so the keyword-only options of
+    its ancestors are its options too; an ancestor's positional parameters are filled by the
+    subclass itself (the run's facts, a network it built) and are not config keys. The walk stops
+    at the first constructor without ``**kwargs``. A user's class outside the package that
+    forwards ``**kwargs`` to a project class (docs/user_configs.md) is followed the same way; any
+    other third-party constructor with ``**kwargs`` leaves the section open.
+    """
+    if not inspect.isclass(target):
+        params, hints, has_kwargs = _own_parameters(target)
+        return TargetOptions(params, hints, has_kwargs)
+    params: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    inits = [vars(cls)["__init__"] for cls in target.__mro__ if "__init__" in vars(cls)]
+    for depth, init in enumerate(inits):
+        own, own_hints, has_kwargs = _own_parameters(init)
+        for name, param in own.items():
+            if (depth == 0 or param.kind is inspect.Parameter.KEYWORD_ONLY) and name not in params:
+                params[name] = param
+                if name in own_hints:
+                    hints[name] = own_hints[name]
+        if not has_kwargs:
+            return TargetOptions(params, hints, False)
+        forwards_to_project = depth + 1 < len(inits) and _is_project(inits[depth + 1])
+        if not (_is_project(init) or forwards_to_project):
+            break
+    return TargetOptions(params, hints, True)
 
 
 def _type_ok(value: Any, hint: Any, key: str) -> None:
@@ -125,8 +168,8 @@ def _type_ok(value: Any, hint: Any, key: str) -> None:
             return
         options = [a for a in args if a is not type(None)]
         schemas = [a for a in options if dataclasses.is_dataclass(a)]
-        if schemas and isinstance(value, (Mapping, DictConfig)):  # `Config | Mapping`: a mapping of Config's keys
-            merge_dataclass(schemas[0], value, key)
+        if schemas and isinstance(value, (Mapping, DictConfig)):  # e.g. model.optimizer: its keys too
+            _type_ok(value, schemas[0], key)
             return
         if options and all(typing.get_origin(a) is Literal for a in options):  # e.g. trainer.precision
             choices = [c for a in options for c in typing.get_args(a)]
@@ -191,7 +234,8 @@ def check_target_section(section: Any, key: str, injected: frozenset[str] = froz
     if not isinstance(section, (DictConfig, Mapping)) or "_target_" not in section:
         return
     target = import_target(section["_target_"], key)
-    params, hints, has_kwargs = _signature(target)
+    options = target_options(target)
+    params, hints = options.params, options.hints
     for name in section:
         if name in HYDRA_KEYS:
             continue
@@ -203,7 +247,7 @@ def check_target_section(section: Any, key: str, injected: frozenset[str] = froz
         if value is None and isinstance(section, DictConfig) and OmegaConf.is_interpolation(section, name):
             continue  # the same, where the preflight's Hydra config leaves it empty
         if name not in params:
-            if has_kwargs:
+            if options.open:
                 continue
             allowed = ", ".join(sorted(p for p in params if p not in injected))
             raise ConfigError(f"{sub}: unknown key for {getattr(target, '__name__', target)}; allowed: {allowed}")
@@ -240,9 +284,7 @@ TOP_LEVEL = {
     "seed",
     "ckpt_path",
     "test_after_fit",
-    "resume",
     "tags",
-    "experiment_name",
     "extras",
     "sweep",
     "hydra",

@@ -197,11 +197,11 @@ class VolumeDataModule(pl.LightningDataModule):
             if split not in self.arrays:
                 self.arrays[split] = self.task.build(split, self.source)
         if self.normalize == "train_stats":
-            self.mean, self.std = self._train_stats(self.arrays["train"].images)
+            self.mean, self.std = self.train_stats(self.arrays["train"].images)
         log.info(describe_counts(self.task, self.arrays))
 
     @staticmethod
-    def _train_stats(images: np.ndarray) -> tuple[float, float]:
+    def train_stats(images: np.ndarray) -> tuple[float, float]:
         """Mean/std of ~256 evenly spaced training samples, accumulated in chunks of 16 so no
         float copy of the sample is ever held (the split itself stays the only big array)."""
         sample = images[:: max(1, len(images) // 256)]

@@ -423,7 +423,7 @@ class EMDataModule(VolumeDataModule):
             if split not in self.volumes:
                 self.volumes[split] = self.task.build(split, self.source)
         if self.normalize == "train_stats":
-            self.mean, self.std = self._train_stats(self.volumes["train"].image)
+            self.mean, self.std = self.train_stats(self.volumes["train"].image)
         log.info(
             "%s: %s",
             self.task.name,

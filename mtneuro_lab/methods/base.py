@@ -1,13 +1,19 @@
-"""What every method shares: optimiser/schedule from config, stage bookkeeping, injected facts.
+"""What every method shares: optimiser/schedule from config, stage bookkeeping, injected facts,
+and the contract the run relies on (``task_kinds``, ``monitor``, ``validation_metrics``,
+``bind_task``, ``after_evaluate``).
 
-Methods receive from the run (not from their own config) what depends on the task:
-``num_classes``, ``class_names`` and ``input_shape`` (spatial shape of one sample).
+Constructor convention: the run's facts (``num_classes``, ``class_names``, ``input_shape``,
+never in the YAML) come positionally; each class declares only its OWN options, keyword-only,
+and passes everything else up with ``**kwargs``. The schema
+(:func:`mtneuro_lab.config.schema.target_options`) follows those ``**kwargs`` up the class
+hierarchy, so an option is declared once and a typo in any of them is still one line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 import pytorch_lightning as pl
 import torch
@@ -15,6 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mtneuro_lab.config.schema import one_line_omegaconf_error
+from mtneuro_lab.data.contract import Task
 from mtneuro_lab.errors import ConfigError
 from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler
 
@@ -38,15 +45,18 @@ class BaseMethod(pl.LightningModule):
     """Optimiser, schedule and the facts every method gets from the run."""
 
     #: metric watched by checkpointing / early stopping, and its direction
-    monitor: tuple[str, str] = ("val/loss", "min")
+    monitor: ClassVar[tuple[str, str]] = ("val/loss", "min")
+    #: the task kinds (:attr:`mtneuro_lab.data.contract.Task.kind`) this method runs on
+    task_kinds: ClassVar[tuple[str, ...]] = ("classification",)
 
     def __init__(
         self,
         num_classes: int,
         class_names: Sequence[str],
         input_shape: Sequence[int],
-        optimizer: OptimizerConfig | Mapping | None = None,
-        scheduler: SchedulerConfig | Mapping | None = None,
+        *,
+        optimizer: OptimizerConfig | Mapping[str, Any] | None = None,
+        scheduler: SchedulerConfig | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = int(num_classes)
@@ -58,6 +68,16 @@ class BaseMethod(pl.LightningModule):
     def validation_metrics(self) -> set[str]:
         """Every ``val/`` key this method logs: what checkpoint selection and sweeps may choose by."""
         return {"val/loss"}
+
+    # -- hooks the run calls ---------------------------------------------------------------------
+    def bind_task(self, task: Task) -> None:
+        """Take what the method needs from the task beyond the facts (the builder calls it once,
+        right after construction, before any data is read); nothing by default."""
+
+    def after_evaluate(self, datamodule: Any, run_dir: Path) -> dict[str, float]:
+        """``evaluate.py``, after the test: write extra outputs into ``run_dir``; returns extra
+        metrics for ``metrics.json`` (none by default)."""
+        return {}
 
     # -- figures ---------------------------------------------------------------------------------
     #: the media callback (``callbacks.media``) while one is attached; see :meth:`offer_media`

@@ -7,7 +7,7 @@ views, EMA schedule, online probe and linear evaluation come from :class:`SSLMet
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +16,7 @@ from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
 from torch import nn
 
 from mtneuro_lab.errors import ConfigError
-from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
-from mtneuro_lab.methods.ssl import LinearEvalConfig, SSLMethod, ViewConfig, make_target, regression_loss
-from mtneuro_lab.nets.resnet import Stem
+from mtneuro_lab.methods.ssl import SSLMethod, make_target, regression_loss
 
 
 @dataclass
@@ -41,21 +39,15 @@ class BYOL(SSLMethod):
         num_classes: int,
         class_names: Sequence[str],
         input_shape: Sequence[int],
-        optimizer: OptimizerConfig | Mapping | None = None,
-        scheduler: SchedulerConfig | Mapping | None = None,
-        stem: Stem = "auto",
-        views: ViewConfig | Mapping | None = None,
-        linear_eval: LinearEvalConfig | Mapping | None = None,
-        ema_start: float = 0.996,
-        ema_end: float = 1.0,
+        *,
         hidden_dim: int = 4096,
         proj_dim: int = 256,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes, class_names, input_shape, optimizer, scheduler, stem, views, linear_eval, ema_start, ema_end
-        )
+        super().__init__(num_classes, class_names, input_shape, **kwargs)
         if hidden_dim < 1 or proj_dim < 1:
             raise ConfigError(f"model.hidden_dim/proj_dim: must be >= 1, got {hidden_dim} and {proj_dim}")
+        self.hidden_dim, self.proj_dim = hidden_dim, proj_dim  # MYOW's mined-view heads have the same widths
         dim = self.encoder.out_dim
         self.projector = BYOLProjectionHead(dim, hidden_dim, proj_dim)
         self.predictor = BYOLPredictionHead(proj_dim, hidden_dim, proj_dim)

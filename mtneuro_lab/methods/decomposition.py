@@ -15,8 +15,8 @@ does not depend on its batch-mates.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,7 +25,6 @@ from sklearn.decomposition import NMF, PCA
 
 from mtneuro_lab.errors import ConfigError, DataError
 from mtneuro_lab.methods.fitted import FittedEmbeddingClassifier
-from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +53,14 @@ class DecompositionClassifier(FittedEmbeddingClassifier):
         num_classes: int,
         class_names: Sequence[str],
         input_shape: Sequence[int],
-        optimizer: OptimizerConfig | Mapping | None = None,
-        scheduler: SchedulerConfig | Mapping | None = None,
+        *,
         kind: Literal["pca", "nmf"] = "pca",
         n_components: int = 256,
         pool: int = 1,
         max_fit_samples: int = 4096,
         max_iter: int = 200,
         fit_seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         if kind not in ("pca", "nmf"):
             raise ConfigError(f"model.kind: must be one of pca, nmf, got {kind!r}")
@@ -75,27 +74,21 @@ class DecompositionClassifier(FittedEmbeddingClassifier):
             raise ConfigError(f"model.max_fit_samples: must be >= n_components ({n_components}), got {max_fit_samples}")
         if max_iter < 1:
             raise ConfigError(f"model.max_iter: must be >= 1, got {max_iter}")
-        super().__init__(
-            num_classes,
-            class_names,
-            input_shape,
-            optimizer,
-            scheduler,
-            embed_dim=n_components,
-            embedding_buffers={"pixel_mean": torch.zeros(dim), "components": torch.zeros(n_components, dim)},
-        )
-        self.kind, self.n_components, self.pool = kind, n_components, pool
+        buffers = {"pixel_mean": torch.zeros(dim), "components": torch.zeros(n_components, dim)}
+        super().__init__(num_classes, class_names, input_shape, n_components, buffers, **kwargs)
+        self.model_name = self.decomposition = kind  # model=pca / model=nmf
+        self.n_components, self.pool_factor = n_components, pool
         self.max_fit_samples, self.max_iter, self.fit_seed = max_fit_samples, max_iter, fit_seed
 
     # -- the embedding --------------------------------------------------------------------------
     def _pixels(self, raw: torch.Tensor) -> torch.Tensor:
         """Intensities in [0, 1] ``(B, 1, H, W)`` -> pooled, flattened rows ``(B, dim)``."""
-        if self.pool > 1:
-            raw = F.avg_pool2d(raw, self.pool)
+        if self.pool_factor > 1:
+            raw = F.avg_pool2d(raw, self.pool_factor)
         return raw.flatten(1)
 
     def _code(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.kind == "pca":
+        if self.decomposition == "pca":
             return (rows - self.pixel_mean) @ self.components.T
         return nmf_transform(rows.clamp_min(0), self.components, self.max_iter)
 
@@ -116,7 +109,7 @@ class DecompositionClassifier(FittedEmbeddingClassifier):
         chosen = np.sort(rng.choice(n, self.max_fit_samples, replace=False)) if n > self.max_fit_samples else None
         imgs = train_images if chosen is None else train_images[chosen]
         rows = self._pixels(self.raw_tiles(imgs)).cpu().numpy()
-        if self.kind == "pca":
+        if self.decomposition == "pca":
             model = PCA(self.n_components, random_state=self.fit_seed).fit(rows)
             self.pixel_mean.copy_(torch.from_numpy(model.mean_).float())
         else:
@@ -126,7 +119,7 @@ class DecompositionClassifier(FittedEmbeddingClassifier):
         self.components.copy_(torch.from_numpy(model.components_).float())
         log.info(
             "%s: %d components fitted on %d training tiles of %d pixels",
-            self.kind.upper(),
+            self.decomposition.upper(),
             self.n_components,
             len(rows),
             rows.shape[1],

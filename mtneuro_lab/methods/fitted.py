@@ -22,7 +22,6 @@ from torch import nn
 
 from mtneuro_lab.errors import DataError
 from mtneuro_lab.methods.base import ScoredMethod
-from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
 from mtneuro_lab.metrics.classification import ClassificationMetrics
 
 log = logging.getLogger(__name__)
@@ -34,27 +33,26 @@ FIT_CHUNK = 512
 class FittedEmbeddingClassifier(ScoredMethod):
     """Fixed embedding (fitted on training tiles) + standardisation + linear read-out.
 
-    Subclasses set ``self.kind`` (the ``model=`` name used in messages) and implement
+    Subclasses set ``model_name`` (the ``model=`` name used in messages), pass ``embed_dim`` (and
+    any buffers their embedding needs) positionally after the run's facts, and implement
     :meth:`raw_code`; those that learn something from the training tiles (PCA components) also
     override :meth:`fit_code`.
     """
 
     monitor = ("val/acc", "max")
     task_kinds = ("classification",)
-    kind = "embedding"
+    model_name = "embedding"
 
     def __init__(
         self,
         num_classes: int,
         class_names: Sequence[str],
         input_shape: Sequence[int],
-        optimizer: OptimizerConfig | Mapping | None = None,
-        scheduler: SchedulerConfig | Mapping | None = None,
-        *,
         embed_dim: int,
         embedding_buffers: Mapping[str, torch.Tensor] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes, class_names, input_shape, optimizer, scheduler)
+        super().__init__(num_classes, class_names, input_shape, **kwargs)
         # the embedding's own buffers first: PCA/NMF checkpoints keep their key order
         for name, value in (embedding_buffers or {}).items():
             self.register_buffer(name, value)
@@ -86,7 +84,7 @@ class FittedEmbeddingClassifier(ScoredMethod):
             return  # restored from a checkpoint
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "arrays"):
-            raise DataError(f"model={self.kind}: needs the run's datamodule to fit on the training split")
+            raise DataError(f"model={self.model_name}: needs the run's datamodule to fit on the training split")
         self.fit_embedding(dm.arrays["train"].images, float(dm.mean), float(dm.std))
 
     def raw_tiles(self, images: np.ndarray) -> torch.Tensor:
@@ -108,7 +106,7 @@ class FittedEmbeddingClassifier(ScoredMethod):
         self.feat_mean.copy_(codes.mean(0))
         self.feat_std.copy_(codes.std(0).clamp_min(1e-6))
         self.fitted.fill_(True)
-        log.info("%s: %d-d embedding standardised on %d training tiles", self.kind, self.embed_dim, n)
+        log.info("%s: %d-d embedding standardised on %d training tiles", self.model_name, self.embed_dim, n)
 
     # -- the read-out ---------------------------------------------------------------------------
     def optimizer_parameters(self) -> Any:
@@ -127,6 +125,7 @@ class FittedEmbeddingClassifier(ScoredMethod):
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
         if not bool(self.fitted):
             raise DataError(
-                f"model={self.kind}: the embedding is not fitted (train first, or pass a checkpoint of a trained run)"
+                f"model={self.model_name}: the embedding is not fitted "
+                "(train first, or pass a checkpoint of a trained run)"
             )
         super()._eval_step(stage, batch)

@@ -7,8 +7,8 @@ Layer-wise learning-rate decay (BEiT/MAE): block ``i`` of ``depth`` trains at
 ``lr * layer_decay ** (depth - i)``, the patch embedding at ``lr * layer_decay ** (depth + 1)``,
 the final norm and the whole decoder at ``lr``.
 
-The target kind (affinity, bc, bcd) is read off the channel names the task provides
-(:func:`mtneuro_lab.data.targets.target_channels`). Validation and test run sliding-window
+The target kind (affinity, bc, bcd) is the task's ``target`` (:meth:`MAEFinetune.bind_task`).
+Validation and test run sliding-window
 inference over the whole volume (windows of the training crop, the task's ``eval_overlap``):
 validation logs ``val/loss`` against the volume's targets; test post-processes the blended
 probabilities with the task's post-processing and logs every metric of
@@ -19,7 +19,7 @@ probabilities with the task's post-processing and logs every metric of
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mtneuro_lab.data.contract import Task
 from mtneuro_lab.data.em import EMTask
+from mtneuro_lab.data.targets import TargetKind
 from mtneuro_lab.decoding import postprocess as pp
 from mtneuro_lab.decoding.postprocess import sliding_window_predict
 from mtneuro_lab.errors import CheckpointError, ConfigError
 from mtneuro_lab.methods.base import BaseMethod
 from mtneuro_lab.methods.mae_pretrain import CKPT_META_KEY, ENCODER_FORMAT
-from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
 from mtneuro_lab.metrics.em import evaluate_instances
 from mtneuro_lab.nets.unetr import UNETR
 from mtneuro_lab.nets.vit3d import Preset, ViTEncoder, resize_pos_embed, token_grid, vit_spec
@@ -119,27 +120,15 @@ def load_pretrained_encoder(encoder: ViTEncoder, path: str | Path) -> dict[str, 
 
 
 # -- targets ----------------------------------------------------------------------------------
-def target_kind(class_names: Sequence[str]) -> str:
-    """affinity | bc | bcd, from the task's channel names (see data/targets.target_channels)."""
-    names = list(class_names)
-    if names and all(n.startswith("aff_") for n in names):
-        return "affinity"
-    if names == ["foreground", "contour"]:
-        return "bc"
-    if names == ["foreground", "contour", "distance"]:
-        return "bcd"
-    raise ConfigError(f"model=mae_finetune: the task's target channels {names} are not affinity, bc or bcd")
-
-
 def target_loss(
-    logits: torch.Tensor, target: torch.Tensor, kind: str, mask: torch.Tensor | None = None
+    logits: torch.Tensor, target: torch.Tensor, target_kind: TargetKind, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Masked BCE on probability channels; for BCD, MSE of ``tanh`` on the distance channel."""
     weight = torch.ones_like(target) if mask is None else mask.to(target.dtype)
-    prob = slice(0, 2) if kind == "bcd" else slice(None)
+    prob = slice(0, 2) if target_kind == "bcd" else slice(None)
     bce = F.binary_cross_entropy_with_logits(logits[:, prob], target[:, prob], reduction="none")
     loss = (bce * weight[:, prob]).sum() / weight[:, prob].sum().clamp_min(1)
-    if kind == "bcd":
+    if target_kind == "bcd":
         mse = (torch.tanh(logits[:, 2:3]) - target[:, 2:3]) ** 2
         loss = loss + (mse * weight[:, 2:3]).sum() / weight[:, 2:3].sum().clamp_min(1)
     return loss
@@ -189,8 +178,7 @@ class MAEFinetune(BaseMethod):
         num_classes: int,
         class_names: Sequence[str],
         input_shape: Sequence[int],
-        optimizer: OptimizerConfig | Mapping | None = None,
-        scheduler: SchedulerConfig | Mapping | None = None,
+        *,
         preset: Preset = "base",
         patch_size: Sequence[int] = (1, 16, 16),
         pretrained: str | None = None,
@@ -198,15 +186,16 @@ class MAEFinetune(BaseMethod):
         drop_path: float = 0.1,
         feature_size: int = 16,
         sw_batch_size: int = 4,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes, class_names, input_shape, optimizer, scheduler)
+        super().__init__(num_classes, class_names, input_shape, **kwargs)
         if not 0.0 < layer_decay <= 1.0:
             raise ConfigError(f"model.layer_decay: must be in (0, 1], got {layer_decay}")
         if not 0.0 <= drop_path < 1.0:
             raise ConfigError(f"model.drop_path: must be in [0, 1), got {drop_path}")
         if sw_batch_size < 1:
             raise ConfigError(f"model.sw_batch_size: must be >= 1, got {sw_batch_size}")
-        self.kind = target_kind(self.class_names)
+        self.em_task: EMTask | None = None  # set by bind_task: post-processing, overlap, target kind
         spec = vit_spec(preset, patch_size, self.input_shape)
         self.net = UNETR(ViTEncoder(spec, drop_path=drop_path), self.num_classes, feature_size)
         self.pretrained = pretrained
@@ -226,18 +215,30 @@ class MAEFinetune(BaseMethod):
         named = [(n[len("net.") :], p) for n, p in self.named_parameters()]
         return layer_decay_groups(named, self.encoder.spec.depth, self.layer_decay, self.optim_cfg.weight_decay)
 
+    def bind_task(self, task: Task) -> None:
+        """The EM task gives the target kind (its ``target``), the post-processing and the overlap."""
+        if not isinstance(task, EMTask):
+            raise ConfigError("model=mae_finetune: needs an EM task (task=snemi3d or task=mitoem)")
+        self.em_task = task
+
+    @property
+    def target_kind(self) -> TargetKind:
+        """affinity | bc | bcd: the bound task's ``target``."""
+        return self._task().target
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
-        loss = target_loss(logits, batch["target"], self.kind, batch.get("mask"))
+        loss = target_loss(logits, batch["target"], self.target_kind, batch.get("mask"))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
     # -- whole-volume evaluation -------------------------------------------------------------
     def _task(self) -> EMTask:
-        task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
-        if not isinstance(task, EMTask):
-            raise ConfigError("model=mae_finetune: evaluation needs an EM task (task=snemi3d or task=mitoem)")
-        return task
+        if self.em_task is None:
+            raise ConfigError(
+                "model=mae_finetune: no task bound (build the run with mtneuro_lab.build, or call bind_task)"
+            )
+        return self.em_task
 
     def _predict_volume(self, image: torch.Tensor, activation: Any = None) -> torch.Tensor:
         task = self._task()
@@ -252,7 +253,7 @@ class MAEFinetune(BaseMethod):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         logits = self._predict_volume(batch["image"])
-        loss = target_loss(logits, batch["target"], self.kind, batch.get("mask"))
+        loss = target_loss(logits, batch["target"], self.target_kind, batch.get("mask"))
         self.log("val/loss", loss, prog_bar=True, batch_size=1, sync_dist=True)
         self.offer_media("val", "em", lambda: _em_media(batch, self._task().activate(logits)))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ import torch
 from mtneuro_lab.errors import ConfigError, DataError
 from mtneuro_lab.io import atomic_write_bytes
 from mtneuro_lab.methods.base import BaseMethod
-from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
 from mtneuro_lab.nets.vit3d import (
     MAEDecoder,
     MaskStrategy,
@@ -98,8 +97,7 @@ class MAEPretrain(BaseMethod):
         num_classes: int,
         class_names: Sequence[str],
         input_shape: Sequence[int],
-        optimizer: OptimizerConfig | Mapping | None = None,
-        scheduler: SchedulerConfig | Mapping | None = None,
+        *,
         preset: Preset = "base",
         patch_size: Sequence[int] = (1, 16, 16),
         mask_ratio: float = 0.9,
@@ -110,8 +108,9 @@ class MAEPretrain(BaseMethod):
         norm_pix_loss: bool = True,
         eval_chunk: int = 8,
         encoder_file: str = "encoder.pt",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes, class_names, input_shape, optimizer, scheduler)
+        super().__init__(num_classes, class_names, input_shape, **kwargs)
         if not 0.0 <= mask_ratio < 1.0:
             raise ConfigError(f"model.mask_ratio: must be in [0, 1), got {mask_ratio}")
         if mask_strategy not in ("random", "space", "section"):

@@ -12,7 +12,7 @@ projector/predictor between augmented and mined views.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -22,9 +22,7 @@ from torch import nn
 
 from mtneuro_lab.errors import ConfigError
 from mtneuro_lab.methods.byol import BYOL, ViewOutputs
-from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
-from mtneuro_lab.methods.ssl import LinearEvalConfig, ViewConfig, make_target, regression_loss
-from mtneuro_lab.nets.resnet import Stem
+from mtneuro_lab.methods.ssl import make_target, regression_loss
 
 
 def mine_neighbours(
@@ -83,35 +81,15 @@ class MYOW(BYOL):
         num_classes: int,
         class_names: Sequence[str],
         input_shape: Sequence[int],
-        optimizer: OptimizerConfig | Mapping | None = None,
-        scheduler: SchedulerConfig | Mapping | None = None,
-        stem: Stem = "auto",
-        views: ViewConfig | Mapping | None = None,
-        linear_eval: LinearEvalConfig | Mapping | None = None,
-        ema_start: float = 0.996,
-        ema_end: float = 1.0,
-        hidden_dim: int = 4096,
-        proj_dim: int = 256,
+        *,
         k: int = 1,
         pool: Literal["batch", "queue"] = "batch",
         queue_size: int = 4096,
         mined_weight: float = 0.1,
         ramp_epochs: float = 10.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            class_names,
-            input_shape,
-            optimizer,
-            scheduler,
-            stem,
-            views,
-            linear_eval,
-            ema_start,
-            ema_end,
-            hidden_dim,
-            proj_dim,
-        )
+        super().__init__(num_classes, class_names, input_shape, **kwargs)
         if k < 1:
             raise ConfigError(f"model.k: must be >= 1, got {k}")
         if pool not in ("batch", "queue"):
@@ -122,12 +100,12 @@ class MYOW(BYOL):
             raise ConfigError(f"model.mined_weight: must be >= 0, got {mined_weight}")
         if ramp_epochs < 0:
             raise ConfigError(f"model.ramp_epochs: must be >= 0, got {ramp_epochs}")
-        self.k, self.pool = k, pool
+        self.k, self.candidate_pool = k, pool
         self.mined_weight, self.ramp_epochs = float(mined_weight), float(ramp_epochs)
         if not self.shares_heads:
             dim = self.encoder.out_dim
-            self.projector_m = BYOLProjectionHead(dim, hidden_dim, proj_dim)
-            self.predictor_m = BYOLPredictionHead(proj_dim, hidden_dim, proj_dim)
+            self.projector_m = BYOLProjectionHead(dim, self.hidden_dim, self.proj_dim)
+            self.predictor_m = BYOLPredictionHead(self.proj_dim, self.hidden_dim, self.proj_dim)
             self.target_projector_m = make_target(self.projector_m)
         self.queue = RepresentationQueue(queue_size, self.encoder.out_dim) if pool == "queue" else None
 

@@ -9,7 +9,7 @@ entry points only build the net: :class:`SMPSegmentation` (2D, segmentation-mode
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +21,6 @@ from torch import nn
 from mtneuro_lab.data import augment
 from mtneuro_lab.errors import ConfigError
 from mtneuro_lab.methods.base import ScoredMethod
-from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
 from mtneuro_lab.metrics import overlays
 from mtneuro_lab.metrics.segmentation import SegmentationMetrics
 from mtneuro_lab.nets.segmentation import (
@@ -46,17 +45,17 @@ class SegmentationMethod(ScoredMethod):
 
     def __init__(
         self,
-        net: nn.Module,
         num_classes: int,
         class_names: Sequence[str],
         input_shape: Sequence[int],
-        optimizer: OptimizerConfig | Mapping | None = None,
-        scheduler: SchedulerConfig | Mapping | None = None,
+        net: nn.Module,
+        *,
         loss: Loss = "ce",
         class_weights: list[float] | None = None,
         overlay_samples: int = 3,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes, class_names, input_shape, optimizer, scheduler)
+        super().__init__(num_classes, class_names, input_shape, **kwargs)
         if loss not in ("ce", "dice", "ce_dice"):
             raise ConfigError(f"model.loss: must be one of ce, dice, ce_dice, got {loss!r}")
         if class_weights is not None:
@@ -158,15 +157,12 @@ class SMPSegmentation(SegmentationMethod):
         num_classes: int,
         class_names: Sequence[str],
         input_shape: Sequence[int],
+        *,
         arch: SmpArch = "unet",
         encoder_name: str = "efficientnet-b7",
         encoder_weights: Literal["imagenet"] | None = None,
         encoder_depth: int | None = None,
-        optimizer: OptimizerConfig | Mapping | None = None,
-        scheduler: SchedulerConfig | Mapping | None = None,
-        loss: Loss = "ce",
-        class_weights: list[float] | None = None,
-        overlay_samples: int = 3,
+        **kwargs: Any,
     ) -> None:
         shape = _spatial(input_shape, 2, arch)
         if encoder_depth is not None and not 3 <= encoder_depth <= 5:
@@ -184,9 +180,7 @@ class SMPSegmentation(SegmentationMethod):
             f"model {arch} reduces by {factor}: use a smaller task.downsample or model.encoder_depth",
         )
         net = smp_net(arch, encoder_name, encoder_weights, num_classes, encoder_depth)
-        super().__init__(
-            net, num_classes, class_names, input_shape, optimizer, scheduler, loss, class_weights, overlay_samples
-        )
+        super().__init__(num_classes, class_names, input_shape, net, **kwargs)
 
 
 class Volumetric3DSegmentation(SegmentationMethod):
@@ -201,14 +195,11 @@ class Volumetric3DSegmentation(SegmentationMethod):
         num_classes: int,
         class_names: Sequence[str],
         input_shape: Sequence[int],
+        *,
         arch: Net3DArch = "unet3d",
         base_channels: int = 16,
         levels: int | None = None,
-        optimizer: OptimizerConfig | Mapping | None = None,
-        scheduler: SchedulerConfig | Mapping | None = None,
-        loss: Loss = "ce",
-        class_weights: list[float] | None = None,
-        overlay_samples: int = 3,
+        **kwargs: Any,
     ) -> None:
         shape = _spatial(input_shape, 3, arch)
         if base_channels < 1:
@@ -227,6 +218,4 @@ class Volumetric3DSegmentation(SegmentationMethod):
             f"use task.volume_z a multiple of {factor} or fewer model.levels",
         )
         net = net3d(arch, num_classes, base_channels, levels)
-        super().__init__(
-            net, num_classes, class_names, input_shape, optimizer, scheduler, loss, class_weights, overlay_samples
-        )
+        super().__init__(num_classes, class_names, input_shape, net, **kwargs)

@@ -113,15 +113,15 @@ class SSLMethod(BaseMethod):
         num_classes: int,
         class_names: Sequence[str],
         input_shape: Sequence[int],
-        optimizer: OptimizerConfig | Mapping | None = None,
-        scheduler: SchedulerConfig | Mapping | None = None,
+        *,
         stem: Stem = "auto",
-        views: ViewConfig | Mapping | None = None,
-        linear_eval: LinearEvalConfig | Mapping | None = None,
+        views: ViewConfig | Mapping[str, Any] | None = None,
+        linear_eval: LinearEvalConfig | Mapping[str, Any] | None = None,
         ema_start: float = 0.996,
         ema_end: float = 1.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes, class_names, input_shape, optimizer, scheduler)
+        super().__init__(num_classes, class_names, input_shape, **kwargs)
         if not 0 <= ema_start <= ema_end <= 1:
             raise ConfigError(
                 f"model.ema_start/ema_end: need 0 <= ema_start <= ema_end <= 1, got {ema_start} and {ema_end}"

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,7 +16,6 @@ from torch import nn
 from mtneuro_lab.data import augment
 from mtneuro_lab.errors import ConfigError
 from mtneuro_lab.methods.base import ScoredMethod
-from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
 from mtneuro_lab.metrics.classification import ClassificationMetrics
 from mtneuro_lab.nets.resnet import ResNet18Encoder, Stem
 
@@ -29,14 +28,14 @@ class SupervisedClassifier(ScoredMethod):
         num_classes: int,
         class_names: Sequence[str],
         input_shape: Sequence[int],
-        optimizer: OptimizerConfig | Mapping | None = None,
-        scheduler: SchedulerConfig | Mapping | None = None,
+        *,
         stem: Stem = "auto",
         dropout: float = 0.2,
         mixup_prob: float = 0.0,
         mixup_alpha: float = 1.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes, class_names, input_shape, optimizer, scheduler)
+        super().__init__(num_classes, class_names, input_shape, **kwargs)
         if not 0 <= dropout < 1:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {dropout}")
         if not 0 <= mixup_prob <= 1:

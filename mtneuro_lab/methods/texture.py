@@ -32,7 +32,8 @@ give the same features.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,6 @@ from skimage.filters import gabor_kernel
 
 from mtneuro_lab.errors import ConfigError
 from mtneuro_lab.methods.fitted import FittedEmbeddingClassifier
-from mtneuro_lab.methods.optim import OptimizerConfig, SchedulerConfig
 
 #: co-occurrence statistics, in feature order
 GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation")
@@ -171,15 +171,14 @@ def _at_least(value: int, key: str, low: int, high: int | None = None) -> int:
 class TextureClassifier(FittedEmbeddingClassifier):
     """Intensity, co-occurrence, LBP and Gabor statistics per tile + a linear read-out (see module)."""
 
-    kind = "texture"
+    model_name = "texture"
 
     def __init__(
         self,
         num_classes: int,
         class_names: Sequence[str],
         input_shape: Sequence[int],
-        optimizer: OptimizerConfig | Mapping | None = None,
-        scheduler: SchedulerConfig | Mapping | None = None,
+        *,
         quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95),
         glcm_distances: Sequence[int] = (1, 2, 4),
         glcm_angles: int = 4,
@@ -189,6 +188,7 @@ class TextureClassifier(FittedEmbeddingClassifier):
         gabor_frequencies: Sequence[float] = (0.1, 0.2, 0.4),
         gabor_orientations: int = 4,
         feature_cache: int = 100_000,
+        **kwargs: Any,
     ) -> None:
         shape = tuple(int(s) for s in input_shape)
         if len(shape) != 2:
@@ -212,7 +212,7 @@ class TextureClassifier(FittedEmbeddingClassifier):
             + (checked["lbp_points"] + 2) * len(checked["lbp_radii"])
             + 2 * len(checked["gabor_frequencies"])
         )
-        super().__init__(num_classes, class_names, shape, optimizer, scheduler, embed_dim=dim)
+        super().__init__(num_classes, class_names, shape, dim, **kwargs)
         self.quantiles: list[float] = checked["quantiles"]
         self.glcm_distances: list[int] = checked["glcm_distances"]
         self.glcm_angles: int = checked["glcm_angles"]

@@ -49,7 +49,3 @@ class VolumeSource(ABC):
             raise DataError(
                 f"{type(self).__name__}: unknown channel {channel!r}; available: {', '.join(self.channels)}"
             )
-
-    def describe(self) -> str:
-        """Short human-readable description used in logs."""
-        return type(self).__name__

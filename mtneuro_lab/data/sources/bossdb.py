@@ -310,12 +310,9 @@ class BossDBSource(VolumeSource):
         self._frames: dict[tuple[str, str], dict[str, Any]] = {}
 
     # -- description ---------------------------------------------------------------------------
-    def describe(self) -> str:
+    def __repr__(self) -> str:  # never shows the token
         mode = "offline" if self.offline else f"{self.protocol}://{self.host}"
         return f"BossDBSource({mode}, res {self.resolution}, chunk {list(self.chunk)}, cache={self.root})"
-
-    def __repr__(self) -> str:  # never shows the token
-        return self.describe()
 
     @property
     def z_extent(self) -> tuple[int, int] | None:

@@ -326,11 +326,6 @@ class LocalVolumeSource(VolumeSource):
     def z_extent(self) -> Range:
         return self.extent[2]
 
-    def describe(self) -> str:
-        files = ", ".join(f"{n}={r.path}" for n, r in self.readers.items())
-        x, y, z = self.extent
-        return f"LocalVolumeSource({files}; x={list(x)} y={list(y)} z={list(z)})"
-
     def check_channel(self, channel: str) -> None:
         if channel not in self.readers:
             raise DataError(
