@@ -1,14 +1,15 @@
 """A method class that lives outside the package (docs/user_configs.md): a small CNN for Task 1.
 
-Any LightningModule works if its constructor takes the facts the run injects (``num_classes``,
-``class_names``, ``input_shape``) plus the keys of its config file; subclassing
-:class:`mtneuro_lab.methods.base.ScoredMethod` gives the optimiser/schedule from the config,
-the validation/test steps and the pooled ``val/acc`` the run's checkpointing selects by.
+The conventions are those of a method inside the package (docs/contributing.md, "Add a method"):
+the facts the run injects (``num_classes``, ``class_names``, ``input_shape``) positionally, its
+own options keyword-only, the inherited ones (``optimizer``, ``scheduler``) passed up with
+``**kwargs``; :class:`mtneuro_lab.methods.base.ScoredMethod` adds the validation/test steps and
+the pooled ``val/acc`` the run's checkpointing selects by.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,12 +31,12 @@ class SmallCNN(ScoredMethod):
         num_classes: int,
         class_names: Sequence[str],
         input_shape: Sequence[int],
-        optimizer: Mapping | None = None,
-        scheduler: Mapping | None = None,
+        *,
         width: int = 16,
         depth: int = 3,
+        **kwargs: Any,  # optimizer, scheduler: BaseMethod's options
     ) -> None:
-        super().__init__(num_classes, class_names, input_shape, optimizer, scheduler)
+        super().__init__(num_classes, class_names, input_shape, **kwargs)
         if width < 1 or depth < 1:
             raise ConfigError(f"model.width/model.depth: must be >= 1, got {width}/{depth}")
         layers: list[nn.Module] = []
