@@ -8,7 +8,7 @@ warm-up run of each arm (file caches, phantom cache, imports), then ``rounds`` r
 the sum of "off" walls, measured in this one process on this machine; the per-round ratios show
 the noise of a shared machine.
 
-    python -m benchmarks.bench_media [--rounds 3] [--doc README.md]
+    python -m benchmarks.bench_media [--rounds 2] [--doc README.md]
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ TASKS = {
     "Task 1 (roi_c1, supervised ResNet-18)": ["task=roi_c1", "model=supervised"],
     "Task 2 (seg2d_3class, unet2d)": ["task=seg2d_3class", "model=unet2d"],
 }
-#: a short run: 3 epochs of 12 batches of 16 tiles at downsample 2, every validation drawing
+#: a short run (the machine is shared: small enough to repeat), every validation drawing
 RECIPE = [
-    "trainer.max_epochs=3",
-    "trainer.limit_train_batches=12",
-    "trainer.limit_val_batches=4",
-    "trainer.limit_test_batches=4",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=6",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
     "trainer.enable_progress_bar=false",
-    "data.batch_size=16",
-    "task.downsample=2",
+    "data.batch_size=8",
+    "task.downsample=4",
     "logger=csv",
     "seed=1",
 ]
@@ -85,7 +85,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(rounds: int = 3, doc: Path | None = None) -> dict[str, Any]:
+def main(rounds: int = 2, doc: Path | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench-media-"))
@@ -117,7 +117,7 @@ if __name__ == "__main__":
     import json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--doc", type=Path, default=None, help="write the table into this doc's bench:media_cost block")
     args = parser.parse_args()
     print(

@@ -155,6 +155,41 @@ def _gb(n: float) -> str:
     return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
 
 
+@dataclass
+class Estimate:
+    """Bytes of one process: parameters, optimiser state and the two fitted activation lines."""
+
+    params: int
+    state: int
+    train: Line
+    infer: Line
+
+    def train_bytes(self, batch: int) -> float:
+        return self.params + ALLOCATOR_OVERHEAD * (self.train.at(batch) + self.state)
+
+    def infer_bytes(self, batch: int) -> float:
+        return self.params + ALLOCATOR_OVERHEAD * self.infer.at(batch)
+
+
+def estimate(
+    method: torch.nn.Module, sample_shape: tuple[int, ...], batch: int, eval_batch: int, mixed: bool = False
+) -> Estimate:
+    """Probe ``method`` (moved to the meta device) at ``batch``/``eval_batch`` and half of each.
+
+    Raises whatever the method raises on the meta device (data-dependent code).
+    """
+    method.to("meta")
+    train = fit_line(lambda b: probe_bytes(method, b, sample_shape, True), batch)
+    infer = fit_line(lambda b: probe_bytes(method, b, sample_shape, False), eval_batch)
+    params = sum(p.numel() * p.element_size() for p in method.parameters())
+    params += sum(b.numel() * b.element_size() for b in method.buffers())
+    name = str(getattr(getattr(method, "optim_cfg", None), "name", "sgd"))
+    if mixed:  # 16-bit activations
+        train = Line(train.fixed, train.per_sample / 2)
+        infer = Line(infer.fixed, infer.per_sample / 2)
+    return Estimate(params, params * OPTIMIZER_COPIES.get(name, 2), train, infer)
+
+
 def check_memory(cfg: Any, method: torch.nn.Module, sample_shape: tuple[int, ...]) -> None:
     """Refuse (one line naming the batch key) a batch whose training or inference step does not fit.
 
@@ -171,10 +206,9 @@ def check_memory(cfg: Any, method: torch.nn.Module, sample_shape: tuple[int, ...
     batch = int(cfg.data.batch_size)
     eval_batch = int(cfg.data.get("eval_batch_size") or batch)
     per_rank, eval_per_rank = max(batch // ranks, 1), max(eval_batch // ranks, 1)
+    mixed = str(cfg.trainer.get("precision", "32")).endswith("-mixed")
     try:
-        method.to("meta")
-        train = fit_line(lambda b: probe_bytes(method, b, sample_shape, True), per_rank)
-        infer = fit_line(lambda b: probe_bytes(method, b, sample_shape, False), eval_per_rank)
+        est = estimate(method, sample_shape, per_rank, eval_per_rank, mixed)
     except Exception as err:  # noqa: BLE001 - data-dependent code: the probe cannot tell, the run may
         log.warning(
             "memory check: skipped, %s cannot run on the meta device (%s: %s)",
@@ -183,16 +217,9 @@ def check_memory(cfg: Any, method: torch.nn.Module, sample_shape: tuple[int, ...
             str(err).splitlines()[0] if str(err) else "",
         )
         return
-    params = sum(p.numel() * p.element_size() for p in method.parameters())
-    params += sum(b.numel() * b.element_size() for b in method.buffers())
-    name = str(getattr(getattr(method, "optim_cfg", None), "name", "sgd"))
-    state = params * OPTIMIZER_COPIES.get(name, 2)
-    if str(cfg.trainer.get("precision", "32")).endswith("-mixed"):  # 16-bit activations
-        train = Line(train.fixed, train.per_sample / 2)
-        infer = Line(infer.fixed, infer.per_sample / 2)
     # every rank holds its own copy of the model; all ranks share the machine's memory on CPU
-    need_train = ranks * (params + ALLOCATOR_OVERHEAD * (train.at(per_rank) + state))
-    need_infer = ranks * (params + ALLOCATOR_OVERHEAD * infer.at(eval_per_rank))
+    need_train = ranks * est.train_bytes(per_rank)
+    need_infer = ranks * est.infer_bytes(eval_per_rank)
     log.info(
         "memory check: one training step ~%s, inference ~%s, %s available",
         _gb(need_train),
@@ -201,8 +228,8 @@ def check_memory(cfg: Any, method: torch.nn.Module, sample_shape: tuple[int, ...
     )
     shape = "x".join(map(str, sample_shape))
     for key, need, line, fixed, size in (
-        ("data.batch_size", need_train, train, params + ALLOCATOR_OVERHEAD * state, batch),
-        ("data.eval_batch_size", need_infer, infer, params, eval_batch),
+        ("data.batch_size", need_train, est.train, est.params + ALLOCATOR_OVERHEAD * est.state, batch),
+        ("data.eval_batch_size", need_infer, est.infer, est.params, eval_batch),
     ):
         if need <= budget:
             continue

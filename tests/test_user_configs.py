@@ -101,7 +101,9 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_from_tmp() -> None:
             shutil.copy(ROOT / name, src / name)
         env = {k: v for k, v in cli_env().items() if k not in ("MTNEURO_HOME", "MTNEURO_OUTPUTS", "PYTHONPATH")}
         build = _run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", "dist", "src"], tmp, env
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", "dist", str(src)],
+            tmp,
+            env,
         )
         assert build.returncode == 0, build.stderr[-2000:]
         (wheel,) = (tmp / "dist").glob("mtneuro_lab-*.whl")
