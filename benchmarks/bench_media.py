@@ -19,6 +19,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ RECIPE = [
 ARMS = {"off": ["callbacks.media=null"], "on": []}
 
 
-def measure(rounds: int, threads: int, work: Path) -> dict[str, Any]:
+def measure(rounds: int, threads: int, work: Path, done: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """``done(results so far)`` after each task: an interrupted benchmark keeps its finished tasks."""
     out: dict[str, Any] = {}
     for label, choice in TASKS.items():
         walls: dict[str, list[float]] = {"off": [], "on": []}
@@ -69,6 +71,7 @@ def measure(rounds: int, threads: int, work: Path) -> dict[str, Any]:
                 "per-round spread": round(statistics.pstdev(per_round), 3),
             }
         )
+        done(out)
     return out
 
 
@@ -89,18 +92,21 @@ def main(rounds: int = 2, doc: Path | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench-media-"))
+
+    def write(results: dict[str, Any]) -> None:
+        if doc is None:
+            return
+        extra = {
+            "recipe": " ".join(RECIPE) + f", {rounds} rounds (media on: the default callbacks.media)",
+            "load average (1 min) at start/now": f"{load_before:.1f}/{os.getloadavg()[0]:.1f}",
+        }
+        write_block(doc, "media_cost", markdown(results), time.perf_counter() - start, extra)
+
     try:
-        results = measure(rounds, threads=2, work=work)
+        results = measure(rounds, threads=2, work=work, done=write)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()[0]
-    wall = time.perf_counter() - start
-    if doc is not None:
-        extra = {
-            "recipe": " ".join(RECIPE) + " (media on: the default callbacks.media)",
-            "load average (1 min) before/after": f"{load_before:.1f}/{load_after:.1f}",
-        }
-        write_block(doc, "media_cost", markdown(results), wall, extra)
     checks = [
         {
             "name": f"media on / off wall time, {label}",

@@ -34,8 +34,9 @@ from mtneuro_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: measured peak RSS growth of a CPU training step / the tracked tensor bytes (bench_memcheck.py)
-ALLOCATOR_OVERHEAD = 1.2
+#: measured peak RSS growth of a CPU training step / the tracked tensor bytes, rounded up above the
+#: largest ratio bench_memcheck.py measured (an estimate that runs low lets the OOM killer in)
+ALLOCATOR_OVERHEAD = 1.6
 #: share of the available memory a run may plan to use (the data splits, Python and libraries need the rest)
 USABLE = 0.9
 #: optimiser state, in copies of the parameters

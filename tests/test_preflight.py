@@ -168,13 +168,20 @@ def test_wrong_typed_overrides_are_one_line(case: tuple, pick: int, tmp_path_fac
 
 
 # -- memory check (perf.memory_check) -------------------------------------------------------------
-def test_an_oversized_batch_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_an_oversized_batch_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import re
+
+    from mtneuro_lab import memcheck
+
+    # a fixed amount of free memory: the machine's own changes between the two checks below
+    monkeypatch.setattr(memcheck, "available_bytes", lambda device: 8 * 2**30)
 
     overrides = ["data.batch_size=200000", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
     line = _preflight_line(overrides, capsys)
     assert line.startswith("error: data.batch_size: one training step of 200000 samples of 128x128 needs"), line
-    assert "perf.memory_check=false" in line
+    assert "perf.memory_check=false" in line and "but 7.2 GB are available" in line
     largest = int(re.search(r"the largest batch that fits is about (\d+)", line)[1])
     assert 1 <= largest < 200000
     assert list(tmp_path.iterdir()) == [], "the preflight wrote something"
