@@ -27,7 +27,7 @@ env: $(STAMP)  ## create .venv (editable install with the dev tools) if missing
 run: $(STAMP)  ## train + test the default experiment (experiment=quickstart, phantom data)
 	$(PY) train.py experiment=quickstart $(ARGS)
 
-# lint (a second) first; two xdist workers: most tests are CLI subprocesses whose start-up is single-threaded
+# lint first (ruff, then mypy: slower on a fresh clone, before .mypy_cache exists); two xdist workers (CLI runs are in-process, tests/conftest.py run_inproc)
 test: $(STAMP) lint  ## lint, then the default test suite on 2 workers (ARGS=... for pytest)
 	$(PY) -m pytest -q -n 2 $(ARGS)
 
@@ -40,9 +40,10 @@ test-all: $(STAMP)  ## every test, slow ones included
 bench: $(STAMP)  ## every benchmark; figures go into docs/ (see docs/benchmarks.md)
 	$(PY) -m benchmarks.run_all $(ARGS)
 
-lint: $(STAMP)  ## ruff check + ruff format --check (what the pre-commit hooks run)
+lint: $(STAMP)  ## ruff check + ruff format --check + mypy (what the pre-commit hooks run)
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m ruff format --check $(LINT_PATHS)
+	$(PY) -m mypy
 
 format: $(STAMP)  ## ruff format, then ruff check --fix (safe fixes only)
 	$(PY) -m ruff format $(LINT_PATHS)
@@ -51,5 +52,5 @@ format: $(STAMP)  ## ruff format, then ruff check --fix (safe fixes only)
 check-size:  ## refuse tracked or staged files over 500 KB (run products and data stay out of git)
 	@{ git ls-files; git diff --cached --name-only --diff-filter=AM; } | sort -u | tr '\n' '\0' | xargs -0 $(PYTHON) .ci/check_large_files.py --max-kb 500
 
-clean:  ## delete outputs/, the phantom cache .cache/ and .pytest_cache/
-	rm -rf outputs .cache .pytest_cache
+clean:  ## delete outputs/, the phantom cache .cache/, .pytest_cache/ and .mypy_cache/
+	rm -rf outputs .cache .pytest_cache .mypy_cache

@@ -51,9 +51,13 @@ print({MARKER!r} + json.dumps(result, default=str))
 """
 
 
+#: run directly with their own arguments, never by ``make bench``: ``python benchmarks/bench_tests.py --base REV``
+ON_REQUEST = {"bench_tests"}
+
+
 def discover() -> list[str]:
-    """Module names ``bench_*`` under benchmarks/, sorted."""
-    return sorted(p.stem for p in BENCH_DIR.glob("bench_*.py"))
+    """Module names ``bench_*`` under benchmarks/, sorted (without the ``ON_REQUEST`` ones)."""
+    return sorted(p.stem for p in BENCH_DIR.glob("bench_*.py") if p.stem not in ON_REQUEST)
 
 
 def run_one(name: str, timeout: float, quick: bool) -> dict[str, Any]:

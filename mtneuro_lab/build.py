@@ -11,7 +11,7 @@ before any data is read. What the run injects (never in the YAML, see
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,7 +129,9 @@ def data_config(cfg: DictConfig) -> DataConfig:
 
 def build_datamodule(cfg: DictConfig, task: Task, source: VolumeSource, catalog: CubeCatalog) -> VolumeDataModule:
     data = data_config(cfg)
-    return datamodule_class(task)(
+    # chosen by task.kind, not by type: each datamodule takes the task of its kind
+    make: Callable[..., VolumeDataModule] = datamodule_class(task)
+    return make(
         task,
         source,
         catalog,

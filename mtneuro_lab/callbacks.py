@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytorch_lightning as pl
@@ -23,7 +23,9 @@ class RNGStateCheckpoint(pl.Callback):
         return "RNGStateCheckpoint"
 
     def state_dict(self) -> dict[str, Any]:
-        np_state = np.random.get_state()
+        # the default legacy=True returns this tuple (the global generator is MT19937); numpy's
+        # stubs pick the dict overload for a call without arguments
+        np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
         state = {
             "python": list(random.getstate()[1]),
             "python_version": random.getstate()[0],

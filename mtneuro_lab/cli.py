@@ -18,10 +18,11 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from mtneuro_lab.config.hydra_runtime import hydra_node
 from mtneuro_lab.errors import ConfigError, MtneuroError
 from mtneuro_lab.io import atomic_write_bytes, unwritable_reason
 
@@ -418,10 +419,11 @@ def _record_failure(cfg: DictConfig, err: BaseException) -> None:
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, out / "failed.json")
     if not (out / "config.yaml").is_file():  # the report groups failed jobs by their config too
-        plain = OmegaConf.to_container(cfg, resolve=False)
+        # a DictConfig converts to a dict; the stubs return the union of every container type
+        plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=False))
         # a config that cannot resolve is often why the job failed: keep it unresolved then
         with contextlib.suppress(Exception):
-            plain = OmegaConf.to_container(cfg, resolve=True)
+            plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
         plain.pop("hydra", None)
         atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)).encode())
 
@@ -466,10 +468,9 @@ def _multirun_job() -> Iterator[None]:
     ``run.dir`` the job's directory, so each worker joins exactly this job.
     """
     import torch
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import read_write
 
-    hc = HydraConfig.get()
+    hc = hydra_node()
     saved_argv, saved_threads = sys.argv, torch.get_num_threads()
     sys.argv = [sys.argv[0], *hc.overrides.task, "hydra.mode=RUN"]
     with read_write(hc), open_dict(hc):
@@ -537,9 +538,7 @@ def _objective(cfg: DictConfig, result: object) -> object:
     key = "selection/value" if str(key) == "selection" else str(key)
     if isinstance(result, dict) and key in result:
         return float(result[key])
-    from hydra.core.hydra_config import HydraConfig
-
-    direction = str(OmegaConf.select(HydraConfig.get(), "sweeper.direction", default="maximize"))
+    direction = str(OmegaConf.select(hydra_node(), "sweeper.direction", default="maximize"))
     return float("-inf") if "max" in direction.lower() else float("inf")
 
 

@@ -29,6 +29,7 @@ from mtneuro_lab.build import (  # noqa: F401 - build_components, instantiate_* 
     load_method_checkpoint,
 )
 from mtneuro_lab.checkpoints import checkpoint_position, load_checkpoint, run_dir_of
+from mtneuro_lab.config.hydra_runtime import hydra_node
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.errors import CheckpointError, ConfigError
 from mtneuro_lab.memcheck import check_memory
@@ -90,11 +91,11 @@ def _selection_record(trainer: pl.Trainer, method: BaseMethod, datamodule: Any) 
     tested and the last validation's metrics recorded, named ``selection/metric: last``.
     """
     callback = selection_callback(trainer)
-    best = callback.best_model_path if callback is not None else ""
-    if not best:
+    if callback is None or not callback.best_model_path:
         position = {"best_epoch": trainer.current_epoch, "best_step": trainer.global_step}
         trainer.validate(method, datamodule=datamodule, verbose=False)  # the weights that are tested
         return "", {**_stage_metrics(trainer, "val"), "selection/metric": "last", **position}
+    best = callback.best_model_path
     position = checkpoint_position(best)
     trainer.validate(method, datamodule=datamodule, ckpt_path=best, verbose=False)
     score = callback.best_model_score
@@ -231,9 +232,7 @@ def _preflight_train(cfg: DictConfig) -> None:
 
 def _sweeper_direction() -> str | None:
     try:
-        from hydra.core.hydra_config import HydraConfig
-
-        direction = OmegaConf.select(HydraConfig.get(), "sweeper.direction", default=None)
+        direction = OmegaConf.select(hydra_node(), "sweeper.direction", default=None)
     except Exception:  # noqa: BLE001 - outside a Hydra app (tests, notebooks)
         return None
     return None if direction is None else str(direction).lower()
@@ -265,6 +264,7 @@ def check_selection(cfg: DictConfig, method: BaseMethod | None) -> None:
         )
     if method is None:
         return
+    mode: str | None
     if objective == "selection":
         objective, mode = str(default_metric), str(default_mode)
     else:

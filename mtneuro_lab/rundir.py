@@ -12,7 +12,7 @@ import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -24,7 +24,8 @@ from mtneuro_lab.io import atomic_write_bytes
 
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
     """The composed config, resolved, as ``config.yaml`` in the run directory."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    # a DictConfig converts to a dict; the stubs return the union of every container type
+    plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     plain.pop("hydra", None)
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)).encode())
 
@@ -52,7 +53,10 @@ def saved_config(ckpt: str | Path) -> DictConfig:
     path = run_dir_of(ckpt) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"ckpt_path: no config.yaml beside the checkpoint (looked for {path})")
-    return OmegaConf.load(path)
+    saved = OmegaConf.load(path)
+    if not isinstance(saved, DictConfig):
+        raise CheckpointError(f"ckpt_path: {path} holds a list, not a run's config")
+    return saved
 
 
 def evaluation_config(cfg: DictConfig) -> DictConfig:

@@ -1,20 +1,44 @@
 """Shared test fixtures: config composition, CLI runs in temporary run directories.
 
-The phantom cache is the project's default (``.cache/`` or ``$MTNEURO_CACHE``): cubes are
-generated once and reused by later tests and later sessions (writes are atomic, so parallel
-generation is safe).
+Tiny run sizes live in one place, the ``debug`` config group (``mtneuro_lab/conf/debug/``):
+every CLI run of the tests adds ``+debug=fast`` (or another option of that group) unless
+``fast=False``; keys the test gives itself still win, as on a real command line.
+
+Most CLI runs are **in-process** (:func:`run_inproc`): the same entry point as ``train.py`` /
+``evaluate.py`` (:func:`mtneuro_lab.cli.main`: preflight, Hydra's run directory, one-line errors
+and exit codes via ``SystemExit``) without paying Python, torch and Lightning start-up, with the
+global state a run changes put back afterwards (:func:`_isolated_run`). Real processes
+(:func:`run_cli`) are kept only where the process itself is what is tested:
+
+- ``test_cli.py::test_real_processes_*``: the shell sees exit status 2 and exactly one line on
+  stderr from ``evaluate.py``/``train.py``, and a real ``train.py`` writes a run directory (the
+  scripts themselves are run nowhere else);
+- ``test_resume.py``: the run killed with SIGKILL mid-epoch (``_kill_after_checkpoints``);
+- ``test_ddp.py`` (slow): ``trainer=ddp_cpu`` starts its worker processes by re-running
+  ``sys.argv`` of a real script;
+- ``test_sweeps.py`` (slow): the joblib launcher runs jobs in worker processes;
+- ``test_bossdb.py`` (slow): ``python -m mtneuro_lab.download`` as a user types it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
+import random
+import signal
 import subprocess
 import sys
-from collections.abc import Iterable
+import traceback
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,21 +47,12 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 #: under pytest-xdist (`make test` runs 2 workers on 2 cores) every process uses one thread
 _THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if os.environ.get("PYTEST_XDIST_WORKER") else {}
 if _THREADS:
-    import torch
-
     torch.set_num_threads(1)
 
-#: overrides that make any CLI run small and quiet
-FAST = (
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "trainer.enable_progress_bar=false",
-    "data.batch_size=8",
-    "task.downsample=4",
-    "logger=none",
-)
+#: what every CLI run of the tests sees in its environment
+_RUN_ENV = {"WANDB_MODE": "disabled", **_THREADS}
+#: the entry points: script -> flow of mtneuro_lab.run
+FLOWS = {"train.py": "train", "evaluate.py": "evaluate"}
 
 
 def compose(overrides: Iterable[str] = (), return_hydra_config: bool = False) -> DictConfig:
@@ -57,31 +72,178 @@ def compose(overrides: Iterable[str] = (), return_hydra_config: bool = False) ->
     return cfg
 
 
+def cli_args(
+    overrides: Iterable[str], run_dir: Path | None = None, fast: bool | str = True, multirun: bool = False
+) -> list[str]:
+    """Command-line arguments of a test run: the test's overrides, then ``+debug=<fast>``.
+
+    ``fast=True`` means ``+debug=fast``; a string names another option of the debug group. The
+    debug option comes last so that it overlays ``+sweep=...`` configs too (a ``+group`` given
+    later is merged later); plain ``key=value`` overrides win over it wherever they stand.
+    """
+    args = ["-m"] if multirun else []
+    args += list(overrides)
+    if fast:
+        args.append(f"+debug={'fast' if fast is True else fast}")
+    if run_dir is not None:
+        args.append(f"{'hydra.sweep.dir' if multirun else 'hydra.run.dir'}={run_dir}")
+    return args
+
+
 def run_cli(
     script: str,
     *overrides: str,
     run_dir: Path | None = None,
-    fast: bool = True,
+    fast: bool | str = True,
     env: dict[str, str] | None = None,
     timeout: float = 600,
     multirun: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run ``train.py``/``evaluate.py`` in a subprocess; returns the completed process."""
-    args = [sys.executable, str(ROOT / script)]
-    if multirun:
-        args.append("-m")
-    if fast:
-        args += list(FAST)
-    args += list(overrides)
-    if run_dir is not None:
-        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-        args.append(f"{key}={run_dir}")
+    """Run ``train.py``/``evaluate.py`` in a real subprocess (see the module docstring for when)."""
+    args = [sys.executable, str(ROOT / script), *cli_args(overrides, run_dir, fast, multirun)]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cli_env(env))
 
 
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment of every CLI subprocess of the tests (same thread count everywhere)."""
-    return {**os.environ, "PYTHONHASHSEED": "0", "WANDB_MODE": "disabled", **_THREADS, **(extra or {})}
+    return {**os.environ, "PYTHONHASHSEED": "0", **_RUN_ENV, **(extra or {})}
+
+
+def run_inproc(
+    script: str,
+    *overrides: str,
+    run_dir: Path | None = None,
+    fast: bool | str = True,
+    env: dict[str, str] | None = None,
+    multirun: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run ``train.py``/``evaluate.py`` in this process; same arguments and result as :func:`run_cli`.
+
+    ``returncode`` is what the process would exit with (``SystemExit`` code, 1 for an uncaught
+    exception, whose traceback goes to ``stderr`` as Python would print it); ``stdout``/``stderr``
+    hold what the run printed and logged (Hydra's console handler writes to ``stdout``).
+    Warnings are left to pytest (recorded in its summary, not printed to ``stderr``).
+    """
+    from mtneuro_lab.cli import main
+
+    argv = [str(ROOT / script), *cli_args(overrides, run_dir, fast, multirun)]
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        _isolated_run(argv, {**_RUN_ENV, **(env or {})}),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        try:
+            main(FLOWS[script])
+            code = 0
+        except SystemExit as exc:
+            code = _exit_status(exc.code, err)
+        except Exception:  # noqa: BLE001 - what an uncaught exception does to a process
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def _exit_status(code: object, err: io.StringIO) -> int:
+    """The status ``sys.exit(code)`` gives a process (a message is printed to stderr and means 1)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=err)
+    return 1
+
+
+@contextlib.contextmanager
+def _isolated_run(argv: list[str], env: dict[str, str]) -> Iterator[None]:
+    """Give a run a fresh process's view of the global state it touches, then put it all back.
+
+    Saved and restored: ``sys.argv``, the environment (Lightning's seed and DDP variables,
+    W&B's), the working directory, logging (Hydra's ``dictConfig`` replaces the root handlers
+    and opens ``<run>/cli.log``), warning filters, signal handlers, torch's thread count,
+    deterministic and matmul-precision flags, the random generators (``seed_everything``),
+    Hydra's singletons (``GlobalHydra``, ``HydraConfig``) and W&B's run and service.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    saved_argv, saved_env, saved_cwd = sys.argv[:], dict(os.environ), os.getcwd()
+    saved_logging = _logging_state()
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    saved_torch = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.get_float32_matmul_precision(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    saved_rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    saved_hydra_cfg = HydraConfig.instance().cfg
+    GlobalHydra.instance().clear()
+    sys.argv = argv
+    os.environ.update(env)
+    if "OMP_NUM_THREADS" in env:  # what the variable does to a process starting torch
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        _finish_wandb()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = saved_hydra_cfg
+        random.setstate(saved_rng[0])
+        np.random.set_state(saved_rng[1])
+        torch.set_rng_state(saved_rng[2])
+        threads, deterministic, warn_only, precision, cudnn_deterministic, cudnn_benchmark = saved_torch
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_deterministic, cudnn_benchmark
+        for signum, handler in saved_signals.items():
+            signal.signal(signum, handler)
+        _restore_logging(saved_logging)
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+
+
+def _finish_wandb() -> None:
+    """A W&B run left open (a crashed job) would receive the next run's logs; stop its service too."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None:
+        return
+    if wandb.run is not None:
+        wandb.finish(exit_code=1)
+    wandb.teardown()
+
+
+_LoggerState = tuple[int, list[logging.Handler], bool, bool]
+
+
+def _logging_state() -> dict[str, _LoggerState]:
+    loggers = {name: lg for name, lg in logging.Logger.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    loggers[""] = logging.getLogger()
+    return {name: (lg.level, lg.handlers[:], lg.propagate, lg.disabled) for name, lg in loggers.items()}
+
+
+def _restore_logging(saved: dict[str, _LoggerState]) -> None:
+    """Close the handlers the run gave the loggers that existed before (Hydra's console and
+    ``<run>/cli.log`` handlers on the root logger) and give those loggers their old set-up.
+    Loggers first created during the run (a module imported by it) keep what their module set."""
+    kept = {id(h) for _, handlers, _, _ in saved.values() for h in handlers}
+    current = _logging_state()
+    for name, (level, handlers, propagate, disabled) in saved.items():
+        for handler in current[name][1]:
+            if id(handler) not in kept:
+                handler.close()
+        lg = logging.getLogger(name or None)
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+        lg.propagate, lg.disabled = propagate, disabled
 
 
 def read_metrics(run_dir: Path) -> dict[str, float]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import compose, read_metrics, run_cli
+from conftest import compose, read_metrics, run_inproc
 from fake_boss import FakeBoss
 
 from mtneuro_lab.data.sources.bossdb import BossDBSource, Box, plan_chunks
@@ -254,11 +254,11 @@ def test_cli_train_downloads_once_then_runs_from_cache(boss: FakeBoss, tmp_path:
         *SPLITS,
     )
     env = {"BOSSDB_TOKEN": TOKEN}
-    first = run_cli("train.py", *args, run_dir=tmp_path / "run1", env=env)
+    first = run_inproc("train.py", *args, run_dir=tmp_path / "run1", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert boss.count("cutout") == 4 * 4  # 4 cubes x (2 train + 1 val + 1 test) chunks
     boss.reset_counts()
-    second = run_cli("train.py", *args, run_dir=tmp_path / "run2", env=env)
+    second = run_inproc("train.py", *args, run_dir=tmp_path / "run2", env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert boss.count() == 0
     assert set(read_metrics(tmp_path / "run2")) == set(read_metrics(tmp_path / "run1"))
@@ -293,10 +293,10 @@ def test_download_command_fills_the_cache_for_an_offline_run(boss: FakeBoss, tmp
     assert "roi_c1/test: 16 samples" in proc.stdout
     assert boss.count("cutout") == 2 * 4 * 4  # image and roi_labels (roi_majority reads both)
     boss.reset_counts()
-    run = run_cli("train.py", "source=bossdb", "source.offline=true", *args, run_dir=tmp_path / "run")
+    run = run_inproc("train.py", "source=bossdb", "source.offline=true", *args, run_dir=tmp_path / "run")
     assert run.returncode == 0, run.stderr[-3000:]
     assert boss.count() == 0 and read_metrics(tmp_path / "run")
-    bad = run_cli(
+    bad = run_inproc(
         "train.py",
         "source=bossdb",
         "source.offline=true",

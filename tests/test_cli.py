@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import read_metrics, run_cli
+from conftest import read_metrics, run_cli, run_inproc
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("train") / "run"
-    proc = run_cli("train.py", "trainer.limit_test_batches=3", "data.eval_batch_size=32", run_dir=run_dir)
+    proc = run_inproc("train.py", "trainer.limit_test_batches=3", "data.eval_batch_size=32", run_dir=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -37,7 +37,7 @@ def test_evaluate_round_trip_gives_the_same_metrics(trained_run: Path, tmp_path:
     best = [p for p in (trained_run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
     assert len(best) == 1
     eval_dir = tmp_path / "eval"
-    proc = run_cli("evaluate.py", f"ckpt_path={best[0]}", run_dir=eval_dir, fast=False)
+    proc = run_inproc("evaluate.py", f"ckpt_path={best[0]}", run_dir=eval_dir, fast=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     train_metrics, eval_metrics = read_metrics(trained_run), read_metrics(eval_dir)
     assert eval_metrics["test/acc"] == pytest.approx(train_metrics["test/acc"], abs=1e-6)
@@ -61,7 +61,7 @@ def test_evaluate_round_trip_gives_the_same_metrics(trained_run: Path, tmp_path:
 )
 def test_bad_overrides_fail_before_any_work(override: str, key: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_cli("train.py", override, run_dir=run_dir)
+    proc = run_inproc("train.py", override, run_dir=run_dir)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
@@ -70,12 +70,24 @@ def test_bad_overrides_fail_before_any_work(override: str, key: str, tmp_path: P
 
 
 def test_evaluate_without_checkpoint_is_one_line(tmp_path: Path) -> None:
-    proc = run_cli("evaluate.py", f"ckpt_path={tmp_path / 'missing.ckpt'}", run_dir=tmp_path / "e", fast=False)
+    proc = run_inproc("evaluate.py", f"ckpt_path={tmp_path / 'missing.ckpt'}", run_dir=tmp_path / "e", fast=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "ckpt_path" in proc.stderr
 
 
 def test_print_config_needs_no_data(tmp_path: Path) -> None:
-    proc = run_cli("train.py", "--cfg", "job", fast=False)
+    proc = run_inproc("train.py", "--cfg", "job", fast=False)
     assert proc.returncode == 0, proc.stderr
     assert "roi_c1" in proc.stdout and "batch_size" in proc.stdout
+
+
+def test_real_processes_exit_2_with_one_line_and_write_nothing(tmp_path: Path) -> None:
+    """What a shell sees from the scripts themselves (the other tests run the same entry point in-process)."""
+    for script, override in (("train.py", "data.batch_size=0"), ("evaluate.py", f"ckpt_path={tmp_path / 'no.ckpt'}")):
+        run_dir = tmp_path / script
+        proc = run_cli(script, override, run_dir=run_dir, fast=script == "train.py")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert (
+            proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and override.split("=")[0] in proc.stderr
+        )
+        assert not run_dir.exists()

@@ -28,6 +28,7 @@ def test_every_top_level_yaml_is_covered() -> None:
     nested = {p for p in CONF.rglob("*.yaml") if p.parent.parent != CONF and p.parent != CONF}
     loose = set(CONF.glob("*/*.yaml")) - covered - {p for p in CONF.glob("hydra/*.yaml")}
     loose -= set(CONF.glob("paper_hparams/*.yaml"))  # selected by task x model: tests/test_paper_hparams.py
+    loose -= {CONF / "debug" / f"{o}.yaml" for o in DEBUG_CONTEXT}  # test_debug_option_composes_and_validates
     assert not loose, f"untested YAML: {sorted(map(str, loose))}"
     # nested groups (e.g. hydra/launcher/*) are composed by test_nested_groups_compose
     assert all(p.suffix == ".yaml" for p in nested)
@@ -42,6 +43,35 @@ def test_group_option_composes_and_validates(group: str, option: str) -> None:
         validate_config(cfg)
     except ConfigError as err:  # a config we ship must never fail the schema
         pytest.fail(f"{group}={option}: {err}")
+
+
+#: every `+debug=<option>` with the task and model it is made for
+DEBUG_CONTEXT = {
+    "fast": (),
+    "fast_ssl": ("model=byol",),
+    "fast_em": ("task=snemi3d", "model=mae_pretrain"),
+    "fast_mae": ("task=snemi3d", "model=mae_pretrain"),
+    "fast_mae_finetune": ("task=snemi3d", "model=mae_finetune"),
+}
+
+
+def test_debug_group_lists_every_option() -> None:
+    assert set(_options("debug")) == set(DEBUG_CONTEXT)
+
+
+@pytest.mark.parametrize("option", sorted(DEBUG_CONTEXT))
+def test_debug_option_composes_and_validates(option: str) -> None:
+    """The tiny sizes are applied on top of the chosen task and model; command-line keys still win."""
+    cfg = compose([*DEBUG_CONTEXT[option], f"+debug={option}"])
+    validate_config(cfg)
+    assert cfg.trainer.max_epochs == 1 and cfg.trainer.limit_train_batches == 2
+    assert cfg.trainer.enable_progress_bar is False and not cfg.logger
+    if option.startswith("fast_") and option != "fast_ssl":
+        assert cfg.model.preset == "tiny" and list(cfg.task.crop) == [8, 32, 64] and cfg.data.batch_size == 2
+    else:
+        assert cfg.task.downsample == 4 and cfg.data.batch_size == 8
+    wins = compose([*DEBUG_CONTEXT[option], f"+debug={option}", "trainer.max_epochs=3", "data.batch_size=4"])
+    assert wins.trainer.max_epochs == 3 and wins.data.batch_size == 4
 
 
 def _nested() -> list[tuple[str, str]]:

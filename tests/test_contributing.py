@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import FAST, ROOT, compose
+from conftest import ROOT, compose
 from omegaconf import OmegaConf, open_dict
 
 from mtneuro_lab import run
@@ -69,8 +69,6 @@ def guide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def composed(conf: Path, args: list[str], output_dir: Path | None = None) -> Any:
     """The config the CLI would build for ``args``, with the guide's files on the search path."""
-    if "+debug=fast" in args and not (PACKAGE_DIR / "conf" / "debug" / "fast.yaml").is_file():
-        args = [a for a in args if a != "+debug=fast"] + list(FAST)  # the debug group is not merged yet
     searchpath = f"hydra.searchpath=[file://{PACKAGE_DIR / 'sweeps'},file://{conf}]"
     extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
     return compose([searchpath, *[a for a in args if a != "-m"], *extra])
@@ -123,7 +121,7 @@ def test_meanpool_options_are_checked_across_the_hierarchy(guide: Path) -> None:
 
 
 def test_cortex_task_labels_exactly_the_cortex_tiles(guide: Path) -> None:
-    comps = build_components(composed(guide, ["task=cortex_vs_rest", "model=meanpool", *FAST]))
+    comps = build_components(composed(guide, ["task=cortex_vs_rest", "model=meanpool", "+debug=fast"]))
     assert comps.method.num_classes == 2 and comps.method.class_names == ["other", "cortex"]
     arrays = comps.task.build("val", comps.source)
     cortex = comps.catalog.region_index("cortex")
@@ -132,7 +130,7 @@ def test_cortex_task_labels_exactly_the_cortex_tiles(guide: Path) -> None:
 
 
 def test_grey_level_source_gives_each_region_its_level(guide: Path) -> None:
-    comps = build_components(composed(guide, ["source=grey_levels", "model=meanpool", *FAST]))
+    comps = build_components(composed(guide, ["source=grey_levels", "model=meanpool", "+debug=fast"]))
     arrays = comps.task.build("val", comps.source)
     for i in range(len(comps.catalog.regions)):
         mean = arrays.images[arrays.regions == i].mean()
@@ -157,8 +155,10 @@ def test_pre_commit_hooks_are_local_and_offline() -> None:
     config = OmegaConf.load(ROOT / ".pre-commit-config.yaml")
     assert [r.repo for r in config.repos] == ["local"]  # nothing to download
     hooks = {h.id: h for r in config.repos for h in r.hooks}
-    assert set(hooks) == {"ruff-format", "ruff-check", "large-files"}
+    assert set(hooks) == {"ruff-format", "ruff-check", "mypy", "large-files"}
     assert all(h.language == "system" for h in hooks.values())
+    # mypy checks the package as configured ([tool.mypy] packages), not only the staged files
+    assert hooks["mypy"].pass_filenames is False and hooks["mypy"].entry == "python -m mypy"
     assert "--max-kb 500" in hooks["large-files"].entry
     assert (ROOT / hooks["large-files"].entry.split()[1]).is_file()
 

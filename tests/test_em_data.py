@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import compose, run_cli
+from conftest import compose, run_inproc
 from omegaconf import open_dict
 
 from mtneuro_lab.config.schema import validate_config
@@ -150,6 +150,6 @@ def test_gala_fibsem_loads_through_source_local(shared_data):
 
 
 def test_cli_rejects_bad_em_config_in_one_line(tmp_path):
-    proc = run_cli("train.py", "task=snemi3d", "task.postprocess.threshold=2", run_dir=tmp_path / "run", fast=False)
+    proc = run_inproc("train.py", "task=snemi3d", "task.postprocess.threshold=2", run_dir=tmp_path / "run", fast=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: task.postprocess.threshold")

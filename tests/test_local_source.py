@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from conftest import compose, read_metrics, run_cli
+from conftest import compose, read_metrics, run_inproc
 from PIL import Image
 
 from mtneuro_lab.data.sources import local
@@ -242,7 +242,7 @@ def test_cli_trains_on_local_files(tmp_path: Path) -> None:
     with h5py.File(tmp_path / "cutout.h5", "w") as fh:
         fh["raw"] = image
     run_dir = tmp_path / "run"
-    proc = run_cli(
+    proc = run_inproc(
         "train.py",
         "source=local",
         f"source.channels.image.path={tmp_path / 'cutout.h5'}",

@@ -311,15 +311,8 @@ def test_target_kind_comes_from_the_bound_task_and_loss():
 
 
 # -- config and CLI ---------------------------------------------------------------------------
-TINY_CLI = (
-    "task.downsample=1",
-    "model.preset=tiny",
-    "model.patch_size=[2,16,16]",
-    "task.crop=[8,32,64]",
-    "data.batch_size=2",
-    "task.eval_overlap=0.0",
-    "task.splits.test.z=[0,16]",
-)
+#: the first 16 sections of gala's separate test volume (sizes: the debug group's fast_mae*)
+GALA_TEST = "task.splits.test.z=[0,16]"
 
 
 @pytest.mark.parametrize("model", ["mae_pretrain", "mae_finetune"])
@@ -362,10 +355,10 @@ def test_bad_mae_config_fails_before_training_with_one_line(override, key):
 
 
 def test_cli_rejects_bad_mae_values_with_one_line(tmp_path):
-    from conftest import run_cli
+    from conftest import run_inproc
 
     for override, key in (("model.mask_ratio=1.0", "model.mask_ratio"),):
-        proc = run_cli(
+        proc = run_inproc(
             "train.py", "task=snemi3d", "model=mae_pretrain", "model.preset=tiny", override, run_dir=tmp_path / key
         )
         assert proc.returncode == 2, proc.stderr[-2000:]
@@ -376,18 +369,16 @@ def test_cli_rejects_bad_mae_values_with_one_line(tmp_path):
 
 def test_cli_pretrain_then_finetune_on_real_fibsem(tmp_path, shared_data):
     """The user's two commands on the real FIB-SEM volume: encoder.pt, then test/arand."""
-    from conftest import read_metrics, run_cli
+    from conftest import read_metrics, run_inproc
 
     assert (shared_data / "gala_fibsem" / "train-image.h5").is_file()
-    pre = run_cli(
+    pre = run_inproc(
         "train.py",
         "task=gala_fibsem",
         "model=mae_pretrain",
-        *TINY_CLI,
-        "model.decoder_dim=64",
-        "model.decoder_depth=1",
-        "model.decoder_heads=4",
+        GALA_TEST,
         run_dir=tmp_path / "pre",
+        fast="fast_mae",
     )
     assert pre.returncode == 0, pre.stderr[-3000:]
     encoder = tmp_path / "pre" / "encoder.pt"
@@ -395,14 +386,14 @@ def test_cli_pretrain_then_finetune_on_real_fibsem(tmp_path, shared_data):
     assert payload["meta"]["preset"] == "tiny" and payload["meta"]["input_shape"] == [8, 32, 64]
     assert math.isfinite(read_metrics(tmp_path / "pre")["test/loss"])
 
-    ft = run_cli(
+    ft = run_inproc(
         "train.py",
         "task=gala_fibsem",
         "model=mae_finetune",
-        *TINY_CLI,
-        "model.feature_size=4",
+        GALA_TEST,
         f"model.pretrained={encoder}",
         run_dir=tmp_path / "ft",
+        fast="fast_mae_finetune",
     )
     assert ft.returncode == 0, ft.stderr[-3000:]
     metrics = read_metrics(tmp_path / "ft")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conftest import ROOT, compose, run_cli
+from conftest import ROOT, compose, run_inproc
 
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.errors import ConfigError
@@ -90,7 +90,7 @@ def test_hparams_from_must_be_a_string() -> None:
 
 
 def test_cfg_job_shows_where_the_defaults_came_from() -> None:
-    proc = run_cli("train.py", "task=seg2d_4class", "model=pspnet", "--cfg", "job", fast=False)
+    proc = run_inproc("train.py", "task=seg2d_4class", "model=pspnet", "--cfg", "job", fast=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "hparams_from: 'MTNeuro Table A4, 2D PSPNet, 4 classes" in proc.stdout
     assert "batch_size: 2\n" in proc.stdout

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_inproc
 
 from mtneuro_lab.checkpoints import load_checkpoint
 from mtneuro_lab.data.cache import load_array, save_array
@@ -54,7 +54,7 @@ def _train_and_scan(tmp_path: Path, *overrides: str, env: dict[str, str] | None 
     run_dir = tmp_path / "run"
     cache = Path(ROOT / ".cache")
     start = time.time() - 1
-    proc = run_cli("train.py", *overrides, run_dir=run_dir, env={**SECRETS, **(env or {})})
+    proc = run_inproc("train.py", *overrides, run_dir=run_dir, env={**SECRETS, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = [p for p in run_dir.rglob("*") if p.is_file()]
     assert any(p.suffix == ".ckpt" for p in written) and (run_dir / "metrics.json").is_file()
@@ -124,7 +124,7 @@ def test_evaluate_refuses_an_unsafe_checkpoint_in_a_run_dir(csv_run: Path, tmp_p
     evil = csv_run / "checkpoints" / "evil.ckpt"
     torch.save({"state_dict": {}, "x": _Payload(marker)}, evil)
     try:
-        proc = run_cli("evaluate.py", f"ckpt_path={evil}", run_dir=tmp_path / "eval", fast=False)
+        proc = run_inproc("evaluate.py", f"ckpt_path={evil}", run_dir=tmp_path / "eval", fast=False)
     finally:
         evil.unlink()
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -134,7 +134,7 @@ def test_evaluate_refuses_an_unsafe_checkpoint_in_a_run_dir(csv_run: Path, tmp_p
 
 def test_evaluate_with_another_models_checkpoint_is_one_line(csv_run: Path, tmp_path: Path) -> None:
     ckpt = csv_run / "checkpoints" / "last.ckpt"
-    proc = run_cli("evaluate.py", f"ckpt_path={ckpt}", "model=myow", run_dir=tmp_path / "eval", fast=False)
+    proc = run_inproc("evaluate.py", f"ckpt_path={ckpt}", "model=myow", run_dir=tmp_path / "eval", fast=False)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "ckpt_path" in lines[0] and "not a checkpoint of model" in lines[0] and "MYOW" in lines[0]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose, read_metrics, run_cli
+from conftest import compose, read_metrics, run_inproc
 
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.data.cubes import catalog_from_config
@@ -190,7 +190,7 @@ def _check_jobs(sweep_dir: Path, n: int, class_names: list[str]) -> None:
 
 def test_cli_every_2d_model_trains_on_seg2d_3class(tmp_path: Path) -> None:
     # "++": in a multirun Hydra first composes with the default model, which has no encoder_name
-    proc = run_cli(
+    proc = run_inproc(
         "train.py",
         "task=seg2d_3class",
         f"model={','.join(QUICK_2D)}",
@@ -204,7 +204,7 @@ def test_cli_every_2d_model_trains_on_seg2d_3class(tmp_path: Path) -> None:
 
 
 def test_cli_every_3d_model_trains_on_seg3d_4class(tmp_path: Path) -> None:
-    proc = run_cli(
+    proc = run_inproc(
         "train.py",
         "task=seg3d_4class",
         f"model={','.join(MODELS_3D)}",
@@ -229,7 +229,7 @@ def test_cli_every_3d_model_trains_on_seg3d_4class(tmp_path: Path) -> None:
 def test_cli_every_model_trains_on_its_other_task(
     tmp_path: Path, task: str, models: list[str], extra: list[str]
 ) -> None:
-    proc = run_cli(
+    proc = run_inproc(
         "train.py", f"task={task}", f"model={','.join(models)}", *extra, run_dir=tmp_path / "sweep", multirun=True
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -238,7 +238,7 @@ def test_cli_every_model_trains_on_its_other_task(
 
 
 def test_cli_model_task_mismatch_is_one_line(tmp_path: Path) -> None:
-    proc = run_cli(
+    proc = run_inproc(
         "train.py", "task=seg3d_3class", "model=unet2d", "model.encoder_name=resnet18", run_dir=tmp_path / "run"
     )
     assert proc.returncode == 2
@@ -247,12 +247,12 @@ def test_cli_model_task_mismatch_is_one_line(tmp_path: Path) -> None:
 
 
 def test_evaluate_writes_overlays_and_pooled_confusion_matrix(tmp_path: Path) -> None:
-    train = run_cli(
+    train = run_inproc(
         "train.py", "task=seg2d_3class", "model=unet2d", "model.encoder_name=resnet18", run_dir=tmp_path / "train"
     )
     assert train.returncode == 0, train.stderr[-3000:]
     ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
-    ev = run_cli(
+    ev = run_inproc(
         "evaluate.py",
         f"ckpt_path={ckpt}",
         "trainer.limit_test_batches=2",
@@ -283,7 +283,7 @@ def test_evaluate_writes_overlays_and_pooled_confusion_matrix(tmp_path: Path) ->
 def test_isbi2012_membrane_segmentation_beats_all_cell(tmp_path: Path, shared_data: Path) -> None:
     import tifffile
 
-    proc = run_cli(
+    proc = run_inproc(
         "train.py",
         "task=isbi2012",
         "model=unet2d",

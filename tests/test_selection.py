@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import compose, run_cli
+from conftest import compose, run_inproc
 from omegaconf import OmegaConf
 
 from mtneuro_lab import cli, run
@@ -81,7 +81,7 @@ def test_bad_selection_is_one_line_before_any_work(
 
 def test_multirun_objective_is_checked_before_the_first_job(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    proc = run_cli(
+    proc = run_inproc(
         "train.py", "+sweep=optuna", "sweep.objective=test/acc", "seed=1,2", run_dir=sweep_dir, multirun=True
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -188,15 +188,15 @@ def test_report_without_a_common_selection_metric_asks_for_one(
 def test_optuna_sweep_chooses_the_trial_best_on_validation(tmp_path: Path) -> None:
     """Four tiny trials; the study's best trial is the one with the highest val/acc."""
     sweep_dir = tmp_path / "optuna"
-    proc = run_cli(
+    proc = run_inproc(
         "train.py",
         "+sweep=optuna",
         "hydra.sweeper.n_trials=4",
         "trainer.limit_train_batches=1",
+        "data.batch_size=8",  # fixed: the study's own batch-size choice would train on up to 256 tiles
         "data.eval_batch_size=120",
         run_dir=sweep_dir,
         multirun=True,
-        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import compose, read_metrics, run_cli
+from conftest import compose, read_metrics, run_inproc
 
 from mtneuro_lab.analysis.embeddings import split_tiles
 from mtneuro_lab.analysis.readout import fold_predictions, linear_readout, metrics_of, table_text
@@ -258,14 +258,14 @@ def test_shuffled_folds_overstate_r2_on_near_duplicate_quadrants():
 @pytest.fixture(scope="module")
 def task1_ckpt(tmp_path_factory):
     run = tmp_path_factory.mktemp("task1") / "run"
-    proc = run_cli("train.py", run_dir=run)
+    proc = run_inproc("train.py", run_dir=run)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return run / "checkpoints" / "last.ckpt"
 
 
 def test_evaluate_semantic_writes_r2_table_and_umaps(task1_ckpt, tmp_path):
     run = tmp_path / "eval"
-    proc = run_cli(
+    proc = run_inproc(
         "evaluate.py",
         "task=semantic",
         f"ckpt_path={task1_ckpt}",
@@ -292,12 +292,12 @@ def test_evaluate_semantic_writes_r2_table_and_umaps(task1_ckpt, tmp_path):
 
 
 def test_evaluate_semantic_without_a_usable_checkpoint_fails_in_one_line(tmp_path):
-    missing = run_cli(
+    missing = run_inproc(
         "evaluate.py", "task=semantic", f"ckpt_path={tmp_path}/nope.ckpt", fast=False, run_dir=tmp_path / "a"
     )
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"error: ckpt_path: no checkpoint file at {tmp_path}/nope.ckpt"]
-    none = run_cli("evaluate.py", "task=semantic", fast=False, run_dir=tmp_path / "b")
+    none = run_inproc("evaluate.py", "task=semantic", fast=False, run_dir=tmp_path / "b")
     assert none.returncode == 2
     line = none.stderr.strip().splitlines()
     assert len(line) == 1 and line[0].startswith("error: ckpt_path: task=semantic with model=supervised")
@@ -307,7 +307,7 @@ def test_evaluate_semantic_without_a_usable_checkpoint_fails_in_one_line(tmp_pat
 @pytest.mark.slow
 def test_evaluate_semantic_fits_pca_on_quadrants_without_a_checkpoint(tmp_path):
     run = tmp_path / "pca"
-    proc = run_cli(
+    proc = run_inproc(
         "evaluate.py",
         "task=semantic",
         "model=pca",

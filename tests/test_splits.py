@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose, read_metrics, run_cli
+from conftest import compose, read_metrics, run_inproc
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -301,7 +301,7 @@ def test_bad_guard_is_one_line(override: str, fragment: str) -> None:
 
 
 def test_bad_guard_stops_the_cli_before_any_work(tmp_path: Path) -> None:
-    proc = run_cli("train.py", "task=roi_c2", "task.guard_px=200", run_dir=tmp_path / "run")
+    proc = run_inproc("train.py", "task=roi_c2", "task.guard_px=200", run_dir=tmp_path / "run")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: task.guard_px: must be < half the 256x256 tile (full resolution), got 200"
@@ -398,7 +398,7 @@ def _check_run(proc, run_dir: Path, task: str, counts: tuple[int, int, int]) -> 
 @pytest.mark.parametrize("task", ["roi_c2", "roi_c3"])
 def test_cli_runs_roi_c2_and_c3_with_few_slices(task: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_cli("train.py", f"task={task}", *FAST_SPLITS[task], run_dir=run_dir)
+    proc = run_inproc("train.py", f"task={task}", *FAST_SPLITS[task], run_dir=run_dir)
     _check_run(proc, run_dir, task, FAST_COUNTS[task])
 
 
@@ -406,7 +406,7 @@ def test_cli_runs_roi_c2_and_c3_with_few_slices(task: str, tmp_path: Path) -> No
 @pytest.mark.parametrize("task", ["roi_c2", "roi_c3"])
 def test_cli_runs_full_roi_c2_and_c3(task: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_cli("train.py", f"task={task}", run_dir=run_dir, timeout=1800)
+    proc = run_inproc("train.py", f"task={task}", run_dir=run_dir)
     _check_run(proc, run_dir, task, (EXPECTED[task]["train"], EXPECTED[task]["val"], EXPECTED[task]["test"]))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, compose, read_metrics, run_cli
+from conftest import ROOT, compose, read_metrics, run_cli, run_inproc
 from omegaconf import OmegaConf, open_dict
 
 SWEEPS = sorted(p.stem for p in (ROOT / "mtneuro_lab" / "sweeps" / "sweep").glob("*.yaml"))
@@ -195,7 +195,7 @@ def _job_dirs(sweep: Path) -> dict[int, Path]:
 
 def test_multirun_with_a_failing_job_reports_and_resumes(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    proc = run_cli("train.py", "seed=1,2,3", "+extras.fail_on_seed=2", run_dir=sweep, multirun=True)
+    proc = run_inproc("train.py", "seed=1,2,3", "+extras.fail_on_seed=2", run_dir=sweep, multirun=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = _job_dirs(sweep)
     assert sorted(jobs) == [1, 2, 3]
@@ -215,7 +215,7 @@ def test_multirun_with_a_failing_job_reports_and_resumes(tmp_path: Path) -> None
 
     # rerun the same sweep: finished jobs are skipped, the failed one is attempted again
     before = {s: (d / "metrics.json").stat().st_mtime_ns for s, d in jobs.items() if s != 2}
-    proc = run_cli("train.py", "seed=1,2,3", "+extras.fail_on_seed=2", run_dir=sweep, multirun=True)
+    proc = run_inproc("train.py", "seed=1,2,3", "+extras.fail_on_seed=2", run_dir=sweep, multirun=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("skipped:") + proc.stdout.count("skipped:") == 2
     assert {s: (jobs[s] / "metrics.json").stat().st_mtime_ns for s in before} == before
@@ -226,6 +226,7 @@ def test_multirun_with_a_failing_job_reports_and_resumes(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_parallel_launcher_runs_jobs_in_distinct_dirs(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
+    # a real process: the joblib launcher runs the jobs in worker processes
     proc = run_cli("train.py", "seed=1,2", "hydra/launcher=parallel", run_dir=sweep, multirun=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = _job_dirs(sweep)

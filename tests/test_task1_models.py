@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import compose, read_metrics, run_cli
+from conftest import compose, read_metrics, run_inproc
 from sklearn.decomposition import NMF, PCA
 
 from mtneuro_lab.config.schema import validate_config
@@ -16,21 +19,18 @@ from mtneuro_lab.methods.decomposition import DecompositionClassifier, nmf_trans
 
 CLASSES = ["cortex", "striatum", "vp", "zi"]
 REGIONS = ("cortex", "striatum", "vp", "zi")
-#: keeps the SSL models small enough for a CPU test (the encoder stays a ResNet-18)
-SSL_FAST = ("model.linear_eval.epochs=1", "model.stem=small", "model.hidden_dim=64", "model.proj_dim=32")
-EXTRA = {
-    "byol": SSL_FAST,
-    "myow": SSL_FAST,
-    "myow_m": SSL_FAST,
-    "mixup": (),
-    "pca": ("model.n_components=32",),
-    "nmf": ("model.n_components=16", "model.max_iter=10"),
-}
 SSL_MODELS = {"byol", "myow", "myow_m"}
+#: decompositions small enough for a CPU test (the SSL models run with +debug=fast_ssl)
+DECOMPOSITION_SIZES = {"pca": ("model.n_components=32",), "nmf": ("model.n_components=16", "model.max_iter=10")}
 #: default suite: every ROI task once, the SSL base and MYOW mining, a decomposition with evaluate.py;
 #: MYOW, NMF and mixup also run in-process (test_ssl.py, the spy test) and in the slow full grid
 DEFAULT_GRID = [("byol", "roi_c1"), ("myow_m", "roi_c3"), ("pca", "roi_c2")]
 FULL_GRID = [(m, t) for m in ("byol", "myow", "myow_m", "mixup", "pca", "nmf") for t in ("roi_c1", "roi_c2", "roi_c3")]
+
+
+def _train(model: str, task: str, run_dir: Path) -> subprocess.CompletedProcess:
+    overrides = (f"model={model}", f"task={task}", *DECOMPOSITION_SIZES.get(model, ()))
+    return run_inproc("train.py", *overrides, run_dir=run_dir, fast="fast_ssl" if model in SSL_MODELS else True)
 
 
 def _check_metrics(model: str, metrics: dict[str, float]) -> None:
@@ -44,7 +44,7 @@ def _check_metrics(model: str, metrics: dict[str, float]) -> None:
 @pytest.mark.parametrize("model, task", DEFAULT_GRID)
 def test_model_trains_through_the_cli(tmp_path, model: str, task: str) -> None:
     run_dir = tmp_path / "run"
-    proc = run_cli("train.py", f"model={model}", f"task={task}", *EXTRA[model], run_dir=run_dir)
+    proc = _train(model, task, run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(run_dir)
     _check_metrics(model, metrics)
@@ -52,7 +52,7 @@ def test_model_trains_through_the_cli(tmp_path, model: str, task: str) -> None:
         ckpts = sorted((run_dir / "checkpoints").glob("epoch*.ckpt"))
         assert ckpts
         eval_dir = tmp_path / "eval"
-        proc = run_cli("evaluate.py", f"ckpt_path={ckpts[-1]}", run_dir=eval_dir, fast=False)
+        proc = run_inproc("evaluate.py", f"ckpt_path={ckpts[-1]}", run_dir=eval_dir, fast=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         again = read_metrics(eval_dir)
         assert again["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
@@ -62,7 +62,7 @@ def test_model_trains_through_the_cli(tmp_path, model: str, task: str) -> None:
 @pytest.mark.parametrize("model, task", [c for c in FULL_GRID if c not in DEFAULT_GRID])
 def test_model_trains_through_the_cli_full_grid(tmp_path, model: str, task: str) -> None:
     run_dir = tmp_path / "run"
-    proc = run_cli("train.py", f"model={model}", f"task={task}", *EXTRA[model], run_dir=run_dir)
+    proc = _train(model, task, run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_metrics(model, read_metrics(run_dir))
 
@@ -84,7 +84,7 @@ def test_model_configs_compose_and_validate(model: str) -> None:
 
 
 def test_bad_model_value_fails_in_one_line_before_training(tmp_path) -> None:
-    proc = run_cli("train.py", "model=myow", "model.pool=everywhere", run_dir=tmp_path / "run")
+    proc = run_inproc("train.py", "model=myow", "model.pool=everywhere", run_dir=tmp_path / "run")
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "model.pool" in lines[0] and "batch, queue" in lines[0], proc.stderr[-2000:]
@@ -158,12 +158,10 @@ def test_decomposition_never_sees_test_data(monkeypatch, kind: str) -> None:
     cfg = compose(
         [
             f"model={kind}",
-            "task.downsample=4",
-            "data.batch_size=8",
+            "+debug=fast",
             "model.n_components=16",
             "model.max_iter=5",
             "model.max_fit_samples=300",
-            "logger=none",
         ]
     )
     comps = build_components(cfg)

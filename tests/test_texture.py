@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import compose, read_metrics, run_cli
+from conftest import compose, read_metrics, run_inproc
 from scipy import ndimage
 from skimage.filters import gabor
 
@@ -226,11 +226,11 @@ def test_texture_config_composes_with_the_documented_defaults() -> None:
 @pytest.mark.slow
 def test_texture_trains_through_the_cli_and_evaluate_reproduces_it(tmp_path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_cli("train.py", "model=texture", "task=roi_c1", run_dir=run_dir)
+    proc = run_inproc("train.py", "model=texture", "task=roi_c1", run_dir=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(run_dir)
     ckpts = sorted((run_dir / "checkpoints").glob("epoch*.ckpt"))
     assert ckpts
-    proc = run_cli("evaluate.py", f"ckpt_path={ckpts[-1]}", run_dir=tmp_path / "eval", fast=False)
+    proc = run_inproc("evaluate.py", f"ckpt_path={ckpts[-1]}", run_dir=tmp_path / "eval", fast=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_metrics(tmp_path / "eval")["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)

@@ -3,8 +3,8 @@
 Every case runs the CLI's own preflight (``mtneuro_lab.cli.preflight`` with
 ``run.preflight_checks``) in-process and checks: exit status 2, exactly one ``error: ...`` line
 on stderr that contains the expected key and hint, and nothing written to the cache or
-output directories. A handful of cases also run as real ``train.py``/``evaluate.py``
-subprocesses. The table in docs/reliability.md lists these inputs and their messages.
+output directories. A handful of cases also run through the whole CLI entry point
+(``run_inproc``: Hydra, exit status, stderr; real processes: tests/test_cli.py). The table in docs/reliability.md lists these inputs and their messages.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose, run_cli
+from conftest import compose, run_inproc
 from omegaconf import OmegaConf
 
 from mtneuro_lab import cli, run
@@ -107,8 +107,6 @@ EVALUATE_BAD_INPUTS: list[tuple[list[str], tuple[str, ...]]] = [
     (["ckpt_path={files}/run/checkpoints/best.ckpt", "task.downsample=2"], ("ckpt_path", "other shapes")),
 ]
 
-FAST_MODEL = ("task.downsample=4", "data.batch_size=8", "logger=none")
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -120,7 +118,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
         fh["raw"] = np.zeros((400, 64, 64), dtype=np.uint8)
     with open(root / "evil.ckpt", "wb") as fh:
         torch.save({"state_dict": {}, "hook": Arbitrary()}, fh)
-    cfg = compose(FAST_MODEL)
+    cfg = compose(["+debug=fast"])
     comps = run.build_components(cfg)  # nothing is read: the phantom is generated lazily
     (root / "run" / "checkpoints").mkdir(parents=True)
     torch.save({"state_dict": comps.method.state_dict()}, root / "run" / "checkpoints" / "best.ckpt")
@@ -179,7 +177,7 @@ def test_bad_evaluate_input_is_one_line_before_any_work(
 def test_good_checkpoint_passes_the_preflight(files: Path, tmp_path: Path) -> None:
     """The checks reject other models, not the model that wrote the checkpoint."""
     ckpt = files / "run" / "checkpoints" / "best.ckpt"
-    cli.preflight([*FAST_MODEL, f"ckpt_path={ckpt}", f"paths.cache_dir={tmp_path}"], run.preflight_checks["train"])
+    cli.preflight(["+debug=fast", f"ckpt_path={ckpt}", f"paths.cache_dir={tmp_path}"], run.preflight_checks["train"])
     cli.preflight([f"ckpt_path={ckpt}", f"paths.cache_dir={tmp_path}"], run.preflight_checks["evaluate"])
     assert list(tmp_path.iterdir()) == []
 
@@ -206,10 +204,10 @@ def test_unsafe_checkpoint_is_refused_by_load_checkpoint(files: Path) -> None:
 def test_cli_bad_input_writes_nothing(
     script: str, overrides: list[str], expected: str, files: Path, tmp_path: Path
 ) -> None:
-    """Real subprocesses: exit 2, one line, no run directory, no cache entry."""
+    """The whole entry point: exit 2, one line, no run directory, no cache entry."""
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
     overrides = [o.replace("{files}", str(files)) for o in overrides]
-    proc = run_cli(script, *overrides, f"paths.cache_dir={cache}", run_dir=run_dir, fast=script == "train.py")
+    proc = run_inproc(script, *overrides, f"paths.cache_dir={cache}", run_dir=run_dir, fast=script == "train.py")
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
@@ -218,7 +216,7 @@ def test_cli_bad_input_writes_nothing(
 
 # -- perf.* (GPU options): what can be checked on a CPU -----------------------------------------
 def _built(*overrides: str) -> run.Components:
-    return run.build_components(compose([*FAST_MODEL, *overrides]))
+    return run.build_components(compose(["+debug=fast", *overrides]))
 
 
 def test_channels_last_keeps_the_outputs() -> None:

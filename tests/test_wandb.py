@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import compose, read_metrics, run_cli
+from conftest import compose, read_metrics, run_inproc
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
@@ -96,7 +96,7 @@ def test_offline_run_reads_back_and_keeps_no_secret(tmp_path: Path) -> None:
         "WANDB_CONFIG_DIR": str(tmp_path / "wandb_cfg"),
         "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
     }
-    proc = run_cli("train.py", "logger=wandb", "tags=[demo]", run_dir=run_dir, env=env)
+    proc = run_inproc("train.py", "logger=wandb", "tags=[demo]", run_dir=run_dir, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     leaked = [p for p in files if secret.encode() in p.read_bytes()]
@@ -118,7 +118,7 @@ def test_offline_run_reads_back_and_keeps_no_secret(tmp_path: Path) -> None:
     assert (run_dir / "media" / "test" / "confusion.png").is_file()  # the same figure in the run dir
 
     # ckpt_path=last in the same run directory continues the same W&B run
-    proc = run_cli(
+    proc = run_inproc(
         "train.py", "logger=wandb", "tags=[demo]", "ckpt_path=last", "trainer.max_epochs=2", run_dir=run_dir, env=env
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -50,7 +50,8 @@ from mtneuro_lab.data.contract import Task
 from mtneuro_lab.data.cubes import catalog_from_config
 from mtneuro_lab.data.datamodules import VolumeDataModule
 from mtneuro_lab.data.features import FeatureTable
-from mtneuro_lab.data.semantic_task import blocked_folds
+from mtneuro_lab.data.semantic_task import SemanticFeatureTask, blocked_folds
+from mtneuro_lab.data.tasks import CubeTask
 from mtneuro_lab.errors import CheckpointError, ConfigError
 from mtneuro_lab.io import atomic_write_bytes
 from mtneuro_lab.media import MediaItem, deliver, save_pngs, write_pngs
@@ -322,11 +323,15 @@ def run_semantic(cfg: DictConfig) -> dict[str, float]:
     model_name = _model_name(ecfg)
     catalog = catalog_from_config(ecfg.cubes)
     task = build_task(ecfg, catalog)
+    if not isinstance(task, SemanticFeatureTask):  # is_semantic() routed here by kind alone
+        raise ConfigError(f"task._target_: task=semantic needs a SemanticFeatureTask, got {type(task).__name__}")
     method_cls = method_class(ecfg)
     state = None
     if ckpt:
         saved = saved_config(Path(str(ckpt)))
         task1 = build_task(saved, catalog_from_config(saved.cubes))
+        if not isinstance(task1, CubeTask):
+            raise CheckpointError(f"ckpt_path: {ckpt} was not trained on a Task 1 cube task (got {task1.name})")
         task.use_downsample(int(task1.downsample))
         ecfg.task.downsample = task.downsample  # recorded in config.yaml: the resolution read out
         facts = task_facts(task1)
@@ -355,7 +360,7 @@ def run_semantic(cfg: DictConfig) -> dict[str, float]:
     if ckpt:
         state = load_method_checkpoint(method, ecfg.ckpt_path, ecfg.model._target_)
     mean, std = _normalisation(state, data, task, source)
-    if not ckpt:
+    if isinstance(method, DecompositionClassifier) and not ckpt:  # _fits_itself() checked the class above
         fit_crops = split_tiles(task.build("train", source).images, task.grid)
         log.info("semantic: fitting %s on %d crops of the fit_samples slices", model_name, len(fit_crops))
         method.fit_decomposition(fit_crops, mean, std)

@@ -137,8 +137,7 @@ def target_options(target: Any) -> TargetOptions:
     other third-party constructor with ``**kwargs`` leaves the section open.
     """
     if not inspect.isclass(target):
-        params, hints, has_kwargs = _own_parameters(target)
-        return TargetOptions(params, hints, has_kwargs)
+        return TargetOptions(*_own_parameters(target))
     params: dict[str, inspect.Parameter] = {}
     hints: dict[str, Any] = {}
     inits = [vars(cls)["__init__"] for cls in target.__mro__ if "__init__" in vars(cls)]
@@ -188,14 +187,14 @@ def _type_ok(value: Any, hint: Any, key: str) -> None:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: value {value!r} has the wrong type")
     if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}, got {value!r}")
         return
     if origin in (list, tuple, Sequence) and isinstance(value, (list, tuple)):
         _items_ok(value, typing.get_args(hint), origin is tuple, key)
         return
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, (Mapping, DictConfig)):
             merge_dataclass(hint, value, key)
             return
@@ -295,7 +294,7 @@ TOP_LEVEL = {
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` (one line) for the first problem found in ``cfg``."""
-    unknown = set(cfg.keys()) - TOP_LEVEL
+    unknown = set(map(str, cfg.keys())) - TOP_LEVEL
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown top-level key; allowed: {', '.join(sorted(TOP_LEVEL))}")
     if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool) or cfg.seed < 0:

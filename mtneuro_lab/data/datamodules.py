@@ -139,7 +139,7 @@ def augment_training_batch(
     else:
         samples = torch.arange(size, device=images.device)
         image, masks = augment.gather_crop_augment(
-            images, samples, tuple(images.shape[-2:]), cfg, mean, std, aligned=masks, workspace=workspace
+            images, samples, (images.shape[-2], images.shape[-1]), cfg, mean, std, aligned=masks, workspace=workspace
         )
         out = dict(batch)
     out["image"] = augment.intensity_jitter(image, cfg.intensity_jitter)
@@ -184,6 +184,7 @@ class VolumeDataModule(pl.LightningDataModule):
         self.data_on_device = False
         self._device_tensors: dict[str, dict[str, torch.Tensor]] = {}
         self._workspace = augment.Workspace()  # the training gather's index, reused per batch
+        self._pending_train_state: Mapping[str, Any] | None = None  # a checkpoint's loader position
 
     # -- building ---------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -255,7 +256,7 @@ class VolumeDataModule(pl.LightningDataModule):
             world_size=world,
             epoch_fn=self._current_epoch,
         )
-        if train and getattr(self, "_pending_train_state", None):
+        if train and self._pending_train_state:
             loader.load_state_dict(self._pending_train_state)
             self._pending_train_state = None
         self._loaders[split] = loader

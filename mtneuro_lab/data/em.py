@@ -67,7 +67,7 @@ class EMVolume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.image.shape)  # type: ignore[return-value]
+        return tuple(self.image.shape)
 
 
 def _parse_split(name: str, spec: Any, labels: str) -> EMSplit:
@@ -87,7 +87,7 @@ def _parse_split(name: str, spec: Any, labels: str) -> EMSplit:
     for field_name, value in (("image", image), ("labels", lab)):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}.{field_name}: expected a channel name, got {value!r}")
-    return EMSplit(str(image), str(lab), z)  # type: ignore[arg-type]
+    return EMSplit(str(image), str(lab), z)
 
 
 class EMTask(Task):
@@ -181,7 +181,7 @@ class EMTask(Task):
             raise ConfigError(f"{key}: expected [z, y, x] numbers, got {value!r}") from None
         if len(out) != 3 or min(out) <= 0:
             raise ConfigError(f"{key}: expected [z, y, x] positive numbers, got {list(value)}")
-        return out  # type: ignore[return-value]
+        return out
 
     def _check_disjoint(self) -> None:
         names = list(SPLITS)
@@ -288,7 +288,7 @@ class EMTask(Task):
             )
         image = downsample_area(image, self.downsample)
         labels = _as_int32(downsample_nearest(labels, self.downsample), f"{part.labels} ({split})")
-        volume = EMVolume(np.ascontiguousarray(image), labels, tuple(z))  # type: ignore[arg-type]
+        volume = EMVolume(np.ascontiguousarray(image), labels, tuple(z))
         if self.target == "bcd":
             volume.distance = targets.signed_distance(
                 labels, self.effective_voxel_size(source), self.distance_scale, self.contour_width
@@ -406,7 +406,8 @@ class EMDataModule(VolumeDataModule):
     """Holds each split as one uint8/int32 volume; serves random crops for training, whole volumes
     for evaluation; casts, augments and computes targets on the model's device."""
 
-    task: EMTask
+    # the base class holds a CubeTask; this subclass reuses its loaders with an EMTask
+    task: EMTask  # type: ignore[assignment]
 
     def __init__(self, task: EMTask, source: VolumeSource, catalog: Any = None, **kwargs: Any) -> None:
         super().__init__(task, source, catalog, **kwargs)  # type: ignore[arg-type]

@@ -161,8 +161,8 @@ def _nn_mean(points: np.ndarray, sample: np.ndarray, n_samples: int, span: float
     if len(points) < 2:
         return out
     lifted = np.column_stack([points, sample.astype(np.float64) * span])
-    dist, _ = cKDTree(lifted).query(lifted, k=2)
-    second = dist[:, 1]  # column 0 is the point itself (distance 0)
+    dist, _ = cKDTree(lifted).query(lifted, k=2)  # (N, 2) for k=2; the stubs also allow a float
+    second = np.asarray(dist)[:, 1]  # column 0 is the point itself (distance 0)
     ok = second < span / 2
     total = np.bincount(sample[ok], weights=second[ok], minlength=n_samples)
     count = np.bincount(sample[ok], minlength=n_samples)

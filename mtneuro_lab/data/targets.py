@@ -48,7 +48,7 @@ def parse_offsets(offsets: Sequence[Sequence[int]] | None, key: str = "task.offs
             raise ConfigError(f"{key}[{i}]: expected a non-zero [dz, dy, dx], got {list(off)}")
         if o in out:
             raise ConfigError(f"{key}[{i}]: offset {list(o)} is listed twice (nearest neighbours are implicit)")
-        out.append(o)  # type: ignore[arg-type]
+        out.append(o)
     return out
 
 
@@ -88,21 +88,23 @@ def affinities(
     mask = torch.zeros(out_shape, dtype=torch.float32, device=labels.device)
     centre = labels[:, mz : z - mz, m : y - m, m : x - m]
     for c, off in enumerate(offsets):
-        src_c, dst_c = [], []  # slices into the centre grid and into labels
+        src_c: list[slice] = []  # slices into the centre grid
+        dst_c: list[slice] = []  # and into labels
         for d, pad, size in zip(off, (mz, m, m), out_shape[2:]):
             # output index i sits at labels index pad + i; its neighbour pad + i - d must exist
             lo, hi = max(0, d - pad), min(size, size + pad + d)
             if hi <= lo:
-                src_c = None
                 break
             src_c.append(slice(lo, hi))
             dst_c.append(slice(pad + lo - d, pad + hi - d))
-        if src_c is None:
+        if len(src_c) < 3:  # an axis (z, y, x) without any voxel pair: the channel stays masked out
             continue
-        here = centre[(slice(None), *src_c)]
-        there = labels[(slice(None), *dst_c)]
-        aff[(slice(None), c, *src_c)] = ((here == there) & (here != 0)).float()
-        mask[(slice(None), c, *src_c)] = 1.0
+        src: tuple[slice, ...] = (slice(None), *src_c)
+        dst: tuple[slice, ...] = (slice(None), *dst_c)
+        out_c: tuple[int | slice, ...] = (slice(None), c, *src_c)
+        here, there = centre[src], labels[dst]
+        aff[out_c] = ((here == there) & (here != 0)).float()
+        mask[out_c] = 1.0
     return aff, mask
 
 

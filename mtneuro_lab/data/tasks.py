@@ -111,7 +111,7 @@ def parse_split(name: str, entries: Iterable[Mapping[str, Any]], catalog: CubeCa
             regions = tuple(str(r) for r in regions)
             for r in regions:
                 catalog.cube(set_name, r)
-        parts.append(SplitPart(set_name, z, regions))  # type: ignore[arg-type]
+        parts.append(SplitPart(set_name, z, regions))
     return parts
 
 
@@ -122,7 +122,7 @@ def parse_z(value: Any, key: str) -> tuple[int, int]:
         raise ConfigError(f"{key}.z: expected [start, stop), got {value!r}") from None
     if len(z) != 2 or z[0] < 0 or z[1] <= z[0]:
         raise ConfigError(f"{key}.z: expected [start, stop) with 0 <= start < stop, got {list(value)}")
-    return z  # type: ignore[return-value]
+    return z
 
 
 def _parse_box_part(entry: Mapping[str, Any], key: str, catalog: CubeCatalog) -> SplitPart:
@@ -442,7 +442,8 @@ class RegionClassificationTask(CubeTask):
             log.info(
                 "%s/%s: dropped %d tiles whose roi_labels majority is unlabelled", self.name, split, int((~keep).sum())
             )
-            images, targets, regions, zs, cube_index = (a[keep] for a in (images, targets, regions, zs, cube_index))
+            images, targets, regions = images[keep], targets[keep], regions[keep]
+            zs, cube_index = zs[keep], cube_index[keep]
         return SplitArrays(images, targets, regions, zs, [c.key for c, _ in slabs], cube_index)
 
     def _majority_labels(self, source: VolumeSource, cube: Cube, z: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -56,7 +56,7 @@ def sliding_window_predict(
         return activation(out) if activation is not None else out
 
     with torch.no_grad():
-        return sliding_window_inference(
+        stitched = sliding_window_inference(
             image,
             roi,
             sw_batch_size,
@@ -69,6 +69,8 @@ def sliding_window_predict(
             sw_device=image.device,
             device=output_device or image.device,
         )
+    assert isinstance(stitched, torch.Tensor)  # one tensor per window in, one volume out
+    return stitched
 
 
 def _as_numpy(pred: np.ndarray | torch.Tensor) -> np.ndarray:

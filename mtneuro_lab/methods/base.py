@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import pytorch_lightning as pl
 import torch
@@ -114,6 +114,18 @@ class BaseMethod(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
+class StageMetrics(Protocol):
+    """What :class:`ScoredMethod` uses of ``self.metrics``: metrics pooled per stage (train/val/test)."""
+
+    def names(self, stage: str) -> list[str]: ...
+
+    def update(self, stage: str, logits: torch.Tensor, target: torch.Tensor) -> None: ...
+
+    def has_data(self, stage: str) -> bool: ...
+
+    def compute(self, stage: str) -> dict[str, torch.Tensor]: ...
+
+
 class ScoredMethod(BaseMethod):
     """A method whose validation/test score logits against ``batch["target"]``.
 
@@ -121,6 +133,8 @@ class ScoredMethod(BaseMethod):
     ``update(stage, logits, target)``, ``has_data(stage)`` and ``compute(stage)``, pooled over
     the whole stage); this class supplies the evaluation steps and the per-epoch logging.
     """
+
+    metrics: StageMetrics
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

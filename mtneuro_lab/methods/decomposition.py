@@ -48,6 +48,10 @@ def nmf_transform(x: torch.Tensor, components: torch.Tensor, iterations: int) ->
 class DecompositionClassifier(FittedEmbeddingClassifier):
     """PCA / NMF components of the flattened (optionally pooled) tiles + a linear read-out."""
 
+    # buffers (passed up as ``embedding_buffers``), declared for the type checker
+    pixel_mean: torch.Tensor
+    components: torch.Tensor
+
     def __init__(
         self,
         num_classes: int,
@@ -109,6 +113,7 @@ class DecompositionClassifier(FittedEmbeddingClassifier):
         chosen = np.sort(rng.choice(n, self.max_fit_samples, replace=False)) if n > self.max_fit_samples else None
         imgs = train_images if chosen is None else train_images[chosen]
         rows = self._pixels(self.raw_tiles(imgs)).cpu().numpy()
+        model: PCA | NMF
         if self.decomposition == "pca":
             model = PCA(self.n_components, random_state=self.fit_seed).fit(rows)
             self.pixel_mean.copy_(torch.from_numpy(model.mean_).float())

@@ -42,6 +42,11 @@ class FittedEmbeddingClassifier(ScoredMethod):
     monitor = ("val/acc", "max")
     task_kinds = ("classification",)
     model_name = "embedding"
+    # buffers (register_buffer): declared so that the type checker sees tensors, not Module attributes
+    feat_mean: torch.Tensor
+    feat_std: torch.Tensor
+    input_norm: torch.Tensor
+    fitted: torch.Tensor
 
     def __init__(
         self,

@@ -145,6 +145,7 @@ class MAEPretrain(BaseMethod):
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(loss, pred (B, L, voxels), mask (B, L))`` for crops ``x (B, 1, D, H, W)``."""
+        ids_keep: torch.Tensor | None
         ids_keep, mask = random_masking(
             x.shape[0], self.encoder.grid, self.mask_ratio, self.mask_strategy, device=x.device, generator=generator
         )
@@ -196,7 +197,8 @@ class MAEPretrain(BaseMethod):
     # -- the reusable encoder --------------------------------------------------------------------
     def optimizer_parameters(self) -> Any:
         """AdamW without weight decay on biases, norms and the mask token (MAE recipe)."""
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for name, p in self.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 or name.endswith("mask_token") else decay).append(p)

@@ -52,6 +52,10 @@ def mine_neighbours(
 class RepresentationQueue(nn.Module):
     """FIFO of recent target representations and their tile ids (buffers: in checkpoints)."""
 
+    keys: torch.Tensor
+    ids: torch.Tensor
+    ptr: torch.Tensor
+
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
         self.register_buffer("keys", torch.zeros(size, dim))

@@ -74,12 +74,14 @@ def scaled_lr(cfg: OptimizerConfig, global_batch: int) -> float:
 def build_optimizer(params: Iterable, cfg: OptimizerConfig, global_batch: int) -> torch.optim.Optimizer:
     """Parameter groups may carry ``lr_scale`` (e.g. layer-wise decay): their rate is ``lr * lr_scale``."""
     lr = scaled_lr(cfg, global_batch)
+    betas = (cfg.betas[0], cfg.betas[1])  # two values: checked by OptimizerConfig
+    opt: torch.optim.Optimizer
     if cfg.name == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     elif cfg.name == "adam":
-        opt = torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        opt = torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay)
     for group in opt.param_groups:
         if "lr_scale" in group:
             group["lr"] = lr * float(group["lr_scale"])

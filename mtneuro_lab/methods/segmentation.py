@@ -40,6 +40,9 @@ Loss = Literal["ce", "dice", "ce_dice"]
 class SegmentationMethod(ScoredMethod):
     """Trains ``net`` (``(B, 1, *spatial)`` -> ``(B, C, *spatial)`` logits) on class masks."""
 
+    metrics: SegmentationMetrics
+    class_weight: torch.Tensor | None  # a buffer (None: unweighted cross-entropy)
+
     task_kinds = ("segmentation",)
     monitor = ("val/iou_mean", "max")
 

@@ -24,7 +24,7 @@ import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -269,8 +269,12 @@ class SSLMethod(BaseMethod):
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x, y = batch["image"], batch["target"]
-        ssl_opt, lin_opt = self.optimizers()
-        ssl_sched, lin_sched = self.lr_schedulers()
+        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
+        # configure_optimizers returns two optimisers, each with a per-step LRScheduler
+        assert isinstance(optimizers, list) and isinstance(schedulers, list)
+        ssl_opt, lin_opt = optimizers
+        ssl_sched, lin_sched = schedulers
+        assert isinstance(ssl_sched, torch.optim.lr_scheduler.LRScheduler)
         if self.in_linear_phase:
             return self._linear_step(x, y, lin_opt, lin_sched)
         loss, logs, rep1 = self.ssl_step(self.make_view(x), self.make_view(x), batch)
@@ -315,6 +319,10 @@ class SSLMethod(BaseMethod):
         """Tile-level class probabilities: linear head on each corner crop, softmax averaged."""
         return self.linear(self.corner_features(x).flatten(0, 1)).view(4, x.shape[0], -1).softmax(-1).mean(0)
 
+    def _corner_acc(self, stage: str) -> MulticlassAccuracy:
+        # nn.ModuleDict is typed as holding any Module; this one holds only accuracies
+        return cast(MulticlassAccuracy, self.corner_acc[stage])
+
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
         x, y = batch["image"], batch["target"]
         feats = self.corner_features(x)
@@ -323,7 +331,7 @@ class SSLMethod(BaseMethod):
         probs = logits.view(4, len(y), -1).softmax(-1).mean(0)
         self.log(f"{stage}/loss", loss, batch_size=len(y), sync_dist=True)
         self.metrics.update(stage, probs, y)
-        self.corner_acc[stage].update(logits.argmax(1), y.repeat(4))
+        self._corner_acc(stage).update(logits.argmax(1), y.repeat(4))
         if stage == "val":
             probe = self.online_probe(feats.flatten(0, 1)).view(4, len(y), -1).softmax(-1).mean(0)
             self.probe_metrics.update(stage, probe, y)
@@ -336,8 +344,8 @@ class SSLMethod(BaseMethod):
 
     def _log_epoch(self, stage: str) -> None:
         values = self.metrics.compute(stage)
-        values[f"{stage}/acc_corners"] = self.corner_acc[stage].compute()
-        self.corner_acc[stage].reset()
+        values[f"{stage}/acc_corners"] = self._corner_acc(stage).compute()
+        self._corner_acc(stage).reset()
         if stage == "val":
             values.update(self.probe_metrics.compute(stage))
             if not self.in_linear_phase and self._trainer is not None and self.trainer.state.fn == "fit":

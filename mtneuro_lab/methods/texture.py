@@ -194,34 +194,33 @@ class TextureClassifier(FittedEmbeddingClassifier):
         if len(shape) != 2:
             raise ConfigError(f"model=texture: needs 2D tiles, the task gives samples of shape {shape}")
         side = min(shape)
-        checked = {
-            "quantiles": _float_list(quantiles, "model.quantiles", 0.0, 1.0),
-            "glcm_distances": _int_list(glcm_distances, "model.glcm_distances", 1, side - 1),
-            "glcm_angles": _at_least(glcm_angles, "model.glcm_angles", 1),
-            "glcm_levels": _at_least(glcm_levels, "model.glcm_levels", 2, 256),
-            "lbp_points": _at_least(lbp_points, "model.lbp_points", 4),
-            "lbp_radii": _int_list(lbp_radii, "model.lbp_radii", 1, (side - 1) // 2),
-            "gabor_frequencies": _float_list(gabor_frequencies, "model.gabor_frequencies", 0.0, 0.5, open_low=True),
-            "gabor_orientations": _at_least(gabor_orientations, "model.gabor_orientations", 1),
-            "feature_cache": _at_least(feature_cache, "model.feature_cache", 0),
-        }
+        # checked before nn.Module.__init__, which must run before any attribute is set
+        quantiles = _float_list(quantiles, "model.quantiles", 0.0, 1.0)
+        glcm_distances = _int_list(glcm_distances, "model.glcm_distances", 1, side - 1)
+        glcm_angles = _at_least(glcm_angles, "model.glcm_angles", 1)
+        glcm_levels = _at_least(glcm_levels, "model.glcm_levels", 2, 256)
+        lbp_points = _at_least(lbp_points, "model.lbp_points", 4)
+        lbp_radii = _int_list(lbp_radii, "model.lbp_radii", 1, (side - 1) // 2)
+        gabor_frequencies = _float_list(gabor_frequencies, "model.gabor_frequencies", 0.0, 0.5, open_low=True)
+        gabor_orientations = _at_least(gabor_orientations, "model.gabor_orientations", 1)
+        feature_cache = _at_least(feature_cache, "model.feature_cache", 0)
         dim = (
-            len(checked["quantiles"])
+            len(quantiles)
             + 4
-            + 2 * len(GLCM_PROPS) * len(checked["glcm_distances"])
-            + (checked["lbp_points"] + 2) * len(checked["lbp_radii"])
-            + 2 * len(checked["gabor_frequencies"])
+            + 2 * len(GLCM_PROPS) * len(glcm_distances)
+            + (lbp_points + 2) * len(lbp_radii)
+            + 2 * len(gabor_frequencies)
         )
         super().__init__(num_classes, class_names, shape, dim, **kwargs)
-        self.quantiles: list[float] = checked["quantiles"]
-        self.glcm_distances: list[int] = checked["glcm_distances"]
-        self.glcm_angles: int = checked["glcm_angles"]
-        self.glcm_levels: int = checked["glcm_levels"]
-        self.lbp_points: int = checked["lbp_points"]
-        self.lbp_radii: list[int] = checked["lbp_radii"]
-        self.gabor_frequencies: list[float] = checked["gabor_frequencies"]
-        self.gabor_orientations: int = checked["gabor_orientations"]
-        self.feature_cache: int = checked["feature_cache"]
+        self.quantiles = list(quantiles)
+        self.glcm_distances = list(glcm_distances)
+        self.glcm_angles = glcm_angles
+        self.glcm_levels = glcm_levels
+        self.lbp_points = lbp_points
+        self.lbp_radii = list(lbp_radii)
+        self.gabor_frequencies = list(gabor_frequencies)
+        self.gabor_orientations = gabor_orientations
+        self.feature_cache = feature_cache
         self._bank = gabor_bank(self.gabor_frequencies, self.gabor_orientations)
         self._memo: dict[bytes, np.ndarray] = {}
 

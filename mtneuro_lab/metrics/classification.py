@@ -7,6 +7,7 @@ figures (the media callback), not logged as a metric.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -37,8 +38,9 @@ class ClassificationMetrics(nn.Module):
         #: the last computed (truth x prediction) count matrix per stage, for figures
         self.last_confusion: dict[str, torch.Tensor] = {}
 
-    def __getitem__(self, stage: str) -> nn.ModuleDict:
-        return self.stages[f"{stage}_"]
+    def __getitem__(self, stage: str) -> dict[str, MulticlassAccuracy]:
+        # nn.ModuleDict is typed as holding any Module; this one holds only the two accuracies
+        return cast(dict[str, MulticlassAccuracy], self.stages[f"{stage}_"])
 
     def has_data(self, stage: str) -> bool:
         return bool(self[stage]["acc"].update_called)
@@ -52,7 +54,7 @@ class ClassificationMetrics(nn.Module):
         """The keys :meth:`compute` returns for ``stage`` (known before any data is seen)."""
         return [f"{stage}/{self.prefix}acc", *(f"{stage}/{self.prefix}acc_{n}" for n in self.class_names)]
 
-    def compute(self, stage: str) -> dict[str, float]:
+    def compute(self, stage: str) -> dict[str, torch.Tensor]:
         metrics = self[stage]
         out = {f"{stage}/{self.prefix}acc": metrics["acc"].compute()}
         per_class = metrics["per_class"].compute()

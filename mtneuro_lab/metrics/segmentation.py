@@ -13,6 +13,7 @@ reported as NaN and left out of the unweighted class means (``f1_mean``/``iou_me
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -55,7 +56,8 @@ class SegmentationMetrics(nn.Module):
         self.last_confusion: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, stage: str) -> MulticlassConfusionMatrix:
-        return self.stages[f"{stage}_"]
+        # nn.ModuleDict is typed as holding any Module; this one holds only confusion matrices
+        return cast(MulticlassConfusionMatrix, self.stages[f"{stage}_"])
 
     def update(self, stage: str, logits: torch.Tensor, target: torch.Tensor) -> None:
         """``logits`` ``(B, C, *spatial)``, ``target`` ``(B, *spatial)`` class indices."""

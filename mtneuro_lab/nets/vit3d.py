@@ -241,16 +241,9 @@ def vit_spec(preset: str, patch_size: Sequence[int], input_shape: Sequence[int],
         raise ConfigError(f"model.preset: must be one of {', '.join(PRESETS)}, got {preset!r}")
     token_grid(input_shape, patch_size)  # one-line errors for bad patch sizes / crops
     dim, depth, heads = PRESETS[preset]
-    spec = ViTSpec(
-        preset,
-        dim,
-        depth,
-        heads,
-        tuple(int(p) for p in patch_size),  # type: ignore[arg-type]
-        tuple(int(s) for s in input_shape),
-        in_channels,
-    )  # type: ignore[arg-type]
-    return spec
+    pd, ph, pw = (int(p) for p in patch_size)
+    d, h, w = (int(s) for s in input_shape)
+    return ViTSpec(preset, dim, depth, heads, (pd, ph, pw), (d, h, w), in_channels)
 
 
 class ViTEncoder(nn.Module):
@@ -259,6 +252,8 @@ class ViTEncoder(nn.Module):
     ``forward(x, ids_keep)`` runs only the visible tokens when ``ids_keep`` is given (MAE);
     ``collect`` lists block indices whose outputs are also returned (UNETR skip connections).
     """
+
+    pos_embed: torch.Tensor  # a buffer
 
     def __init__(self, spec: ViTSpec, drop_path: float = 0.0) -> None:
         super().__init__()
@@ -299,6 +294,8 @@ class ViTEncoder(nn.Module):
 
 class MAEDecoder(nn.Module):
     """Light transformer that predicts the voxels of every patch from visible tokens + mask tokens."""
+
+    pos_embed: torch.Tensor  # a buffer
 
     def __init__(
         self, encoder_dim: int, grid: Sequence[int], patch_voxels: int, dim: int = 512, depth: int = 4, heads: int = 16

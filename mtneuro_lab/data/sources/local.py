@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import zipfile
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,8 @@ class VolumeReader(ABC):
             raise DataError(f"{path}: expected a (z, y, x) volume or a 2D image, got shape {tuple(shape)}")
         self.path = path
         self.stored_ndim = len(shape)
-        self.shape: tuple[int, int, int] = tuple(int(s) for s in ((1, *shape) if len(shape) == 2 else shape))
+        z, y, x = (int(s) for s in ((1, *shape) if len(shape) == 2 else shape))
+        self.shape = (z, y, x)
         self.dtype = np.dtype(dtype)
 
     def read(self, z: Range, y: Range, x: Range) -> np.ndarray:
@@ -255,7 +256,7 @@ def open_volume(path: str | Path, key: str | None = None) -> VolumeReader:
     is_zarr = suffix == ".zarr" or (
         path.is_dir() and any((path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup"))
     )
-    keyless = {".npy": NpyReader, ".tif": TiffReader, ".tiff": TiffReader}
+    keyless: dict[str, Callable[[Path], VolumeReader]] = {".npy": NpyReader, ".tif": TiffReader, ".tiff": TiffReader}
     if path.is_file() and suffix in keyless:
         if key is not None:
             raise DataError(f"{path}: {suffix} files hold one array, so key must be null (got {key!r})")
@@ -293,7 +294,7 @@ class LocalVolumeSource(VolumeSource):
             raise ConfigError(f"source.origin: expected [x, y, z] integers, got {origin!r}") from None
         if len(origin) != 3 or min(origin) < 0:
             raise ConfigError(f"source.origin: expected [x, y, z] with non-negative values, got {list(origin)}")
-        self.origin: tuple[int, int, int] = origin  # type: ignore[assignment]
+        self.origin: tuple[int, int, int] = origin
         self.readers: dict[str, VolumeReader] = {}
         for name, spec in channels.items():
             path, key = _channel_spec(str(name), spec)

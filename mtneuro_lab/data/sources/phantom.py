@@ -214,12 +214,10 @@ def _place_cells(
             idx = centres[sel, None] + t.halo
             np.maximum.at(owner, idx, (sel + 1).astype(np.int32)[:, None])
             halos.append((sel, idx))
-        winners = []
-        for sel, idx in halos:
-            winners.append(sel[(owner[idx] == (sel + 1)[:, None]).all(axis=1)])
+        won = [sel[(owner[idx] == (sel + 1)[:, None]).all(axis=1)] for sel, idx in halos]
         for _, idx in halos:
             owner[idx] = 0
-        winners = np.sort(np.concatenate(winners))
+        winners = np.sort(np.concatenate(won))
         volumes = np.array([templates[kinds[w]].body.size for w in winners], dtype=np.int64)
         keep = winners[: int(np.searchsorted(np.cumsum(volumes), deficit)) + 1]
         for w in keep:
@@ -297,7 +295,7 @@ def _apply_nuisance(rng: np.random.Generator, image: np.ndarray) -> None:
     The ranges (gain ~0.75-1.3, offset ~+-60 grey levels) exceed the differences between the
     regions' mean intensities (~45 levels), so region must be read from texture, not brightness.
     """
-    nz, ny, nx = image.shape
+    nz, ny, nx = (int(n) for n in image.shape)
     gain = np.exp(rng.normal(0.0, 0.08) + 0.15 * _smooth_profile(rng, nz, 60.0))
     gain *= 1.0 + 0.01 * rng.standard_normal(nz).astype(np.float32)
     offset = rng.uniform(-20.0, 20.0) + 40.0 * _smooth_profile(rng, nz, 60.0)
@@ -336,7 +334,8 @@ def generate_cube(region: str, seed_key: int, shape: tuple[int, int, int]) -> di
     """
     if region not in PROFILES:
         raise DataError(f"phantom: no tissue profile for region {region!r}; known: {sorted(PROFILES)}")
-    shape = tuple(int(s) for s in shape)
+    z, y, x = (int(s) for s in shape)
+    shape = (z, y, x)
     profile = PROFILES[region]
     rng = np.random.default_rng(seed_key)
     total = int(np.prod(shape))

@@ -118,7 +118,7 @@ def _mitochondria(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
         if count == n:
             break
         cz, cy, cx = np.unravel_index(centre, shape)
-        radius_nm = min(rng.uniform(40.0, 85.0), inside[cz, cy, cx] - 20.0)
+        radius_nm = min(rng.uniform(40.0, 85.0), float(inside[cz, cy, cx]) - 20.0)
         a = radius_nm / VOXEL_NM[1]  # in-plane semi-axes (voxels)
         b = a * rng.uniform(0.7, 1.0)
         c = rng.uniform(100.0, 360.0) / VOXEL_NM[0]  # along z
@@ -153,7 +153,7 @@ def _render(rng: np.random.Generator, labels: np.ndarray, membrane: np.ndarray, 
     image[body & _membranes(mito)] = 72.0
     image = ndimage.gaussian_filter(image, (0.4, 1.0, 1.0), mode="nearest")
     image += rng.normal(0.0, 12.0, labels.shape).astype(np.float32)
-    depth = labels.shape[0]
+    depth = int(labels.shape[0])
     gain = 1.0 + rng.normal(0.0, 0.04, depth).astype(np.float32)
     offset = rng.normal(0.0, 5.0, depth).astype(np.float32)
     image = (image - 128.0) * gain[:, None, None] + 128.0 + offset[:, None, None]
@@ -163,9 +163,9 @@ def _render(rng: np.random.Generator, labels: np.ndarray, membrane: np.ndarray, 
 
 def generate_em(seed: int, shape: Sequence[int] = DEFAULT_SHAPE) -> dict[str, np.ndarray]:
     """Generate the phantom: ``image`` uint8, ``labels`` and ``mito`` int32, all ``shape`` (z, y, x)."""
-    shape = tuple(int(s) for s in shape)
-    rng = np.random.default_rng(seed_key(seed, shape))
-    cells = _neurites(rng, shape)
+    z, y, x = (int(s) for s in shape)
+    rng = np.random.default_rng(seed_key(seed, (z, y, x)))
+    cells = _neurites(rng, (z, y, x))
     membrane = _membranes(cells)
     labels = np.where(membrane, 0, cells).astype(np.int32)
     mito = _mitochondria(rng, labels)
@@ -182,7 +182,7 @@ def check_shape(shape: Sequence[int], key: str = "source.em_shape") -> tuple[int
         raise ConfigError(
             f"{key}: expected [z, y, x] between {list(MIN_SHAPE)} and {list(MAX_SHAPE)}, got {list(shape)}"
         )
-    return out  # type: ignore[return-value]
+    return out
 
 
 class PhantomEMSource(VolumeSource):
