@@ -33,6 +33,7 @@ from mtneuro_lab.data.sources.base import VolumeSource
 from mtneuro_lab.errors import CheckpointError, ConfigError, MtneuroError
 from mtneuro_lab.methods.base import BaseMethod
 from mtneuro_lab.nets.sync_bn import SyncBatchNormPlugin
+from mtneuro_lab.progress import ProgressLog
 
 #: the datamodule built for each task kind; every other kind gets :class:`VolumeDataModule`
 DATAMODULES: dict[str, type[VolumeDataModule]] = {"em": EMDataModule}
@@ -48,12 +49,18 @@ class Components:
 
 
 def instantiate_cfg(section: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that lets our one-line errors through unwrapped."""
+    """``hydra.utils.instantiate`` that lets our one-line errors through unwrapped.
+
+    A constructor's own failure (anything but our errors and a TypeError of its arguments) is
+    re-raised as itself: the CLI names the section and shows the traceback with ``-v``.
+    """
     try:
         return instantiate(section, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
         if isinstance(cause, MtneuroError):
+            raise cause from None
+        if cause is not None and not isinstance(cause, TypeError):
             raise cause from None
         raise ConfigError(" ".join(str(err).split())) from None
 
@@ -165,7 +172,8 @@ def build_components(cfg: DictConfig) -> Components:
     return Components(catalog, source, task, datamodule, method)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, method: BaseMethod) -> pl.Trainer:
+def build_callbacks(cfg: DictConfig, method: BaseMethod) -> list[pl.Callback]:
+    """``cfg.callbacks`` instantiated (the preflight builds them too: their range checks run first)."""
     callbacks = []
     for name, sub in (cfg.get("callbacks") or {}).items():
         if sub is None:
@@ -173,19 +181,29 @@ def build_trainer(cfg: DictConfig, run_dir: Path, method: BaseMethod) -> pl.Trai
         extra = {}
         if name == "model_checkpoint" and sub.get("monitor", None) is None:
             extra = {"monitor": method.monitor[0], "mode": method.monitor[1]}
-        callbacks.append(instantiate(sub, **extra))
-    callbacks.append(RNGStateCheckpoint())
-    callbacks.append(PreemptionCheckpoint(run_dir))
-    loggers = [instantiate(sub) for sub in (cfg.get("logger") or {}).values() if sub is not None]
+        callbacks.append(instantiate_cfg(sub, **extra))
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    return [instantiate_cfg(sub) for sub in (cfg.get("logger") or {}).values() if sub is not None]
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, method: BaseMethod) -> pl.Trainer:
+    callbacks = [*build_callbacks(cfg, method), RNGStateCheckpoint(), PreemptionCheckpoint(run_dir)]
+    extra = {}
+    if any(isinstance(cb, ProgressLog) and cb.hides_progress_bar() for cb in callbacks):
+        extra["enable_progress_bar"] = False  # a log file gets the progress lines instead
     plugins: list[Any] = [AtomicCheckpointIO()]
     if cfg.trainer.get("sync_batchnorm"):  # batch norm over all ranks, on CPU (gloo) too
         plugins.append(SyncBatchNormPlugin())
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
-        logger=loggers or False,
+        logger=build_loggers(cfg) or False,
         plugins=plugins,
         default_root_dir=str(run_dir),
+        **extra,
     )
 
 

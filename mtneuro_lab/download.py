@@ -42,7 +42,9 @@ def download_for_config(overrides: Sequence[str]) -> list[str]:
     return done
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mtneuro_lab.download`` and the ``mtneuro-download`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
@@ -57,4 +59,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

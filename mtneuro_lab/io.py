@@ -43,3 +43,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Non
     path = Path(path)
     tmp = write_temp(path.parent, path.suffix, lambda fh: fh.write(data))
     os.replace(tmp, path)
+
+
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why a directory could not be created or written at ``path`` (None if it can).
+
+    The nearest existing ancestor must be a directory in which a file can be created: a
+    temporary file is created there and removed at once (a permission check alone says yes to
+    root, also on ``/proc`` or a read-only mount). Nothing is left behind.
+    """
+    target = Path(path).expanduser().absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        fd, tmp = tempfile.mkstemp(dir=existing, prefix=".write-check-")
+    except OSError as err:
+        where = "" if existing == target else f" (cannot create files in {existing})"
+        return f"{target} is not writable{where}: {err.strerror or err}"
+    os.close(fd)
+    os.unlink(tmp)
+    return None

@@ -18,8 +18,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # only), this table, the package itself
     ("mtneuro_lab", "mtneuro_lab.errors", "mtneuro_lab.io", "mtneuro_lab.layers"),
     # config schemas; checkpoint files and the RNG state every checkpoint carries (Lightning
-    # plugin and callback); where a process runs (torchrun, SLURM) and preemption checkpoints
-    ("mtneuro_lab.config", "mtneuro_lab.checkpoints", "mtneuro_lab.callbacks", "mtneuro_lab.cluster"),
+    # plugin and callback); progress lines for log files (callback); where a process runs
+    # (torchrun, SLURM) and preemption checkpoints
+    (
+        "mtneuro_lab.config",
+        "mtneuro_lab.checkpoints",
+        "mtneuro_lab.callbacks",
+        "mtneuro_lab.progress",
+        "mtneuro_lab.cluster",
+    ),
     # data (sources -> cache -> tasks/splits -> datamodules -> augment) and, independent of it,
     # networks, scores and post-processing
     ("mtneuro_lab.data", "mtneuro_lab.nets", "mtneuro_lab.metrics", "mtneuro_lab.decoding"),
@@ -27,15 +34,25 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("mtneuro_lab.methods",),
     # one place that builds source, task, datamodule, method and trainer from a config; run
     # directories (config.yaml, metrics.json, a checkpoint's saved config); perf.* applied to
-    # built components (config.schema validates perf.* without importing perf)
-    ("mtneuro_lab.build", "mtneuro_lab.rundir", "mtneuro_lab.perf"),
+    # built components (config.schema validates perf.* without importing perf); figures of
+    # predictions for dashboards and the run directory (media callback); W&B conventions
+    # (tracking); the memory estimate of a training step (memcheck)
+    (
+        "mtneuro_lab.build",
+        "mtneuro_lab.rundir",
+        "mtneuro_lab.perf",
+        "mtneuro_lab.media",
+        "mtneuro_lab.tracking",
+        "mtneuro_lab.memcheck",
+    ),
     # Task 3 read-outs, embeddings
     ("mtneuro_lab.analysis",),
     # flows and tables
     ("mtneuro_lab.run", "mtneuro_lab.report"),
-    # entry points: train.py/evaluate.py (cli), the BossDB pre-download command
+    # entry points: train.py/evaluate.py (cli); the BossDB pre-download command and
+    # ``python -m mtneuro_lab.train|evaluate`` (console scripts of an installed package)
     ("mtneuro_lab.cli",),
-    ("mtneuro_lab.download",),
+    ("mtneuro_lab.download", "mtneuro_lab.train", "mtneuro_lab.evaluate"),
 )
 
 

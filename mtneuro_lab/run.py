@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from mtneuro_lab import perf
+from mtneuro_lab import perf, tracking
 from mtneuro_lab.analysis import readout
 from mtneuro_lab.build import (  # noqa: F401 - build_components, instantiate_* re-exported for tests and benchmarks
     Components,
@@ -35,9 +36,17 @@ from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.data.sources.local import open_volume
 from mtneuro_lab.decoding.volume import open_output
 from mtneuro_lab.errors import CheckpointError, ConfigError
+from mtneuro_lab.memcheck import check_memory
 from mtneuro_lab.methods.base import BaseMethod
 from mtneuro_lab.methods.em import EMSegmentation
-from mtneuro_lab.rundir import evaluation_config, save_config, saved_config, write_metrics
+from mtneuro_lab.rundir import (
+    cli_overrides,
+    evaluation_config,
+    next_steps,
+    save_config,
+    saved_config,
+    write_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +63,10 @@ def resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(ckpt_path)
 
 
-def _finish_loggers(trainer: pl.Trainer | None) -> None:
-    """Close loggers that keep global state (W&B) so the next multirun job starts clean."""
-    if trainer is None:
-        return
-    for lg in trainer.loggers:
-        finalize = getattr(lg, "finalize", None)
-        if finalize is not None:
-            finalize("success")
-    try:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
-    except ImportError:  # pragma: no cover - wandb is a dependency, but stay robust
-        pass
+def _finish_loggers(
+    trainer: pl.Trainer | None, metrics: Mapping[str, Any] | None = None, ckpt: str | None = None
+) -> None:
+    tracking.finish_loggers(trainer.loggers if trainer is not None else [], metrics, ckpt)
 
 
 def _stage_metrics(trainer: pl.Trainer, stage: str) -> dict[str, Any]:
@@ -140,10 +138,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if contacts is not None:
         comps.task.log_contacts()
     trainer = None
+    written: dict[str, Any] | None = None
+    best = ""
     try:
         trainer = build_trainer(cfg, run_dir, comps.method)
         if trainer.is_global_zero:
             save_config(cfg, run_dir)
+        for run in tracking.wandb_runs(trainer.loggers):
+            run.log_config(cfg)
         try:
             with preemption.watching(trainer):
                 trainer.fit(comps.method, datamodule=comps.datamodule, ckpt_path=resume)
@@ -158,12 +160,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.test(comps.method, datamodule=comps.datamodule, ckpt_path=best or None)
             metrics.update(_test_metrics(trainer))
         if trainer.is_global_zero:
-            metrics = write_metrics(run_dir, metrics)
+            metrics = written = write_metrics(run_dir, metrics)
             preemption.finished(run_dir)
             log.info("metrics: %s", json.dumps(metrics))
+            print(next_steps(run_dir, best or str(run_dir / "checkpoints" / "last.ckpt"), cli_overrides()), flush=True)
         return metrics
     finally:
-        _finish_loggers(trainer)
+        _finish_loggers(trainer, written, best or None)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -176,17 +179,25 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     comps = build_components(ecfg)
     load_method_checkpoint(comps.method, ecfg.ckpt_path, ecfg.model._target_)
     perf.apply(ecfg.get("perf"), comps.method, comps.datamodule)
-    ecfg.callbacks = {}
+    # no checkpointing or progress lines here; the test figures still go to media/ and the loggers
+    ecfg.callbacks = {k: v for k, v in (ecfg.get("callbacks") or {}).items() if k == "media"}
+    tracking.set_job_type(ecfg, "eval")
     trainer = build_trainer(ecfg, run_dir, comps.method)
+    written = None
     try:
         if trainer.is_global_zero:
             save_config(ecfg, run_dir)
+        for run in tracking.wandb_runs(trainer.loggers):
+            run.log_config(ecfg)
         trainer.test(comps.method, datamodule=comps.datamodule)
         metrics = _test_metrics(trainer)
         metrics.update(comps.method.after_evaluate(comps.datamodule, run_dir))
-        return write_metrics(run_dir, metrics) if trainer.is_global_zero else {}
+        if not trainer.is_global_zero:
+            return {}
+        written = write_metrics(run_dir, metrics)
+        return written
     finally:
-        _finish_loggers(trainer)
+        _finish_loggers(trainer, written)
 
 
 def check_checkpoint_fits(method: pl.LightningModule, path: str | Path, model_target: str) -> None:
@@ -218,16 +229,28 @@ def check_checkpoint_fits(method: pl.LightningModule, path: str | Path, model_ta
     raise CheckpointError(f"ckpt_path: {path} is not a checkpoint of model {model_target}{origin}: {what}")
 
 
+def check_own_callbacks(cfg: DictConfig) -> None:
+    """Instantiate this project's callbacks (progress lines, media): their range checks run now.
+    Lightning's own (checkpointing) are left to the run: their paths exist only then."""
+    for sub in (cfg.get("callbacks") or {}).values():
+        if sub is not None and str(sub.get("_target_", "")).startswith("mtneuro_lab."):
+            instantiate_cfg(sub)
+
+
 def _preflight_train(cfg: DictConfig) -> None:
     validate_config(cfg)
     check_launch(cfg, hydra_launcher())
+    tracking.check_wandb(cfg)
     comps = build_components(cfg)
     check_selection(cfg, comps.method)
+    check_own_callbacks(cfg)
     ckpt = cfg.get("ckpt_path")
     if ckpt not in (None, "", "last"):
         if not Path(str(ckpt)).is_file():
             raise CheckpointError(f"ckpt_path: no checkpoint file at {ckpt}")
         check_checkpoint_fits(comps.method, str(ckpt), str(cfg.model._target_))
+    if perf.as_perf_config(cfg.get("perf")).memory_check:  # last: it moves the method to the meta device
+        check_memory(cfg, comps.method, tuple(comps.task.sample_shape()))
 
 
 def _sweeper_direction() -> str | None:
@@ -294,6 +317,7 @@ def _preflight_sweep_names(cfg: DictConfig) -> None:
 
 
 def _preflight_evaluate(cfg: DictConfig) -> None:
+    tracking.check_wandb(cfg)
     if readout.is_semantic(cfg):
         return readout.preflight(cfg)
     if not cfg.get("ckpt_path"):
@@ -302,6 +326,7 @@ def _preflight_evaluate(cfg: DictConfig) -> None:
         raise CheckpointError(f"ckpt_path: no checkpoint file at {cfg.ckpt_path}")
     ecfg = evaluation_config(cfg)  # the run's saved config + this command's overrides
     validate_config(ecfg)
+    tracking.check_wandb(ecfg)
     comps = build_components(ecfg)
     check_checkpoint_fits(comps.method, str(ecfg.ckpt_path), str(ecfg.model._target_))
 

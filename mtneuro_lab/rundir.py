@@ -8,7 +8,9 @@ the flows (:mod:`mtneuro_lab.run`) and the Task 3 read-out (:mod:`mtneuro_lab.an
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -80,8 +82,42 @@ def evaluation_config(cfg: DictConfig) -> DictConfig:
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
     saved.paths = cfg.paths
     saved.ckpt_path = str(ckpt)
-    saved.logger = cfg.logger if any(o.startswith("logger") for o in overrides) else saved.get("logger")
+    saved.logger = cfg.logger if any(o.lstrip("+~").startswith("logger") for o in overrides) else saved.get("logger")
+    for sub in (saved.logger or {}).values():  # this command's own directory, not the training run's
+        if isinstance(sub, DictConfig) and "save_dir" in sub:
+            sub.save_dir = cfg.paths.output_dir
     return saved
+
+
+def entry_commands() -> dict[str, str]:
+    """How this process was started decides how the next commands are spelled: ``python train.py``
+    in a clone, ``mtneuro-train`` (console scripts) or ``python -m mtneuro_lab.train``."""
+    started = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("train.py")
+    if started.name.startswith("mtneuro-"):
+        return {"train": "mtneuro-train", "evaluate": "mtneuro-eval", "report": "mtneuro-report"}
+    if started.name in ("train.py", "evaluate.py") and started.resolve().parent.name != "mtneuro_lab":
+        return {"train": "python train.py", "evaluate": "python evaluate.py", "report": "python -m mtneuro_lab.report"}
+    return {k: f"python -m mtneuro_lab.{k}" for k in ("train", "evaluate", "report")}
+
+
+#: overrides of a run that a seed sweep of the same experiment leaves out
+_NOT_REPEATED = ("seed", "hydra.", "ckpt_path", "paths.")
+
+
+def next_steps(run_dir: Path, checkpoint: str | Path, overrides: Sequence[str]) -> str:
+    """What a run prints at its end: where its directory is and three commands to try next."""
+    cmd = entry_commands()
+    same = [o for o in overrides if not o.lstrip("+~").startswith(_NOT_REPEATED)]
+    sweep = " ".join(shlex.quote(o) for o in [*same, "+sweep=seeds"])
+    return "\n".join(
+        [
+            f"run directory: {run_dir}",
+            "next:",
+            f"  {cmd['evaluate']} ckpt_path={shlex.quote(str(checkpoint))}   # test it again (other settings)",
+            f"  {cmd['report']} {shlex.quote(str(run_dir))}   # a table of this run (report.md, report.csv)",
+            f"  {cmd['train']} -m {sweep}   # the same experiment, five seeds",
+        ]
+    )
 
 
 def cli_overrides() -> list[str]:

@@ -8,7 +8,6 @@ normalised float batch ``(B, 1, H, W)`` the datamodule would produce.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ import torch
 
 from mtneuro_lab.data import augment
 from mtneuro_lab.errors import ConfigError
+from mtneuro_lab.media import MediaItem, save_pngs
+from mtneuro_lab.metrics import figures
 
 log = logging.getLogger(__name__)
 
@@ -79,32 +80,27 @@ def umap_coordinates(embeddings: np.ndarray, seed: int, n_neighbors: int = 15) -
     return reducer.fit_transform(x)
 
 
+def umap_images(coords: np.ndarray, values: np.ndarray, names: Sequence[str], title: str = "") -> list[MediaItem]:
+    """One figure per feature: UMAP points coloured by the feature (NaN samples in grey)."""
+    return [
+        MediaItem(
+            f"umap_{name}",
+            figures.scatter_image(
+                coords[:, 0],
+                coords[:, 1],
+                "UMAP 1",
+                "UMAP 2",
+                f"{title} UMAP coloured by {name}".strip(),
+                colour=values[:, j],
+                colour_label=name,
+            ),
+        )
+        for j, name in enumerate(names)
+    ]
+
+
 def plot_umaps(
     coords: np.ndarray, values: np.ndarray, names: Sequence[str], out_dir: Path, title: str = ""
 ) -> list[Path]:
-    """One PNG per feature: UMAP points coloured by the feature (NaN samples in grey)."""
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for j, name in enumerate(names):
-        v = values[:, j]
-        ok = ~np.isnan(v)
-        fig, ax = plt.subplots(figsize=(5.2, 4.5), dpi=110)
-        if (~ok).any():
-            ax.scatter(coords[~ok, 0], coords[~ok, 1], s=3, c="lightgrey", label=f"NaN ({int((~ok).sum())})")
-            ax.legend(loc="best", fontsize=7, markerscale=3)
-        sc = ax.scatter(coords[ok, 0], coords[ok, 1], s=3, c=v[ok], cmap="viridis")
-        fig.colorbar(sc, ax=ax, label=name)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"{title} UMAP coloured by {name}".strip(), fontsize=9)
-        fig.tight_layout()
-        path = out_dir / f"umap_{name}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    """``umap_<feature>.png`` in ``out_dir``, one per feature (:func:`umap_images`)."""
+    return save_pngs(umap_images(coords, values, names, title), out_dir)

@@ -30,11 +30,12 @@ from omegaconf import DictConfig
 from mtneuro_lab.analysis.embeddings import (
     embed_images,
     embedding_fn,
-    plot_umaps,
     split_tiles,
     umap_coordinates,
+    umap_images,
 )
 from mtneuro_lab.build import (
+    build_loggers,
     build_method,
     build_source,
     build_task,
@@ -53,8 +54,11 @@ from mtneuro_lab.data.semantic_task import SemanticFeatureTask, blocked_folds
 from mtneuro_lab.data.tasks import CubeTask
 from mtneuro_lab.errors import CheckpointError, ConfigError
 from mtneuro_lab.io import atomic_write_bytes
+from mtneuro_lab.media import MediaItem, deliver, save_pngs, write_pngs
 from mtneuro_lab.methods.decomposition import DecompositionClassifier
+from mtneuro_lab.metrics import figures
 from mtneuro_lab.rundir import evaluation_config, save_config, saved_config, write_metrics
+from mtneuro_lab.tracking import finish_loggers, set_job_type, wandb_runs
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +150,7 @@ def linear_readout(
     seed: int = 0,
     alpha: float = 0.0,
     gap: int = 0,
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per feature, pooled, region-only and within-region R^2, in-sample and k-fold CV.
 
@@ -169,6 +174,8 @@ def linear_readout(
     folds) and ``_cv_std``; ``n``/``n_nan`` (samples used/excluded: NaN features, e.g. no cells).
     A feature that is constant over its valid samples, or has fewer valid samples than
     ``2 * folds``, has no R^2 (NaN). ``alpha > 0`` fits ridge regression instead of least squares.
+    ``predictions``, if given, receives per feature the held-out ``(truth, prediction)`` of the
+    pooled regression over all folds (the predicted-vs-true figures).
     """
     from sklearn.linear_model import LinearRegression, Ridge
     from sklearn.pipeline import make_pipeline
@@ -193,9 +200,14 @@ def linear_readout(
         for kind, (target, pred) in fold_predictions(x, y_ok, region, every, every, model).items():
             res[kind] = _score(target, pred)
         scores: dict[str, list[float]] = {kind: [] for kind in R2_KINDS}
+        held_out: list[tuple[np.ndarray, np.ndarray]] = []
         for fit, held in cv_splits(table.z[ok], folds, cv, seed, gap):
             for kind, (target, pred) in fold_predictions(x, y_ok, region, fit, held, model).items():
                 scores[kind].append(_score(target, pred))
+                if kind == "r2":
+                    held_out.append((target, pred))
+        if predictions is not None and held_out:
+            predictions[name] = (np.concatenate([t for t, _ in held_out]), np.concatenate([p for _, p in held_out]))
         for kind, values in scores.items():
             if not np.isnan(values).all():
                 res[f"{kind}_cv"], res[f"{kind}_cv_std"] = float(np.nanmean(values)), float(np.nanstd(values))
@@ -366,7 +378,10 @@ def run_semantic(cfg: DictConfig) -> dict[str, float]:
         model_name,
     )
     embeddings = embed_images(method, crops, mean, std, task.embed_batch_size, model_name)
-    results = linear_readout(embeddings, table, task.folds, task.cv, int(ecfg.seed), task.alpha, task.cv_gap)
+    held_out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    results = linear_readout(
+        embeddings, table, task.folds, task.cv, int(ecfg.seed), task.alpha, task.cv_gap, predictions=held_out
+    )
 
     fit = "least squares" if task.alpha == 0 else f"ridge alpha={task.alpha:g}"
     title = (
@@ -379,11 +394,47 @@ def run_semantic(cfg: DictConfig) -> dict[str, float]:
     atomic_write_bytes(run_dir / "semantic_r2.csv", csv.encode())
     table.to_csv(str(run_dir / "features.csv"))
     np.save(run_dir / "embeddings.npy", embeddings.astype(np.float32))
+    items = prediction_items(held_out, model_name)
+    write_pngs(items, run_dir, "readout", None)
     if task.umap:
         coords = umap_coordinates(embeddings, int(ecfg.seed), task.umap_neighbors)
-        plot_umaps(coords, table.values, table.names, run_dir, model_name)
+        umaps = umap_images(coords, table.values, table.names, model_name)
+        save_pngs(umaps, run_dir)  # umap_<feature>.png beside semantic_r2.md, as before
+        items += umaps
     log.info("semantic read-out:\n%s", md)
-    return write_metrics(run_dir, metrics_of(results))
+    metrics = write_metrics(run_dir, metrics_of(results))
+    _to_loggers(ecfg, items, metrics)
+    return metrics
+
+
+def prediction_items(held_out: Mapping[str, tuple[np.ndarray, np.ndarray]], model_name: str) -> list[MediaItem]:
+    """Per feature, held-out (cross-validated) prediction against truth, with the line y = x."""
+    return [
+        MediaItem(
+            f"pred_vs_true_{name}",
+            figures.scatter_image(
+                truth,
+                pred,
+                f"{name} (true)",
+                f"{name} (predicted, held-out folds)",
+                f"{model_name}: {name}",
+                diagonal=True,
+            ),
+        )
+        for name, (truth, pred) in held_out.items()
+    ]
+
+
+def _to_loggers(cfg: DictConfig, items: list[MediaItem], metrics: Mapping[str, Any]) -> None:
+    """The read-out's figures and metrics to the configured loggers (W&B job_type ``readout``)."""
+    set_job_type(cfg, "readout")
+    loggers = build_loggers(cfg)
+    try:
+        for run in wandb_runs(loggers):
+            run.log_config(cfg)
+        deliver(items, loggers, "readout", 0)
+    finally:
+        finish_loggers(loggers, metrics)
 
 
 def _check_fixed_size(method: Any, task: Any, model_name: str) -> None:

@@ -18,7 +18,7 @@ import importlib
 import inspect
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
@@ -65,11 +65,27 @@ def one_line_omegaconf_error(err: OmegaConfBaseException, prefix: str, schema: A
 
 def merge_dataclass(schema: type, value: Any, key: str) -> Any:
     """``value`` (mapping) merged onto the dataclass ``schema``: the instance, or a one-line ConfigError."""
+    _strict_bools(schema, value, key)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), value)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(one_line_omegaconf_error(err, key, schema)) from None
+
+
+def _strict_bools(schema: type, value: Any, key: str) -> None:
+    """Boolean fields take true/false only (OmegaConf alone would turn ``3`` or ``"yes"`` into True)."""
+    if not isinstance(value, (Mapping, DictConfig)) or not dataclasses.is_dataclass(schema):
+        return
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if f.name not in value or OmegaConf.is_config(value) and OmegaConf.is_interpolation(value, f.name):
+            continue
+        item, hint = value[f.name], hints.get(f.name)
+        if hint is bool and not isinstance(item, bool):
+            raise ConfigError(f"{key}.{f.name}: expected true or false (a bool), got {item!r}")
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            _strict_bools(hint, item, f"{key}.{f.name}")
 
 
 # -- signature-based validation of _target_ sections ------------------------------------------
@@ -105,6 +121,10 @@ def _own_parameters(func: Any) -> tuple[dict[str, inspect.Parameter], dict[str, 
     return params, hints, has_kwargs
 
 
+def _is_project(function: Any) -> bool:
+    return str(getattr(function, "__module__", "")).startswith("mtneuro_lab.")
+
+
 def target_options(target: Any) -> TargetOptions:
     """What ``target``'s constructor accepts, following ``**kwargs`` up the class hierarchy.
 
@@ -112,8 +132,9 @@ def target_options(target: Any) -> TargetOptions:
     to ``super().__init__`` (see :mod:`mtneuro_lab.methods.base`), so the keyword-only options of
     its ancestors are its options too; an ancestor's positional parameters are filled by the
     subclass itself (the run's facts, a network it built) and are not config keys. The walk stops
-    at the first constructor without ``**kwargs``. A third-party constructor with ``**kwargs``
-    leaves the section open.
+    at the first constructor without ``**kwargs``. A user's class outside the package that
+    forwards ``**kwargs`` to a project class (docs/user_configs.md) is followed the same way; any
+    other third-party constructor with ``**kwargs`` leaves the section open.
     """
     if not inspect.isclass(target):
         return TargetOptions(*_own_parameters(target))
@@ -129,7 +150,8 @@ def target_options(target: Any) -> TargetOptions:
                     hints[name] = own_hints[name]
         if not has_kwargs:
             return TargetOptions(params, hints, False)
-        if not str(getattr(init, "__module__", "")).startswith("mtneuro_lab."):
+        forwards_to_project = depth + 1 < len(inits) and _is_project(inits[depth + 1])
+        if not (_is_project(init) or forwards_to_project):
             break
     return TargetOptions(params, hints, True)
 
@@ -169,6 +191,9 @@ def _type_ok(value: Any, hint: Any, key: str) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}, got {value!r}")
         return
+    if origin in (list, tuple, Sequence) and isinstance(value, (list, tuple)):
+        _items_ok(value, typing.get_args(hint), origin is tuple, key)
+        return
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, (Mapping, DictConfig)):
             merge_dataclass(hint, value, key)
@@ -182,6 +207,25 @@ def _type_ok(value: Any, hint: Any, key: str) -> None:
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if hint is str and not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    # any other class that is not a container (Path, Accelerator, timedelta ...): never a list or mapping
+    container = (Mapping, Sequence, Set)
+    plain_class = inspect.isclass(origin or hint) and not issubclass(origin or hint, container)
+    if plain_class and isinstance(value, (list, tuple, Mapping)):
+        raise ConfigError(f"{key}: expected a {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _items_ok(value: list | tuple, args: tuple[Any, ...], fixed: bool, key: str) -> None:
+    """Item types of ``list[X]``/``Sequence[X]``/``tuple[X, ...]``/``tuple[X, Y]`` values (``key.<i>``)."""
+    if not args:
+        return
+    if fixed and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {list(value)!r}")
+        hints = list(args)
+    else:
+        hints = [args[0]] * len(value)
+    for i, (item, item_hint) in enumerate(zip(value, hints)):
+        _type_ok(item, item_hint, f"{key}.{i}")
 
 
 def check_target_section(section: Any, key: str, injected: frozenset[str] = frozenset()) -> None:
@@ -199,6 +243,8 @@ def check_target_section(section: Any, key: str, injected: frozenset[str] = froz
             value = section[name]
         except InterpolationResolutionError:
             continue  # e.g. ${hydra:runtime.output_dir} before Hydra made the run directory
+        if value is None and isinstance(section, DictConfig) and OmegaConf.is_interpolation(section, name):
+            continue  # the same, where the preflight's Hydra config leaves it empty
         if name not in params:
             if options.open:
                 continue
@@ -274,6 +320,9 @@ def _check_top_level_types(cfg: DictConfig) -> None:
     source = cfg.get("hparams_from")  # provenance of defaults (mtneuro_lab/conf/paper_hparams/): shown by --cfg job
     if source is not None and not isinstance(source, str):
         raise ConfigError(f"hparams_from: expected a string saying where the defaults come from, got {source!r}")
+    tags = cfg.get("tags")  # W&B tags and report labels
+    if tags is not None and not (isinstance(tags, ListConfig) and all(isinstance(t, str | int) for t in tags)):
+        raise ConfigError(f"tags: expected a list of names, e.g. tags=[paper,seed-study], got {tags!r}")
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and not isinstance(ckpt, str):
         raise ConfigError(f"ckpt_path: expected a checkpoint file, `last` or null, got {ckpt!r}")

@@ -131,6 +131,7 @@ class PerfConfig:
     compile_mode: str = "default"
     channels_last: bool = False
     data_on_device: bool = False
+    memory_check: bool = True  # refuse a batch whose step would not fit in memory (mtneuro_lab/memcheck.py)
 
     def __post_init__(self) -> None:
         if self.compile_mode not in COMPILE_MODES:

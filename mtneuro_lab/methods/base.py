@@ -11,7 +11,7 @@ hierarchy, so an option is declared once and a typo in any of them is still one 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -82,6 +82,20 @@ class BaseMethod(pl.LightningModule):
     def check_trainer(self, trainer_cfg: Any) -> None:
         """One line if the ``trainer`` section cannot serve this method (called by the builder after
         :meth:`bind_task`, before any data is read); nothing by default."""
+
+    # -- figures ---------------------------------------------------------------------------------
+    #: the media callback (``callbacks.media``) while one is attached; see :meth:`offer_media`
+    media_sink: Any = None
+
+    def offer_media(self, stage: str, kind: str, arrays: Callable[[], Mapping[str, Any]]) -> None:
+        """Hand arrays already at hand in a step (volumes, reconstructions) to the media callback.
+
+        ``arrays`` is called only when the callback wants this ``kind`` at this ``stage`` now (its
+        epoch cadence, first batch only), so a step pays nothing otherwise.
+        """
+        sink = self.media_sink
+        if sink is not None and sink.wants(stage, kind):
+            sink.take(stage, kind, arrays())
 
     # -- optimisation --------------------------------------------------------------------------
     @property

@@ -254,6 +254,7 @@ class EMSegmentation(BaseMethod):
             logits, batch["target"].cpu(), self.target_kind, None if mask is None else mask.cpu(), self.rebalance
         )
         self.log("val/loss", loss, prog_bar=True, batch_size=1)
+        self.offer_media("val", "em", lambda: em_media(batch, prob))
         choice = search_postprocess(
             prob[0],
             batch["instances"][0],
@@ -301,6 +302,7 @@ class EMSegmentation(BaseMethod):
         logged |= {f"test/pp_{k}": float(v) for k, v in params.items()}
         logged |= {"test/infer_cpu_s": infer_cpu, "test/infer_wall_s": infer_wall, "test/voxels": float(seg.size)}
         self.log_dict(logged, batch_size=1)
+        self.offer_media("test", "em", lambda: em_media(batch, prob, seg))
         if self.save_predictions and self.trainer.is_global_zero:
             self._write_predictions(seg, prob[0].numpy(), batch["image"][0, 0], params)
 
@@ -344,6 +346,16 @@ class EMSegmentation(BaseMethod):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.chosen_postprocess = {k: float(v) for k, v in (checkpoint.get(CKPT_KEY) or {}).items()}
+
+
+def em_media(batch: dict[str, Any], prob: torch.Tensor, seg: np.ndarray | None = None) -> dict[str, Any]:
+    """The first volume's image, instances, first probability channel (and segmentation) for figures."""
+    arrays = {"image": batch["image"][0, 0], "prob": prob[0, 0]}
+    if "instances" in batch:
+        arrays["truth"] = batch["instances"][0]
+    if seg is not None:
+        arrays["seg"] = seg
+    return arrays
 
 
 class UNet3DEM(EMSegmentation):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from mtneuro_lab.nets.vit3d import (
     num_visible,
     patchify,
     random_masking,
+    unpatchify,
     vit_spec,
 )
 
@@ -166,8 +168,9 @@ class MAEPretrain(BaseMethod):
         total, count = torch.zeros((), device=tiles.device), 0
         for s in range(0, tiles.shape[0], self.eval_chunk):
             chunk = tiles[s : s + self.eval_chunk]
-            loss, _, _ = self(chunk, generator=g)
+            loss, pred, mask = self(chunk, generator=g)
             total, count = total + loss * chunk.shape[0], count + chunk.shape[0]
+            self.offer_media(stage, "mae", partial(self.reconstructions, chunk[:2], pred[:2], mask[:2]))
         self.log(f"{stage}/loss", total / count, batch_size=count, sync_dist=True, prog_bar=stage == "val")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -175,6 +178,22 @@ class MAEPretrain(BaseMethod):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("test", batch, batch_idx)
+
+    def reconstructions(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Masked input (hidden patches 0), reconstruction (visible patches from the input) and
+        target of crops ``x``, for figures; with ``norm_pix_loss`` the prediction is mapped back
+        with each patch's own mean and std."""
+        target = patchify(x, self.patch_size)
+        if self.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True, unbiased=False)
+            pred = pred * (var + 1e-6).sqrt() + mean
+        hidden = mask.unsqueeze(-1).to(target.dtype)
+        grid = self.encoder.grid
+        return {
+            "masked": unpatchify(target * (1 - hidden), self.patch_size, grid)[:, 0],
+            "prediction": unpatchify(pred * hidden + target * (1 - hidden), self.patch_size, grid)[:, 0],
+            "target": x[:, 0],
+        }
 
     # -- the reusable encoder --------------------------------------------------------------------
     def optimizer_parameters(self) -> Any:

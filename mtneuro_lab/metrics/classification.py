@@ -1,4 +1,8 @@
-"""Classification metrics per stage, logged as ``<stage>/acc`` and ``<stage>/acc_<class>``."""
+"""Classification metrics per stage, logged as ``<stage>/acc`` and ``<stage>/acc_<class>``.
+
+The stage's pooled confusion matrix is kept after each ``compute`` (``last_confusion``) for
+figures (the media callback), not logged as a metric.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import cast
 
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 
 class ClassificationMetrics(nn.Module):
@@ -25,11 +29,14 @@ class ClassificationMetrics(nn.Module):
                     {
                         "acc": MulticlassAccuracy(num_classes=n, average="micro"),
                         "per_class": MulticlassAccuracy(num_classes=n, average="none"),
+                        "confusion": MulticlassConfusionMatrix(num_classes=n),
                     }
                 )
                 for stage in ("train", "val", "test")
             }
         )
+        #: the last computed (truth x prediction) count matrix per stage, for figures
+        self.last_confusion: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, stage: str) -> dict[str, MulticlassAccuracy]:
         # nn.ModuleDict is typed as holding any Module; this one holds only the two accuracies
@@ -53,6 +60,7 @@ class ClassificationMetrics(nn.Module):
         per_class = metrics["per_class"].compute()
         for name, value in zip(self.class_names, per_class):
             out[f"{stage}/{self.prefix}acc_{name}"] = value
+        self.last_confusion[stage] = metrics["confusion"].compute().detach().cpu()
         for metric in metrics.values():
             metric.reset()
         return out

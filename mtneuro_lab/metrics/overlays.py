@@ -16,25 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mtneuro_lab.io import atomic_write_bytes
-
-#: class colours: background dark, then vessel red, cell green, axon blue, more from tab10
-_COLOURS = ["#202020", "#e41a1c", "#4daf4a", "#377eb8", "#ff7f00", "#984ea3", "#ffff33", "#a65628"]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+from mtneuro_lab.metrics.figures import Panel, confusion_image, panel_grid, png_bytes
 
 
 def middle_slice(stack: np.ndarray) -> np.ndarray:
@@ -52,31 +34,30 @@ def write_overlays(
     title: str = "",
 ) -> Path:
     """One PNG, one row per sample: image | truth over image | prediction over image."""
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
-    plt = _pyplot()
-    n, k = len(images), len(class_names)
-    colours = (_COLOURS * (k // len(_COLOURS) + 1))[:k]
-    cmap = ListedColormap(colours)
-    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
-    for row in range(n):
-        img = middle_slice(images[row])
-        panels = [(None, "image"), (middle_slice(truths[row]), "truth"), (middle_slice(preds[row]), "prediction")]
-        for col, (mask, label) in enumerate(panels):
-            ax = axes[row, col]
-            ax.imshow(img, cmap="gray", vmin=0, vmax=255)
-            if mask is not None:
-                ax.imshow(mask, cmap=cmap, vmin=-0.5, vmax=k - 0.5, alpha=0.45, interpolation="nearest")
-            ax.set_title(f"{label} (z={int(z[row])})", fontsize=9)
-            ax.axis("off")
-    handles = [Patch(color=c, label=name) for c, name in zip(colours, class_names)]
-    fig.legend(handles=handles, loc="lower center", ncol=k, fontsize=8)
-    if title:
-        fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save(fig, path)
+    atomic_write_bytes(path, png_bytes(overlay_image(images, truths, preds, z, class_names, title)))
     return path
+
+
+def overlay_image(
+    images: np.ndarray,
+    truths: np.ndarray,
+    preds: np.ndarray,
+    z: Sequence[int],
+    class_names: Sequence[str],
+    title: str = "",
+) -> np.ndarray:
+    """The figure of :func:`write_overlays` as an RGB array (also what the media callback logs)."""
+    rows = []
+    for row in range(len(images)):
+        img, where = middle_slice(images[row]), f"(z={int(z[row])})"
+        rows.append(
+            [
+                Panel(image=img, title=f"image {where}"),
+                Panel(image=img, classes=middle_slice(truths[row]), title=f"truth {where}"),
+                Panel(image=img, classes=middle_slice(preds[row]), title=f"prediction {where}"),
+            ]
+        )
+    return panel_grid(rows, class_names, title)
 
 
 def write_confusion(confusion: np.ndarray, class_names: Sequence[str], run_dir: Path) -> tuple[Path, Path]:
@@ -90,28 +71,7 @@ def write_confusion(confusion: np.ndarray, class_names: Sequence[str], run_dir: 
     csv_path = Path(run_dir) / "confusion_matrix.csv"
     atomic_write_bytes(csv_path, buf.getvalue().encode())
 
-    plt = _pyplot()
-    totals = counts.sum(axis=1, keepdims=True)
-    norm = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=float), where=totals > 0)
-    k = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.2 * k + 2, 1.2 * k + 1.5))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    for i in range(k):
-        for j in range(k):
-            ax.text(
-                j,
-                i,
-                f"{norm[i, j]:.2f}\n({counts[i, j]})",
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="white" if norm[i, j] > 0.5 else "black",
-            )
-    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(k), class_names)
-    ax.set_xlabel("prediction")
-    ax.set_ylabel("truth")
-    ax.set_title("confusion (row-normalised, pooled pixels)")
     png_path = Path(run_dir) / "confusion_matrix.png"
-    _save(fig, png_path)
+    image = confusion_image(counts, class_names, "confusion (row-normalised, pooled pixels)")
+    atomic_write_bytes(png_path, png_bytes(image))
     return csv_path, png_path
