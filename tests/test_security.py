@@ -87,7 +87,7 @@ def test_wandb_offline_run_writes_no_secret(tmp_path: Path) -> None:
     run_dir = _train_and_scan(
         tmp_path,
         "logger=wandb",
-        "logger.wandb.offline=true",
+        "logger.wandb.mode=offline",
         env={
             "WANDB_MODE": "offline",
             "WANDB_DIR": str(wandb_dir),
