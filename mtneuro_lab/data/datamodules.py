@@ -231,7 +231,7 @@ class VolumeDataModule(pl.LightningDataModule):
     def register_loader(self, split: str, loader: Any) -> Any:
         """Keep ``loader`` as the split's current loader; a training loader first gets the
         position a resumed checkpoint saved (:meth:`load_state_dict`)."""
-        if split == "train" and getattr(self, "_pending_train_state", None):
+        if split == "train" and self._pending_train_state:
             loader.load_state_dict(self._pending_train_state)
             self._pending_train_state = None
         self._loaders[split] = loader
