@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import cc3d
 import numpy as np
 import pytest
@@ -77,6 +79,35 @@ def test_set_draws_are_deterministic_and_differ_between_sets():
     assert all(low <= d.blur <= high for d in draws)
 
 
+def test_set_contrast_scales_the_image_not_the_labels():
+    shape = (48, 96, 96)
+    low = phantom_v2.generate_cube("vp", 5, shape, TISSUE, dataclasses.replace(DRAW_A, contrast=0.8, noise=0.0))
+    high = phantom_v2.generate_cube("vp", 5, shape, TISSUE, dataclasses.replace(DRAW_A, contrast=1.25, noise=0.0))
+    np.testing.assert_array_equal(low["pixel_labels"], high["pixel_labels"])
+    labels = low["pixel_labels"]
+    gap = {
+        name: abs(float(cube["image"][labels == 3].mean()) - float(cube["image"][labels == 0].mean()))
+        for name, cube in (("low", low), ("high", high))
+    }
+    assert gap["high"] > 1.3 * gap["low"]
+
+
+def _surface_fraction(mask: np.ndarray) -> float:
+    """Share of the mask's voxels with an in-plane neighbour outside it (thin fibres: high)."""
+    inner = mask.copy()
+    for axis in (1, 2):
+        for shift in (1, -1):
+            inner &= np.roll(mask, shift, axis=axis)
+    return 1.0 - inner.sum() / mask.sum()
+
+
+def test_set_size_shift_thickens_the_fibres_too():
+    shape = (32, 128, 128)
+    thin = phantom_v2.build_tissue("vp", 9, shape, TISSUE, dataclasses.replace(DRAW_A, radius_scale=0.75)).labels
+    thick = phantom_v2.build_tissue("vp", 9, shape, TISSUE, dataclasses.replace(DRAW_A, radius_scale=1.3)).labels
+    assert _surface_fraction(thick == 3) < 0.85 * _surface_fraction(thin == 3)
+
+
 def test_build_is_deterministic_per_key():
     a = phantom_v2.generate_cube("cortex", 11, (48, 96, 96), TISSUE, DRAW_A)
     b = phantom_v2.generate_cube("cortex", 11, (48, 96, 96), TISSUE, DRAW_A)
@@ -127,6 +158,7 @@ def test_cubes_of_different_sets_use_their_sets_draw(tmp_path, monkeypatch):
         ({"cell_spread": -1}, r"source\.tissue\.cell_spread: must be a number >= 0"),
         ({"set_noise": [50, 10]}, r"source\.tissue\.set_noise"),
         ({"set_density_shift": 0.7}, r"source\.tissue\.set_density_shift"),
+        ({"set_contrast_shift": -0.1}, r"source\.tissue\.set_contrast_shift: must be a number >= 0"),
     ],
 )
 def test_bad_tissue_settings_are_one_line_errors(tmp_path, tissue, message):

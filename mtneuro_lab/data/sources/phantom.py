@@ -399,9 +399,15 @@ def _render(
     cell_values: np.ndarray,
     noise: float = 40.0,
     blur: float = 1.0,
+    contrast: float = 1.0,
 ) -> np.ndarray:
-    """uint8 image: class intensities + fibre texture, blur, correlated noise, nuisance."""
+    """uint8 image: class intensities + fibre texture, blur, correlated noise, nuisance.
+    ``contrast`` scales every voxel's distance from the background level (1: unchanged)."""
     image = clean_image(labels, field, cell_idx, cell_values)
+    if contrast != 1.0:
+        image -= _CLASS_LEVEL[BACKGROUND]
+        image *= np.float32(contrast)
+        image += _CLASS_LEVEL[BACKGROUND]
     image += rng.standard_normal(labels.shape, dtype=np.float32) * np.float32(noise)
     image = ndimage.gaussian_filter(image, blur, mode="nearest")
     _apply_nuisance(rng, image)

@@ -51,34 +51,41 @@ class TissueConfig:
     patches about ``patch`` voxels across and of section-wide changes about ``slab`` slices
     thick (whole sections differ, as between the real masks' slices). ``set_*``: each cube set
     (A, B, C, D) draws its own acquisition and location: blur sigma and noise level uniformly
-    in the given [low, high] ranges, and relative shifts of the axon and cell densities
-    (``set_density_shift``) and of the cell radius (``set_size_shift``).
+    in the given [low, high] ranges, relative shifts of the axon and cell densities
+    (``set_density_shift``), of the cell radius and fibre calibre (``set_size_shift``) and of
+    the tissue contrast against background (``set_contrast_shift``), and a tilt of the fibres
+    against the section (``set_fibre_tilt``, degrees): acquisitions differ in more than brightness.
     """
 
     cortex: RegionTissue = _default(0.0205, 0.043, 0.0, 4.1)
     striatum: RegionTissue = _default(0.0225, 0.053, 0.192, 4.9)
-    vp: RegionTissue = _default(0.0402, 0.057, 0.585, 5.75)
-    zi: RegionTissue = _default(0.047, 0.080, 0.59, 5.75)
+    vp: RegionTissue = _default(0.0402, 0.057, 0.62, 5.75)
+    zi: RegionTissue = _default(0.047, 0.088, 0.56, 5.75)
     vessel_spread: float = 0.8
     cell_spread: float = 0.5
     size_spread: float = 0.12
     axon_spread: float = 1.0
     patch: float = 48.0
     slab: float = 96.0
-    set_density_shift: float = 0.06
+    set_density_shift: float = 0.04
     set_size_shift: float = 0.04
-    set_blur: list[float] = field(default_factory=lambda: [0.7, 1.4])
-    set_noise: list[float] = field(default_factory=lambda: [28.0, 52.0])
+    set_contrast_shift: float = 0.15
+    set_fibre_tilt: float = 20.0
+    set_blur: list[float] = field(default_factory=lambda: [0.6, 1.6])
+    set_noise: list[float] = field(default_factory=lambda: [24.0, 60.0])
 
     def __post_init__(self) -> None:
         for region in REGIONS:
             _check_region(getattr(self, region), f"source.tissue.{region}")
         for name in ("vessel_spread", "cell_spread", "size_spread", "axon_spread"):
             _check_nonnegative(getattr(self, name), f"source.tissue.{name}")
-        for name in ("set_density_shift", "set_size_shift"):
+        for name in ("set_density_shift", "set_size_shift", "set_contrast_shift"):
             value = _check_nonnegative(getattr(self, name), f"source.tissue.{name}")
             if value >= 0.5:
                 raise ConfigError(f"source.tissue.{name}: must be in [0, 0.5), got {value}")
+        tilt = _check_nonnegative(self.set_fibre_tilt, "source.tissue.set_fibre_tilt")
+        if tilt > 45:
+            raise ConfigError(f"source.tissue.set_fibre_tilt: must be in [0, 45] degrees, got {tilt}")
         for name in ("patch", "slab"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 4:
@@ -137,6 +144,8 @@ class SetDraw:
     axon_scale: float
     cell_scale: float
     radius_scale: float
+    contrast: float
+    fibre_tilt: float
 
 
 def draw_set(seed: int, set_name: str, tissue: TissueConfig) -> SetDraw:
@@ -149,4 +158,6 @@ def draw_set(seed: int, set_name: str, tissue: TissueConfig) -> SetDraw:
         axon_scale=float(1.0 + rng.uniform(-shift, shift)),
         cell_scale=float(1.0 + rng.uniform(-shift, shift)),
         radius_scale=float(1.0 + rng.uniform(-tissue.set_size_shift, tissue.set_size_shift)),
+        contrast=float(1.0 + rng.uniform(-tissue.set_contrast_shift, tissue.set_contrast_shift)),
+        fibre_tilt=float(rng.uniform(-tissue.set_fibre_tilt, tissue.set_fibre_tilt)),
     )

@@ -15,8 +15,8 @@ an *arrangement* of its own that survives that variation:
   few thin bundles to solid fibre;
 * cells avoid fibre-dense patches (grey-matter islands), cluster, and change size with a field;
   cortical cells (and their size) follow layers along a depth axis, its vessels run radially;
-* each cube set draws its own blur, noise level and shifts of density and size
-  (:func:`~mtneuro_lab.data.sources.phantom_tissue.draw_set`), on top of v1's per-cube
+* each cube set draws its own blur, noise level, tissue contrast, fibre tilt and shifts of
+  density and size (:func:`~mtneuro_lab.data.sources.phantom_tissue.draw_set`), on top of v1's per-cube
   brightness and gain nuisance.
 
 Labels are exact: each voxel's intensity is rendered from its own label
@@ -111,33 +111,45 @@ def _unit(polar_deg: float, azimuth: float) -> np.ndarray:
 # --------------------------------------------------------------------------- axons
 
 
-def _fibre(rng: np.random.Generator, m: Morphology, azimuth: float) -> tuple[np.ndarray, float, float]:
-    """One fibre family's filter: direction (polar angle jittered per cube), lengths."""
-    return _unit(m.fibre_polar + rng.normal(0.0, 5.0), azimuth).astype(np.float32), m.along, m.across
+def _fibre(rng: np.random.Generator, m: Morphology, azimuth: float, draw: SetDraw) -> tuple[np.ndarray, float, float]:
+    """One fibre family's filter: direction (polar angle tilted per set, jittered per cube),
+    lengths times the set's size scale."""
+    direction = _unit(m.fibre_polar + draw.fibre_tilt + rng.normal(0.0, 5.0), azimuth).astype(np.float32)
+    return direction, m.along * draw.radius_scale, m.across * draw.radius_scale
 
 
-def _pencils(rng: np.random.Generator, shape: tuple[int, int, int], m: Morphology, density: CoarseField) -> np.ndarray:
+def _pencils(
+    rng: np.random.Generator, shape: tuple[int, int, int], m: Morphology, density: CoarseField, draw: SetDraw
+) -> np.ndarray:
     """Shot noise of sparse seeds (more where ``density`` is high) smeared along the fibre
     direction: round fascicles of assorted calibre running through the section."""
     n = max(int(np.prod(shape) * 4.5e-6), 8)
     seeds = sample_points(rng, density, n, 0, np.asarray(shape))
     volume = np.zeros(shape, dtype=np.float32)
     np.add.at(volume, tuple(seeds.T), rng.lognormal(0.0, 0.45, size=n).astype(np.float32))
-    return oriented_field(volume, *_fibre(rng, m, rng.uniform(0, 2 * np.pi)))
+    return oriented_field(volume, *_fibre(rng, m, rng.uniform(0, 2 * np.pi), draw))
 
 
 def axon_pattern(
-    rng: np.random.Generator, shape: tuple[int, int, int], m: Morphology, density: CoarseField, balance: CoarseField
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    m: Morphology,
+    density: CoarseField,
+    balance: CoarseField,
+    draw: SetDraw,
 ) -> np.ndarray | None:
     """The region's fibre pattern (float32, about unit scale), None without axons. Pencils are
     seeded by ``density`` (fibre fields are modulated by it later, through the threshold); of
-    two fibre families, ``first + b`` or ``second - b`` wins, ``b = m.balance * balance``."""
+    two fibre families, ``first + b`` or ``second - b`` wins, ``b = m.balance * balance``.
+    ``draw``: the set's tilt of the fibres against the section and scale of their calibre and length."""
     if m.axons == "none":
         return None
     if m.axons == "pencils":
-        return _pencils(rng, shape, m, density)
+        return _pencils(rng, shape, m, density, draw)
     azimuth = rng.uniform(0, 2 * np.pi)
-    filters = [_fibre(rng, m, azimuth), _fibre(rng, m, azimuth + np.radians(rng.uniform(*m.family_angle)))]
+    first_family = _fibre(rng, m, azimuth, draw)
+    second_family = _fibre(rng, m, azimuth + np.radians(rng.uniform(*m.family_angle)), draw)
+    filters = [first_family, second_family]
     first, second = oriented_fields(rng.standard_normal(shape, dtype=np.float32), filters)
     shift = balance.full()
     shift *= np.float32(m.balance)
@@ -271,7 +283,7 @@ def build_tissue(
     axon_density, cell_density, cell_size, vessel_density, balance = (field() for _ in range(5))
     vessels = draw_vessels(rng, shape, round(base.vessel * total), tissue.vessel_spread * vessel_density, m, depth_axis)
 
-    pattern = axon_pattern(rng, shape, m, tissue.axon_spread * axon_density, balance)
+    pattern = axon_pattern(rng, shape, m, tissue.axon_spread * axon_density, balance, draw)
     g = m.grey_matter
     cells_where = cell_density * np.sqrt(1.0 - g * g) + axon_density * (-g)
     if depth_axis is not None:
@@ -317,6 +329,13 @@ def generate_cube(
     volume = build_tissue(region, key, shape, tissue, draw)
     rng = np.random.default_rng([key, 1])
     image = _render(
-        rng, volume.labels, volume.texture, volume.cell_idx, volume.cell_values, noise=draw.noise, blur=draw.blur
+        rng,
+        volume.labels,
+        volume.texture,
+        volume.cell_idx,
+        volume.cell_values,
+        noise=draw.noise,
+        blur=draw.blur,
+        contrast=draw.contrast,
     )
     return {"image": image, "pixel_labels": volume.labels, "cell_count": np.int64(volume.cell_count)}
