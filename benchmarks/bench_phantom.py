@@ -278,11 +278,11 @@ def main(masks_dir: Path = MASKS_DIR, write_doc: bool = False) -> dict[str, Any]
 
 
 def supervised(
-    out_dir: Path, jitters: tuple[float, ...] = (0.0, 0.4), epochs: int = 10, jobs: int = 1, write_doc: bool = False
+    out_dir: Path, jitters: tuple[float, ...] = (0.0, 0.4), epochs: int = 10, write_doc: bool = False
 ) -> dict[str, Any]:
-    """bench_task1's supervised ResNet-18 on ROI-C1/ROI-C2 per intensity jitter (finished runs
-    reused), ``jobs`` jitter arms at once."""
-    from concurrent.futures import ThreadPoolExecutor
+    """bench_task1's supervised ResNet-18 on ROI-C1/ROI-C2 per intensity jitter, one arm after
+    the other (finished runs are reused: arms may be trained by separate ``--jitters`` calls
+    at the same time, then a last call with all of them writes the block)."""
 
     from benchmarks.bench_task1 import accuracy
     from benchmarks.doc_blocks import write_block
@@ -291,16 +291,11 @@ def supervised(
     rows = ["| intensity jitter | chosen by (val/acc) | best epoch | ROI-C1 test/acc | ROI-C2 test/acc |"]
     rows.append("|---|---|---|---|---|")
     figures: dict[str, Any] = {}
-
-    def arm(jitter: float) -> list[dict[str, Any]]:
+    for jitter in jitters:
         extra = [f"data.augment.intensity_jitter={jitter}"] if jitter else []
-        return accuracy(
+        runs = accuracy(
             out_dir / f"jitter{jitter}", models=("supervised",), seeds=(1,), epochs=epochs, jobs=1, extra=extra
         )
-
-    with ThreadPoolExecutor(max_workers=jobs) as pool:  # the threads only wait on CLI processes
-        arms = dict(zip(jitters, pool.map(arm, jitters), strict=True))
-    for jitter, runs in arms.items():
         acc = {r["task"]: float(r["test/acc"]) for r in runs}
         first = runs[0]
         figures[str(jitter)] = acc
@@ -313,7 +308,7 @@ def supervised(
     if write_doc:
         extra_facts = {
             "budget (non-default CPU recipe)": "task.downsample=4 (64x64 tiles), data.batch_size=64, "
-            f"trainer.max_epochs={epochs}, seed 1, {jobs} run(s) at a time",
+            f"trainer.max_epochs={epochs}, seed 1",
             "load average (1/5/15 min) at start": " ".join(f"{v:.1f}" for v in load),
         }
         write_block(DOC, "phantom_supervised", markdown, time.perf_counter() - wall, extra_facts)
@@ -328,9 +323,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_phantom", help="supervised run dirs")
     parser.add_argument("--jitters", type=float, nargs="+", default=[0.0, 0.4])
     parser.add_argument("--epochs", type=int, default=10, help="supervised: trainer.max_epochs")
-    parser.add_argument("--jobs", type=int, default=1, help="supervised: jitter arms trained at once")
     args = parser.parse_args()
     if args.part == "supervised":
-        supervised(args.out, tuple(args.jitters), args.epochs, args.jobs, write_doc=not args.no_doc)
+        supervised(args.out, tuple(args.jitters), args.epochs, write_doc=not args.no_doc)
     else:
         main(args.masks, write_doc=not args.no_doc)
