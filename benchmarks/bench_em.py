@@ -55,7 +55,6 @@ COMMON = (
     "trainer=cpu",
     "trainer.enable_progress_bar=false",
     "trainer.max_epochs=-1",
-    f"trainer.max_steps={STEPS}",
     f"data.batch_size={BATCH}",
     "data.augment.intensity_jitter=0.1",
 )
@@ -81,22 +80,31 @@ TASK_OVERRIDES: dict[str, tuple[str, ...]] = {
 METRIC_KEYS = ("test/arand", "test/voi_split", "test/voi_merge")
 
 
-def pretrain_overrides() -> list[str]:
-    """bench_mae's pretraining recipe with ``PRETRAIN_STEPS`` steps."""
+def pretrain_overrides(steps: int = PRETRAIN_STEPS) -> list[str]:
+    """bench_mae's pretraining recipe with ``steps`` steps."""
     recipe = [o for o in (*bench_mae.COMMON, *bench_mae.PRETRAIN) if not o.startswith("trainer.max_steps=")]
-    return [*recipe, f"trainer.max_steps={PRETRAIN_STEPS}"]
+    return [*recipe, f"trainer.max_steps={steps}"]
 
 
-def pretrain(workdir: Path) -> dict[str, Any]:
-    return run_cli(workdir / "pretrain", pretrain_overrides(), threads=1, log=print)
+def pretrain(workdir: Path, steps: int = PRETRAIN_STEPS) -> dict[str, Any]:
+    return run_cli(workdir / "pretrain", pretrain_overrides(steps), threads=1, log=print)
 
 
-def train_overrides(task: str, model: str, seed: int, workdir: Path) -> list[str]:
+def train_overrides(task: str, model: str, seed: int, workdir: Path, steps: int = STEPS) -> list[str]:
     extra = [f"model.pretrained={workdir / 'pretrain' / 'encoder.pt'}"] if model == "mae" else []
-    return [*TASK_OVERRIDES[task], *MODEL_OVERRIDES[model], *extra, *COMMON, f"seed={seed}"]
+    return [
+        *TASK_OVERRIDES[task],
+        *MODEL_OVERRIDES[model],
+        *extra,
+        *COMMON,
+        f"trainer.max_steps={steps}",
+        f"seed={seed}",
+    ]
 
 
-def train(workdir: Path, tasks: Sequence[str], models: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
+def train(
+    workdir: Path, tasks: Sequence[str], models: Sequence[str], seeds: Sequence[int], steps: int = STEPS
+) -> dict[str, Any]:
     """Every (task, model, seed) run, one at a time on one thread; failures are recorded, not fatal."""
     out: dict[str, Any] = {}
     for task in tasks:
@@ -106,7 +114,7 @@ def train(workdir: Path, tasks: Sequence[str], models: Sequence[str], seeds: Seq
                 try:
                     out[name] = run_cli(
                         workdir / "runs" / task / model / f"s{seed}",
-                        train_overrides(task, model, seed, workdir),
+                        train_overrides(task, model, seed, workdir, steps),
                         threads=1,
                         log=print,
                     )
@@ -468,12 +476,15 @@ def write_docs(res: dict[str, Any], wall: float) -> None:
     from benchmarks.doc_blocks import write_block
 
     trained = bool(res.get("train"))
+    used = {"steps": STEPS, "pretrain_steps": PRETRAIN_STEPS, "seeds": list(SEEDS), **res.get("budget", {})}
+    reduced = (used["steps"], used["pretrain_steps"], tuple(used["seeds"])) != (STEPS, PRETRAIN_STEPS, SEEDS)
     budget = {
-        "budget": f"{STEPS} steps of batch {BATCH} per run, one thread each, one run at a time; "
-        f"MAE encoder: {PRETRAIN_STEPS} pretraining steps (bench_mae recipe)"
+        "budget": f"{'REDUCED recipe (not the default of this script): ' if reduced else ''}"
+        f"{used['steps']} steps of batch {BATCH} per run (default {STEPS}), one thread each, one run at a time; "
+        f"MAE encoder: {used['pretrain_steps']} pretraining steps of bench_mae's recipe (default {PRETRAIN_STEPS})"
         if trained
         else "floors only: no learned arm was trained (stage `train` not run)",
-        "seeds": ", ".join(map(str, SEEDS)) if trained else "none (floors are deterministic)",
+        "seeds": ", ".join(map(str, used["seeds"])) if trained else "none (floors are deterministic)",
         "load average (1/5/15 min) when written": load_average(),
     }
     if "floors" in res:  # learned arms not (yet) trained show as "not run"
@@ -493,16 +504,23 @@ def main(
     seeds: Sequence[int] = SEEDS,
     volume_ckpt: Path | None = None,
     volume_shape: Sequence[int] = VOLUME_SHAPE,
+    steps: int = STEPS,
+    pretrain_steps: int = PRETRAIN_STEPS,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     results = workdir / "results.json"
     res = json.loads(results.read_text()) if results.is_file() else {}
     print(f"load average at start: {load_average()}", flush=True)
+    if "pretrain" in stages or "train" in stages:  # the budget the docs block reports
+        recorded = res.setdefault("budget", {"steps": steps, "pretrain_steps": pretrain_steps, "seeds": []})
+        if (recorded["steps"], recorded["pretrain_steps"]) != (steps, pretrain_steps):
+            raise SystemExit(f"{results}: runs of {recorded} already recorded; use another --workdir for a new budget")
+        recorded["seeds"] = sorted({*recorded["seeds"], *seeds})
     if "pretrain" in stages:
-        res["pretrain"] = pretrain(workdir)
+        res["pretrain"] = pretrain(workdir, pretrain_steps)
     if "train" in stages:
-        res.setdefault("train", {}).update(train(workdir, tasks, models, seeds))
+        res.setdefault("train", {}).update(train(workdir, tasks, models, seeds, steps))
     if "floors" in stages:
         res.setdefault("floors", {}).update(floors(tasks))
     if "search" in stages:
@@ -526,9 +544,21 @@ if __name__ == "__main__":
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps per learned run (reduced recipe)")
+    parser.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS, help="MAE pretraining steps")
     parser.add_argument("--volume-ckpt", type=Path, default=None, help="checkpoint for the volume stage")
     parser.add_argument(
         "--volume-shape", type=int, nargs=3, default=list(VOLUME_SHAPE), help="z y x of the volume stage"
     )
     args = parser.parse_args()
-    main(args.stages, args.workdir, args.tasks, args.models, args.seeds, args.volume_ckpt, args.volume_shape)
+    main(
+        args.stages,
+        args.workdir,
+        args.tasks,
+        args.models,
+        args.seeds,
+        args.volume_ckpt,
+        args.volume_shape,
+        args.steps,
+        args.pretrain_steps,
+    )

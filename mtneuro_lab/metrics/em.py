@@ -50,13 +50,24 @@ def relabel(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def contingency(gt: np.ndarray, pred: np.ndarray) -> sparse.csr_array:
-    """Voxel counts ``table[g, p]`` of consecutive-id volumes (no label ignored)."""
+    """Voxel counts ``table[g, p]`` of consecutive-id volumes (no label ignored).
+
+    While the dense table is no larger than the volume it is counted directly (one pass, no
+    sort: a search scores one table per candidate); otherwise it is built sparse. Both give
+    the same canonical table.
+    """
+    shape = (int(gt.max()) + 1, int(pred.max()) + 1)
+    if shape[0] * shape[1] <= gt.size:
+        cells = gt.reshape(-1).astype(np.int64, copy=False) * shape[1] + pred.reshape(-1)
+        counts = np.bincount(cells, minlength=shape[0] * shape[1]).astype(np.float64)
+        return sparse.csr_array(counts.reshape(shape))
     ones = np.ones(gt.size, dtype=np.float64)
-    return sparse.csr_array((ones, (gt.reshape(-1), pred.reshape(-1))), shape=(int(gt.max()) + 1, int(pred.max()) + 1))
+    return sparse.csr_array((ones, (gt.reshape(-1), pred.reshape(-1))), shape=shape)
 
 
-def rand_voi(table: sparse.csr_array, ignore_zero: bool = True) -> dict[str, float]:
-    """ARAND (+ its precision/recall) and VOI split/merge from a contingency table."""
+def rand_voi(table: sparse.csr_array, ignore_zero: bool = True, voi: bool = True) -> dict[str, float]:
+    """ARAND (+ its precision/recall) and VOI split/merge from a contingency table
+    (``voi=False``: ARAND alone, what a search by ARAND reads of every candidate)."""
     from skimage.metrics import adapted_rand_error, variation_of_information
 
     if ignore_zero:  # drop the ground-truth-0 row
@@ -68,14 +79,15 @@ def rand_voi(table: sparse.csr_array, ignore_zero: bool = True) -> dict[str, flo
     if total == 0:
         raise DataError("ground truth has no labelled voxels to score (all 0 with ignore_zero)")
     are, precision, recall = adapted_rand_error(table=table)
+    rand = {"arand": float(are), "arand_precision": float(precision), "arand_recall": float(recall)}
+    if not voi:
+        return rand
     # returns (H(image1 | image0), H(image0 | image1)) with image0 = the table's rows (gt);
     # skimage 0.26 checks image shapes even when a table is given: pass two dummies
     dummy = np.zeros(1, dtype=np.int64)
     h_pred_given_gt, h_gt_given_pred = variation_of_information(dummy, dummy, table=table / total)
     return {
-        "arand": float(are),
-        "arand_precision": float(precision),
-        "arand_recall": float(recall),
+        **rand,
         "voi_split": float(h_pred_given_gt),
         "voi_merge": float(h_gt_given_pred),
         "voi": float(h_pred_given_gt + h_gt_given_pred),
@@ -161,7 +173,7 @@ def evaluate_table(
     """
     out: dict[str, float] = {}
     if only is None or not only.startswith("ap"):
-        out.update(rand_voi(table, ignore_zero))
+        out.update(rand_voi(table, ignore_zero, voi=only is None or only.startswith("voi")))
     if only is None or only.startswith("ap"):
         iou = iou_matrix(table)
         for t in ap_thresholds:
