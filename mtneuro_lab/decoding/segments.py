@@ -202,9 +202,13 @@ def drop_small(mapping: np.ndarray, base_sizes: np.ndarray, min_size: int) -> np
     return compact(out)
 
 
-def mean_per_segment(base: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(sum, count)`` of ``values`` over each base id 0..n-1: per-segment confidences for AP."""
+def mean_per_segment(
+    base: np.ndarray, values: np.ndarray, n: int, counts: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(sum, count)`` of ``values`` over each base id 0..n-1: per-segment confidences for AP.
+    ``counts`` (voxels per id, e.g. a contingency table's column sums) saves a pass."""
     flat = base.reshape(-1)
     sums = np.bincount(flat, weights=np.asarray(values, dtype=np.float64).reshape(-1), minlength=n)
-    counts = np.bincount(flat, minlength=n).astype(np.float64)
-    return sums, counts
+    if counts is None:
+        counts = np.bincount(flat, minlength=n)
+    return sums, np.asarray(counts, dtype=np.float64)
