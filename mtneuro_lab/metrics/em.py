@@ -66,8 +66,8 @@ def contingency(gt: np.ndarray, pred: np.ndarray) -> sparse.csr_array:
     shape = (int(gt.max()) + 1, int(pred.max()) + 1)
     cells = gt.reshape(-1).astype(np.int64, copy=False) * shape[1] + pred.reshape(-1)
     if shape[0] * shape[1] <= gt.size:
-        counts = np.bincount(cells, minlength=shape[0] * shape[1]).astype(np.float64)
-        return sparse.csr_array(counts.reshape(shape))
+        dense = np.bincount(cells, minlength=shape[0] * shape[1]).astype(np.float64)
+        return sparse.csr_array(dense.reshape(shape))
     occupied, counts = np.unique(cells, return_counts=True)
     return sparse.csr_array((counts.astype(np.float64), (occupied // shape[1], occupied % shape[1])), shape=shape)
 
