@@ -509,7 +509,9 @@ def total_wall(res: dict[str, Any]) -> float:
     return trained + rest
 
 
-def write_docs(res: dict[str, Any], wall: float) -> None:
+def write_docs(res: dict[str, Any], wall: float, stages: Sequence[str] = ("doc",)) -> None:
+    """The blocks whose results this invocation produced (all of them for ``doc`` alone), so a
+    block's provenance line names the command that measured it."""
     from benchmarks.doc_blocks import write_block
 
     trained = bool(res.get("train"))
@@ -524,12 +526,14 @@ def write_docs(res: dict[str, Any], wall: float) -> None:
         "seeds": ", ".join(map(str, used["seeds"])) if trained else "none (floors are deterministic)",
         "load average (1/5/15 min) when written": load_average(),
     }
-    if "floors" in res:  # learned arms not (yet) trained show as "not run"
+    fresh = set(stages) - {"doc"}
+    ran = fresh or {"floors", "train", "pretrain", "search", "volume"}
+    if "floors" in res and ran & {"floors", "train", "pretrain"}:  # untrained arms show as "not run"
         table, _ = real_table(res)
         write_block(DOC, "em_real", table, wall, budget)
-    if "search" in res:
+    if "search" in res and "search" in ran:
         write_block(DOC, "em_search", search_table(res["search"]), wall, {"load average": load_average()})
-    if "volume" in res:
+    if "volume" in res and "volume" in ran:
         write_block(DOC, "em_volume", volume_table(res["volume"]), wall, {"load average": load_average()})
 
 
@@ -570,7 +574,7 @@ def main(
     walls[key] = walls.get(key, 0.0) + time.perf_counter() - start
     results.write_text(json.dumps(res, indent=2, default=str) + "\n")
     if "doc" in stages:
-        write_docs(res, total_wall(res))
+        write_docs(res, total_wall(res), stages)
     if "train" in res and "floors" in res:
         res["checks"] = real_table(res)[1]
     return res
