@@ -26,12 +26,12 @@ HANG_TIMEOUT_S = 300
 #: the equivalence runs: float64, 4 steps (the 4th is the partial global batch of 6 of 30 samples)
 EQUIVALENCE_RUN = (*EQUIVALENCE, PRECISIONS["float64"], "trainer.limit_train_batches=4")
 #: 2 processes vs 1 after 4 steps in float64, as a fraction of the update
-#: (benchmarks/bench_ddp.py::update_gap). Measured (docs/gpu.md, bench:ddp): ~4e-13 in float64;
-#: float32 gives 1e-2..5e-2 (rounding of other summation orders, amplified a few times per step),
-#: and the control without batch-norm synchronisation 1.5. Float64 rounding amplified the same
-#: way stays below 1e-10, while any real difference in the optimisation (gradient averaging,
-#: learning rate, sample split, batch-norm statistics) is of the control's size: 1e-8 fails on
-#: the latter and never on the former.
+#: (benchmarks/bench_ddp.py::update_gap). Measured in this setting (docs/gpu.md, bench:ddp):
+#: ~3e-13 in float64 (float64 rounding: the float32 runs' gap is larger by the ratio of the machine
+#: epsilons, then amplified by training) and 1.5 for the control without batch-norm
+#: synchronisation. A real difference in the optimisation (gradient averaging, learning rate,
+#: the samples of a rank, batch-norm statistics) changes the update at first order; 1e-8 is
+#: four orders of magnitude above the rounding and far below any such change.
 UPDATE_GAP_TOLERANCE = 1e-8
 
 
