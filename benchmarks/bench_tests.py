@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/bench_tests.py --base 4ae8a19 [--head HEAD] [--workers 2] [--repeats 1]
-        [--pytest-args "-k cli"] [--no-coverage] [--print-only] [--doc docs/contributing.md]
+        [--pytest-args "-k cli"] [--no-coverage | --coverage-only] [--print-only] [--doc docs/contributing.md]
 
 Each revision is checked out into a temporary ``git worktree`` (beside a link to the shared data
 directory, so that tests needing ``../shared/data`` run in both) and its suite runs from that
@@ -19,6 +19,9 @@ Per revision:
   (user + system of pytest, its workers and every process they start); base and head alternate
   when ``--repeats`` > 1 and the medians are kept;
 * test counts (passed, skipped, failed, errors) from pytest's summary line.
+
+``--coverage-only`` runs the coverage runs alone (their figures do not depend on the machine's
+load, so they can run on a busy machine) into the ``test_suite_coverage`` block.
 
 The result table goes into the ``<!-- bench:test_suite -->`` block of docs/contributing.md (or
 docs/benchmarks.md while contributing.md does not exist) with the head/base ratios: absolute
@@ -154,11 +157,13 @@ def run_suite(r: Revision, tmp: Path, workers: int, pytest_args: list[str], cov:
 
 
 def measure(revisions: list[Revision], workers: int, repeats: int, pytest_args: list[str], cov: bool) -> None:
+    """Coverage runs (when ``cov``), then ``repeats`` alternating timing runs (none when 0)."""
     with worktrees(revisions) as tmp:
         if cov:
             for r in revisions:
                 out, _, _ = run_suite(r, tmp, workers, pytest_args, cov=True)
-                print(f"{r.label} coverage run: {parse_counts(out)}, {r.coverage}", flush=True)
+                r.counts = parse_counts(out)
+                print(f"{r.label} coverage run: {r.counts}, {r.coverage}", flush=True)
         for _ in range(repeats):
             for r in revisions:
                 r.load.append(os.getloadavg()[0])
@@ -192,6 +197,23 @@ def table(base: Revision, head: Revision) -> str:
     )
 
 
+def coverage_table(base: Revision, head: Revision) -> str:
+    """Coverage runs only (``--coverage-only``): line coverage and test counts, no timings."""
+
+    def row(r: Revision) -> str:
+        counts = ", ".join(f"{r.counts.get(k, 0)} {k}" for k in COUNTED)
+        return f"| {r.label} `{r.commit}` | {counts} | {r.coverage:.1f} % of {r.statements} lines |"
+
+    return "\n".join(
+        [
+            "| revision | tests (coverage run) | line coverage of `mtneuro_lab` |",
+            "|---|---|---|",
+            row(base),
+            row(head),
+        ]
+    )
+
+
 def default_doc() -> Path:
     contributing = ROOT / "docs" / "contributing.md"
     return contributing if contributing.is_file() else ROOT / "docs" / "benchmarks.md"
@@ -205,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=1, help="timing runs per revision, alternating")
     parser.add_argument("--pytest-args", default="", help='extra pytest arguments, e.g. "-k cli" (a trial run)')
     parser.add_argument("--no-coverage", action="store_true", help="timing runs only")
+    parser.add_argument("--coverage-only", action="store_true", help="coverage runs only (any machine load)")
     parser.add_argument("--print-only", action="store_true", help="print the table, write no doc")
     parser.add_argument("--doc", type=Path, default=None, help="default: docs/contributing.md, else docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -212,13 +235,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     start = time.perf_counter()
     base, head = Revision("base", args.base), Revision("head", args.head)
     pytest_args = shlex.split(args.pytest_args)
-    measure([base, head], args.workers, args.repeats, pytest_args, cov=not args.no_coverage)
-    markdown = table(base, head)
+    repeats = 0 if args.coverage_only else args.repeats
+    measure([base, head], args.workers, repeats, pytest_args, cov=not args.no_coverage)
+    markdown = coverage_table(base, head) if args.coverage_only else table(base, head)
     print(markdown)
     suite = " ".join(["python -m pytest -q -n", str(args.workers), *pytest_args])
     extra = {"suite": f"`{suite}`", "coverage": "separate runs (pytest-cov, subprocesses included)"}
     if not args.print_only:
-        write_block(args.doc or default_doc(), BLOCK, markdown, time.perf_counter() - start, extra)
+        block = f"{BLOCK}_coverage" if args.coverage_only else BLOCK
+        write_block(args.doc or default_doc(), block, markdown, time.perf_counter() - start, extra)
     return {
         r.label: {
             "commit": r.commit,

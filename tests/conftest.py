@@ -28,9 +28,11 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import traceback
 import warnings
 from collections.abc import Iterable, Iterator
@@ -259,6 +261,33 @@ def _restore_logging(saved: dict[str, _LoggerState]) -> None:
         lg.setLevel(level)
         lg.handlers[:] = handlers
         lg.propagate, lg.disabled = propagate, disabled
+
+
+_SAVED_TMP: dict[str, Any] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every temporary file of the session (this process's and its subprocesses') in one
+    directory deleted at the end. Set before collection: W&B creates its ``wandb-media`` and
+    ``wandb-artifacts`` directories when it is imported and keeps them for the life of the
+    process, which for a test worker is the whole session."""
+    # pytest's own tmp_path directories stay where they always are (kept for failed tests)
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    root = tempfile.mkdtemp(prefix="mtneuro-tests-")
+    _SAVED_TMP.update(root=root, env=os.environ.get("TMPDIR"), tempdir=tempfile.tempdir)
+    os.environ["TMPDIR"], tempfile.tempdir = root, root
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if "root" not in _SAVED_TMP:
+        return
+    _finish_wandb()
+    tempfile.tempdir = _SAVED_TMP["tempdir"]
+    if _SAVED_TMP["env"] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = _SAVED_TMP["env"]
+    shutil.rmtree(_SAVED_TMP.pop("root"), ignore_errors=True)
 
 
 def read_metrics(run_dir: Path) -> dict[str, float]:
