@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 env: $(STAMP)  ## create .venv (editable install with the dev tools) if missing
 
-# The default experiment on the embedded phantom (quickstart = CPU-sized epochs, see README).
+# The first run: ROI-C1 supervised on the embedded phantom, sized for a laptop CPU (see README).
 run: $(STAMP)  ## train + test the default experiment (experiment=quickstart, phantom data)
 	$(PY) train.py experiment=quickstart $(ARGS)
 

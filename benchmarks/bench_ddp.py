@@ -1,16 +1,23 @@
 """DDP equals one process: 2 gloo processes x batch b/2 vs 1 process x batch b, same seed.
 
 Writes the ``bench:ddp`` block of ``docs/gpu.md``: how far the 2-process weights are from the
-1-process ones after N steps (relative to how far training moved them), the same for a control
-without batch-norm synchronisation, ``val/loss`` of both, ``test/*`` of the 1-process
-checkpoint scored by 1 and by 2 processes, and the wall-time ratio 2 processes / 1 process
-(one process with 2 torch threads vs two with 1 each, the same 2 cores, in this one run).
+1-process ones after 1 and N steps (relative to how far training moved them), in float32 and in
+float64 (``trainer.precision=64-true``), the same for a float32 control without batch-norm
+synchronisation, ``val/loss`` of both, ``test/*`` of the 1-process checkpoint scored by 1 and by
+2 processes, and the wall-time ratio 2 processes / 1 process (one process with 2 torch threads
+vs two with 1 each, the same 2 cores, float32, in this one run).
+
+Why float64: two processes sum in another order than one (two all-reduces for batch-norm
+statistics and gradients, convolutions split over other batch sizes and threads), so float32
+weights differ by rounding after one step, and the following steps amplify that difference
+(the gap grows by a few times per step, mostly in early batch-norm layers). The same runs in
+float64 separate that amplified rounding from a real difference in the optimisation (a wrong
+gradient average, learning rate, sample split or batch-norm statistic shows up in float64 at
+the size of the float32 control, not at rounding size).
 
 Setting (shared with tests/test_ddp.py): supervised ResNet-18, augmentation and dropout off,
-64x64 tiles (``task.downsample=4``), small splits, SGD lr 0.003. A well-conditioned setting
-on purpose: two processes sum in another order than one, and with the default lr 0.03 and
-batch 8 the first steps amplify those float32 rounding differences far beyond rounding size
-(BN layers on tiny late-stage maps), which would hide what the comparison is about.
+64x64 tiles (``task.downsample=4``) through the ImageNet stem (``model.stem=imagenet``, 16x16
+maps after it), small splits, SGD lr 0.003: not the default recipe (small, so that the test runs in seconds).
 
     python benchmarks/bench_ddp.py [--steps 4] [--out /tmp/bench_ddp]
 """
@@ -34,9 +41,11 @@ from benchmarks.cli_runs import run_cli  # noqa: E402
 from benchmarks.doc_blocks import write_block  # noqa: E402
 
 REGIONS = "regions:[cortex,striatum,vp]"
-#: the 2-vs-1 setting; the test split (18 tiles) does not divide by 2 x eval batch 4
+#: the 2-vs-1 setting: 30 training tiles (global batches 8, 8, 8, 6), 9 val and 15 test tiles,
+#: so neither the training split (by 2 x 4) nor the test split (by 2 x eval batch 4) divides evenly
 EQUIVALENCE = (
     "task.downsample=4",
+    "model.stem=imagenet",
     f"task.splits.train=[{{set:A,z:[110,120],{REGIONS}}}]",
     f"task.splits.val=[{{set:A,z:[380,383],{REGIONS}}}]",
     f"task.splits.test=[{{set:A,z:[420,425],{REGIONS}}}]",
@@ -53,6 +62,7 @@ EQUIVALENCE = (
     "trainer.enable_progress_bar=false",
     "logger=none",
 )
+PRECISIONS = {"float32": "trainer.precision=32-true", "float64": "trainer.precision=64-true"}
 
 
 def initial_weights(overrides: list[str]) -> dict[str, torch.Tensor]:
@@ -76,15 +86,15 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def update_gap(start: dict[str, torch.Tensor], one: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> float:
-    """max over parameters of |other - one| / |one - start| (L2 norms): how much of what training
-    changed differs (batch-norm running statistics included; step counters left out)."""
+    """max over parameters of |other - one| / |one - start| (L2 norms, in float64): how much of
+    what training changed differs (batch-norm running statistics included; step counters left out)."""
     gaps = []
     for key, w0 in start.items():
         if not w0.is_floating_point():
             continue
-        moved = (one[key].float() - w0.float()).norm()
+        moved = (one[key].double() - w0.double()).norm()
         if moved > 0:
-            gaps.append(float((other[key].float() - one[key].float()).norm() / moved))
+            gaps.append(float((other[key].double() - one[key].double()).norm() / moved))
     return max(gaps)
 
 
@@ -95,34 +105,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "gpu.md")
     args = parser.parse_args(argv)
     started, load = time.perf_counter(), os.getloadavg()
-    base = [*EQUIVALENCE, f"trainer.limit_train_batches={args.steps}"]
-    one = run_cli(args.out / "one", base, threads=2)
-    two = run_cli(args.out / "two", [*base, "trainer=ddp_cpu"], threads=1)
-    run_cli(args.out / "two_nosync", [*base, "trainer=ddp_cpu", "trainer.sync_batchnorm=false"], threads=1)
-    best = args.out / "one" / "checkpoints" / "epoch000.ckpt"
-    scored = run_cli(args.out / "eval_two", [*base, "trainer=ddp_cpu", f"ckpt_path={best}"], 1, "evaluate.py")
-    start, w1 = initial_weights(base), weights(args.out / "one")
-    test_keys = sorted(k for k in one if k.startswith("test/"))
-    result = {
-        "steps": args.steps,
-        "update_gap_sync": update_gap(start, w1, weights(args.out / "two")),
-        "update_gap_nosync": update_gap(start, w1, weights(args.out / "two_nosync")),
-        "test_equal": all(scored[k] == one[k] for k in test_keys),
-        "test_max_gap": max(abs(scored[k] - one[k]) for k in test_keys),
-        "wall_ratio": two["wall_s"] / one["wall_s"],
-    }
+    result: dict[str, Any] = {"steps": args.steps, "gap": {}, "val_loss": {}}
+    for precision, flag in PRECISIONS.items():
+        for steps in (1, args.steps):
+            base = [*EQUIVALENCE, flag, f"trainer.limit_train_batches={steps}"]
+            name = f"{precision}_{steps}"
+            one = run_cli(args.out / f"one_{name}", base, threads=2)
+            two = run_cli(args.out / f"two_{name}", [*base, "trainer=ddp_cpu"], threads=1)
+            start = initial_weights(base)
+            gap = update_gap(start, weights(args.out / f"one_{name}"), weights(args.out / f"two_{name}"))
+            result["gap"][name] = gap
+            result["val_loss"][name] = (one["val/loss"], two["val/loss"])
+            if precision == "float32" and steps == args.steps:
+                result["wall_ratio"] = two["wall_s"] / one["wall_s"]
+                run_cli(args.out / "two_nosync", [*base, "trainer=ddp_cpu", "trainer.sync_batchnorm=false"], 1)
+                result["gap"]["nosync"] = update_gap(
+                    start, weights(args.out / f"one_{name}"), weights(args.out / "two_nosync")
+                )
+                best = args.out / f"one_{name}" / "checkpoints" / "epoch000.ckpt"
+                scored = run_cli(
+                    args.out / "eval_two", [*base, "trainer=ddp_cpu", f"ckpt_path={best}"], 1, "evaluate.py"
+                )
+                test_keys = sorted(k for k in one if k.startswith("test/"))
+                result["test_keys"] = len(test_keys)
+                result["test_equal"] = all(scored[k] == one[k] for k in test_keys)
+                result["test_max_gap"] = max(abs(scored[k] - one[k]) for k in test_keys)
     print(json.dumps(result, indent=2))
+    gap, loss, n = result["gap"], result["val_loss"], args.steps
     table = "\n".join(
         [
-            "| 2 processes x batch 4 vs 1 process x batch 8 | batch norm synchronised | control: not synchronised |",
+            "| 2 processes x batch 4 vs 1 process x batch 8 | float32 | float64 |",
             "|---|---|---|",
-            f"| weights after {args.steps} steps, max relative gap of the update "
-            f"| {result['update_gap_sync']:.1e} | {result['update_gap_nosync']:.1e} |",
+            *(
+                f"| weights after {k} step{'s' * (k > 1)}, max relative gap of the update "
+                f"| {gap[f'float32_{k}']:.1e} | {gap[f'float64_{k}']:.1e} |"
+                for k in (1, n)
+            ),
+            f"| control, batch norm not synchronised: weights after {n} steps | {gap['nosync']:.1e} | not run |",
+            f"| `val/loss` after {n} steps, 1 process / 2 processes "
+            f"| {loss[f'float32_{n}'][0]:.9f} / {loss[f'float32_{n}'][1]:.9f} "
+            f"| {loss[f'float64_{n}'][0]:.9f} / {loss[f'float64_{n}'][1]:.9f} |",
             "",
-            f"`test/*` of the 1-process checkpoint scored by 2 processes: "
+            f"`test/*` of the 1-process float32 checkpoint scored by 2 processes: "
             f"{'identical to' if result['test_equal'] else 'different from'} the 1-process scores "
-            f"(max gap {result['test_max_gap']:.1e}, {len(test_keys)} metrics; eval batch 4).  ",
-            f"Wall time, 2 processes (1 thread each) / 1 process (2 threads): {result['wall_ratio']:.2f}.",
+            f"(max gap {result['test_max_gap']:.1e}, {result['test_keys']} metrics; eval batch 4).  ",
+            f"Wall time, float32, {n} steps, 2 processes (1 thread each) / 1 process (2 threads): "
+            f"{result['wall_ratio']:.2f}.",
         ]
     )
     write_block(
@@ -131,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         table,
         time.perf_counter() - started,
         {
-            "model": "supervised ResNet-18, 64x64 tiles, lr 0.003, no augmentation/dropout",
+            "model": "supervised ResNet-18, 64x64 tiles, ImageNet stem, lr 0.003, no augmentation, no dropout",
             "seed": "1",
             "load average (1/5/15 min) at start": " / ".join(f"{x:.1f}" for x in load),
         },

@@ -55,7 +55,6 @@ COMMON = (
     "trainer=cpu",
     "trainer.enable_progress_bar=false",
     "trainer.max_epochs=-1",
-    f"trainer.max_steps={STEPS}",
     f"data.batch_size={BATCH}",
     "data.augment.intensity_jitter=0.1",
 )
@@ -81,22 +80,31 @@ TASK_OVERRIDES: dict[str, tuple[str, ...]] = {
 METRIC_KEYS = ("test/arand", "test/voi_split", "test/voi_merge")
 
 
-def pretrain_overrides() -> list[str]:
-    """bench_mae's pretraining recipe with ``PRETRAIN_STEPS`` steps."""
+def pretrain_overrides(steps: int = PRETRAIN_STEPS) -> list[str]:
+    """bench_mae's pretraining recipe with ``steps`` steps."""
     recipe = [o for o in (*bench_mae.COMMON, *bench_mae.PRETRAIN) if not o.startswith("trainer.max_steps=")]
-    return [*recipe, f"trainer.max_steps={PRETRAIN_STEPS}"]
+    return [*recipe, f"trainer.max_steps={steps}"]
 
 
-def pretrain(workdir: Path) -> dict[str, Any]:
-    return run_cli(workdir / "pretrain", pretrain_overrides(), threads=1, log=print)
+def pretrain(workdir: Path, steps: int = PRETRAIN_STEPS) -> dict[str, Any]:
+    return run_cli(workdir / "pretrain", pretrain_overrides(steps), threads=1, log=print)
 
 
-def train_overrides(task: str, model: str, seed: int, workdir: Path) -> list[str]:
+def train_overrides(task: str, model: str, seed: int, workdir: Path, steps: int = STEPS) -> list[str]:
     extra = [f"model.pretrained={workdir / 'pretrain' / 'encoder.pt'}"] if model == "mae" else []
-    return [*TASK_OVERRIDES[task], *MODEL_OVERRIDES[model], *extra, *COMMON, f"seed={seed}"]
+    return [
+        *TASK_OVERRIDES[task],
+        *MODEL_OVERRIDES[model],
+        *extra,
+        *COMMON,
+        f"trainer.max_steps={steps}",
+        f"seed={seed}",
+    ]
 
 
-def train(workdir: Path, tasks: Sequence[str], models: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
+def train(
+    workdir: Path, tasks: Sequence[str], models: Sequence[str], seeds: Sequence[int], steps: int = STEPS
+) -> dict[str, Any]:
     """Every (task, model, seed) run, one at a time on one thread; failures are recorded, not fatal."""
     out: dict[str, Any] = {}
     for task in tasks:
@@ -106,7 +114,7 @@ def train(workdir: Path, tasks: Sequence[str], models: Sequence[str], seeds: Seq
                 try:
                     out[name] = run_cli(
                         workdir / "runs" / task / model / f"s{seed}",
-                        train_overrides(task, model, seed, workdir),
+                        train_overrides(task, model, seed, workdir, steps),
                         threads=1,
                         log=print,
                     )
@@ -207,6 +215,26 @@ def _median_cpu(fn: Any, repeats: int) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
+def unshareable(arr: Any, task: Any) -> Any:
+    """What an exact search cannot share, as a callable: the waterz pass over every threshold
+    (affinities), or one marker watershed per grid setting with depth, markers and masks ready
+    (BC/BCD: each flood depends on both swept values)."""
+    from mtneuro_lab.decoding import postprocess as pp
+    from mtneuro_lab.methods.em_eval import in_plane_only, with_params
+
+    cfg, kind = task.postprocess, task.target
+    if task.instances == "section_components":
+        arr = in_plane_only(arr, kind)
+    settings = pp.search_settings(kind, cfg)
+    if kind == "affinity":
+        return lambda: [None for _ in pp.waterz_passes(arr, cfg, [s["threshold"] for s in settings])]
+    depth = pp.flood_depth(arr)
+    ready = [
+        (pp.seed_markers(arr, with_params(cfg, s)), arr[0] > with_params(cfg, s).mask_foreground) for s in settings
+    ]
+    return lambda: [pp.flood(depth, markers, mask) for markers, mask in ready]
+
+
 def search_ratio(prob: Any, gt: Any, task: Any, repeats: int = 3) -> dict[str, Any]:
     """CPU seconds of the search over ``task.postprocess.grid`` and of ONE post-processing with the
     chosen values (segmentation + merging + size filter, volume materialised), interleaved."""
@@ -225,10 +253,12 @@ def search_ratio(prob: Any, gt: Any, task: Any, repeats: int = 3) -> dict[str, A
     def single() -> Any:
         return pp.segment(arr, task.target, single_cfg)
 
-    search_s, single_s = [], []
-    for _ in range(repeats):  # interleaved: load changes hit both alike
+    floor = unshareable(arr, task)
+    search_s, single_s, floor_s = [], [], []
+    for _ in range(repeats):  # interleaved: load changes hit all alike
         search_s.append(_median_cpu(search, 1)[0])
         single_s.append(_median_cpu(single, 1)[0])
+        floor_s.append(_median_cpu(floor, 1)[0])
     return {
         "kind": task.target,
         "candidates": len(chosen.tried),
@@ -236,6 +266,8 @@ def search_ratio(prob: Any, gt: Any, task: Any, repeats: int = 3) -> dict[str, A
         "search_cpu_s": statistics.median(search_s),
         "one_postprocess_cpu_s": statistics.median(single_s),
         "ratio": statistics.median(search_s) / statistics.median(single_s),
+        "unshareable_cpu_s": statistics.median(floor_s),
+        "unshareable_ratio": statistics.median(floor_s) / statistics.median(single_s),
         "chosen": chosen.params,
     }
 
@@ -433,13 +465,15 @@ def real_table(res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
 
 def search_table(rows: dict[str, Any]) -> str:
     lines = [
-        "| prediction | target | voxels | candidates | search CPU s | one post-processing CPU s | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| prediction | target | voxels | candidates | search CPU s | one post-processing CPU s | ratio "
+        "| unshareable part / one post-processing |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
+        floor = f"{r['unshareable_ratio']:.2f}" if "unshareable_ratio" in r else "not measured"
         lines.append(
             f"| {name} | {r['kind']} | {r['voxels']:,} | {r['candidates']} | {r['search_cpu_s']:.2f} | "
-            f"{r['one_postprocess_cpu_s']:.2f} | **{r['ratio']:.2f}** |"
+            f"{r['one_postprocess_cpu_s']:.2f} | **{r['ratio']:.2f}** | {floor} |"
         )
     return "\n".join(lines)
 
@@ -464,24 +498,42 @@ def load_average() -> str:
     return " / ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-def write_docs(res: dict[str, Any], wall: float) -> None:
+def total_wall(res: dict[str, Any]) -> float:
+    """Seconds behind the results: every training/pretraining run's own recorded wall time plus
+    the invocations that trained nothing (floors, search, volume, doc)."""
+    runs = [m for m in res.get("train", {}).values() if "failed" not in m]
+    if "pretrain" in res:
+        runs.append(res["pretrain"])
+    trained = sum(m["wall_s"] for m in runs if m.get("wall_s") == m.get("wall_s"))  # NaN: not timed
+    rest = sum(v for k, v in res.get("wall_s", {}).items() if not {"train", "pretrain"} & set(k.split("+")))
+    return trained + rest
+
+
+def write_docs(res: dict[str, Any], wall: float, stages: Sequence[str] = ("doc",)) -> None:
+    """The blocks whose results this invocation produced (all of them for ``doc`` alone), so a
+    block's provenance line names the command that measured it."""
     from benchmarks.doc_blocks import write_block
 
     trained = bool(res.get("train"))
+    used = {"steps": STEPS, "pretrain_steps": PRETRAIN_STEPS, "seeds": list(SEEDS), **res.get("budget", {})}
+    reduced = (used["steps"], used["pretrain_steps"], tuple(used["seeds"])) != (STEPS, PRETRAIN_STEPS, SEEDS)
     budget = {
-        "budget": f"{STEPS} steps of batch {BATCH} per run, one thread each, one run at a time; "
-        f"MAE encoder: {PRETRAIN_STEPS} pretraining steps (bench_mae recipe)"
+        "budget": f"{'REDUCED recipe (not the default of this script): ' if reduced else ''}"
+        f"{used['steps']} steps of batch {BATCH} per run (default {STEPS}), one thread each, one run at a time; "
+        f"MAE encoder: {used['pretrain_steps']} pretraining steps of bench_mae's recipe (default {PRETRAIN_STEPS})"
         if trained
         else "floors only: no learned arm was trained (stage `train` not run)",
-        "seeds": ", ".join(map(str, SEEDS)) if trained else "none (floors are deterministic)",
+        "seeds": ", ".join(map(str, used["seeds"])) if trained else "none (floors are deterministic)",
         "load average (1/5/15 min) when written": load_average(),
     }
-    if "floors" in res:  # learned arms not (yet) trained show as "not run"
+    fresh = set(stages) - {"doc"}
+    ran = fresh or {"floors", "train", "pretrain", "search", "volume"}
+    if "floors" in res and ran & {"floors", "train", "pretrain"}:  # untrained arms show as "not run"
         table, _ = real_table(res)
         write_block(DOC, "em_real", table, wall, budget)
-    if "search" in res:
+    if "search" in res and "search" in ran:
         write_block(DOC, "em_search", search_table(res["search"]), wall, {"load average": load_average()})
-    if "volume" in res:
+    if "volume" in res and "volume" in ran:
         write_block(DOC, "em_volume", volume_table(res["volume"]), wall, {"load average": load_average()})
 
 
@@ -493,16 +545,23 @@ def main(
     seeds: Sequence[int] = SEEDS,
     volume_ckpt: Path | None = None,
     volume_shape: Sequence[int] = VOLUME_SHAPE,
+    steps: int = STEPS,
+    pretrain_steps: int = PRETRAIN_STEPS,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     results = workdir / "results.json"
     res = json.loads(results.read_text()) if results.is_file() else {}
     print(f"load average at start: {load_average()}", flush=True)
+    if "pretrain" in stages or "train" in stages:  # the budget the docs block reports
+        recorded = res.setdefault("budget", {"steps": steps, "pretrain_steps": pretrain_steps, "seeds": []})
+        if (recorded["steps"], recorded["pretrain_steps"]) != (steps, pretrain_steps):
+            raise SystemExit(f"{results}: runs of {recorded} already recorded; use another --workdir for a new budget")
+        recorded["seeds"] = sorted({*recorded["seeds"], *seeds})
     if "pretrain" in stages:
-        res["pretrain"] = pretrain(workdir)
+        res["pretrain"] = pretrain(workdir, pretrain_steps)
     if "train" in stages:
-        res.setdefault("train", {}).update(train(workdir, tasks, models, seeds))
+        res.setdefault("train", {}).update(train(workdir, tasks, models, seeds, steps))
     if "floors" in stages:
         res.setdefault("floors", {}).update(floors(tasks))
     if "search" in stages:
@@ -510,10 +569,12 @@ def main(
     if "volume" in stages:
         vz, vy, vx = volume_shape
         res["volume"] = volume(workdir, (vz, vy, vx), ckpt=volume_ckpt)
-    res.setdefault("wall_s", {}).update({"+".join(stages): time.perf_counter() - start})
+    walls = res.setdefault("wall_s", {})  # per stage combination, summed over invocations
+    key = "+".join(stages)
+    walls[key] = walls.get(key, 0.0) + time.perf_counter() - start
     results.write_text(json.dumps(res, indent=2, default=str) + "\n")
     if "doc" in stages:
-        write_docs(res, sum(res["wall_s"].values()))
+        write_docs(res, total_wall(res), stages)
     if "train" in res and "floors" in res:
         res["checks"] = real_table(res)[1]
     return res
@@ -526,9 +587,21 @@ if __name__ == "__main__":
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps per learned run (reduced recipe)")
+    parser.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS, help="MAE pretraining steps")
     parser.add_argument("--volume-ckpt", type=Path, default=None, help="checkpoint for the volume stage")
     parser.add_argument(
         "--volume-shape", type=int, nargs=3, default=list(VOLUME_SHAPE), help="z y x of the volume stage"
     )
     args = parser.parse_args()
-    main(args.stages, args.workdir, args.tasks, args.models, args.seeds, args.volume_ckpt, args.volume_shape)
+    main(
+        args.stages,
+        args.workdir,
+        args.tasks,
+        args.models,
+        args.seeds,
+        args.volume_ckpt,
+        args.volume_shape,
+        args.steps,
+        args.pretrain_steps,
+    )

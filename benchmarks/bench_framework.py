@@ -69,14 +69,14 @@ def _compose(overrides: list[str]) -> Any:
 class _Clock:
     """``now()`` in the unit the step is timed in (see module docstring)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, wall: bool = False) -> None:
         self.cuda = device.type == "cuda"
+        self.wall = wall  # wall seconds even on CPU (what a user waits for)
 
     def now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
-            return time.perf_counter()
-        return time.process_time()
+        return time.perf_counter() if self.cuda or self.wall else time.process_time()
 
 
 def _framework_steps(cfg: Any, steps: int, warmup: int, clock: _Clock, run_dir: Path) -> list[float]:

@@ -14,8 +14,8 @@ global state a run changes put back afterwards (:func:`_isolated_run`). Real pro
   stderr from ``evaluate.py``/``train.py``, and a real ``train.py`` writes a run directory (the
   scripts themselves are run nowhere else);
 - ``test_resume.py``: the run killed with SIGKILL mid-epoch (``_kill_after_checkpoints``);
-- ``test_ddp.py`` (slow): ``trainer=ddp_cpu`` starts its worker processes by re-running
-  ``sys.argv`` of a real script;
+- ``test_ddp.py``: ``trainer=ddp_cpu`` starts its worker processes by re-running ``sys.argv``
+  of a real script (the 2-process equivalence run; its 1-process reference runs in-process);
 - ``test_sweeps.py`` (slow): the joblib launcher runs jobs in worker processes;
 - ``test_bossdb.py`` (slow): ``python -m mtneuro_lab.download`` as a user types it.
 """

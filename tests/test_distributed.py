@@ -197,3 +197,37 @@ def test_myow_mines_over_candidates_from_both_ranks(pool: str) -> None:
         assert [s for s, _ in r0["stats"]] == [8, 8, 16, 24]
         assert all(foreign == size // 2 for size, foreign in r0["stats"] + r1["stats"])
         assert r0["queue_ids"] == r1["queue_ids"] == list(range(8, 32))  # the same queue on every rank
+
+
+def _ssl_val_loss_rank(rank: int) -> dict[str, Any]:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from mtneuro_lab.methods.byol import BYOL
+
+    torch.manual_seed(0)  # same weights on both ranks
+    model = BYOL(4, ["a", "b", "c", "d"], (16, 16), stem="tiny", hidden_dim=32, proj_dim=16).eval()
+
+    def reduce(total: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        dist.all_reduce(total)
+        return total
+
+    model._trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=reduce))  # what _log_loss uses of a trainer
+    logged: dict[str, float] = {}
+    model.log = lambda name, value, **_: logged.__setitem__(name, float(value))
+    g = torch.Generator().manual_seed(rank)
+    n = 3 if rank == 0 else 1  # the last evaluation batch split unevenly: 3 samples and 1
+    batch = {"image": torch.randn(n, 1, 16, 16, generator=g), "target": torch.arange(n) % 4}
+    with torch.no_grad():
+        model._eval_step("val", batch)
+        mean = float(model._loss_sum("val", torch.device("cpu"))[0]) / n  # this rank's batch mean
+        model._log_loss("val")
+    return {"mean": mean, "n": n, "logged": logged["val/loss"]}
+
+
+def test_ssl_val_loss_is_the_mean_over_every_sample_of_every_rank() -> None:
+    r0, r1 = run_ranks(_ssl_val_loss_rank)
+    samples = (r0["mean"] * r0["n"] + r1["mean"] * r1["n"]) / (r0["n"] + r1["n"])
+    assert r0["logged"] == r1["logged"] == pytest.approx(samples, rel=1e-6)
+    assert r0["logged"] != pytest.approx((r0["mean"] + r1["mean"]) / 2, rel=1e-3)  # not the mean of rank means

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import build as components
 from conftest import compose, read_metrics, run_inproc
+from scipy import sparse
 
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.config.sections import PostprocessConfig
@@ -16,12 +17,18 @@ from mtneuro_lab.data.sources.phantom_em import PhantomEMSource
 from mtneuro_lab.decoding import postprocess as pp
 from mtneuro_lab.decoding.export import write_predictions
 from mtneuro_lab.decoding.floors import intensity_watershed, intensity_watershed_candidates, one_segment
-from mtneuro_lab.decoding.segments import RegionGraph, drop_small, merge_small, relabel_consecutive
+from mtneuro_lab.decoding.segments import (
+    RegionGraph,
+    drop_small,
+    merge_small,
+    relabel_consecutive,
+    strongest_neighbour,
+)
 from mtneuro_lab.decoding.volume import open_output, predict_chunked
 from mtneuro_lab.errors import ConfigError
 from mtneuro_lab.methods.em import EMSegmentation, balance_weights, target_loss
-from mtneuro_lab.methods.em_eval import choose, search_postprocess
-from mtneuro_lab.metrics.em import evaluate_instances
+from mtneuro_lab.methods.em_eval import choose, search_postprocess, with_params
+from mtneuro_lab.metrics.em import contingency, evaluate_instances
 from mtneuro_lab.nets.rsunet import RSUNet
 from mtneuro_lab.nets.segmentation import inplane_first_factors
 
@@ -124,6 +131,69 @@ def test_bc_search_varies_seeds_and_mask():
     choice = search_postprocess(pred, mito, "bc", cfg, "ap75", ignore_zero=False)
     assert len(choice.tried) == len(cfg.grid.seed_foreground) * len(cfg.grid.mask_foreground)
     assert set(choice.params) == {"seed_foreground", "mask_foreground"} and choice.metrics["ap75"] > 0.5
+
+
+def unshared_candidates(pred: np.ndarray, kind: str, cfg: PostprocessConfig) -> list:
+    """One full post-processing per grid setting, nothing shared: what the search must equal."""
+    out = []
+    for params in pp.search_settings(kind, cfg):
+        values = with_params(cfg, params)
+        if kind == "affinity":
+            out.append(pp.clean(pp.agglomerate(pred, values).astype(np.int64), cfg, params, pred))
+        else:
+            out.append(pp.clean(pp.seeded_watershed(pred, values), cfg, params))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["affinity", "bc", "bcd"])
+def test_the_shared_search_equals_one_post_processing_per_setting(phantom, kind):
+    if kind == "affinity":
+        labels, _ = phantom
+        pred = noisy_affinities(labels, noise=0.45)
+        cfg = PostprocessConfig(merge_size=64, min_size=10)
+    else:
+        src = PhantomEMSource(seed=0, shape=(16, 96, 96))
+        labels = np.array(src.cutout("mito", (0, 96), (0, 96), (0, 16))).astype(np.int64)
+        distance = torch.from_numpy(targets.signed_distance(labels, (30, 8, 8), 50.0))[None]
+        target, _ = targets.compute_targets(kind, torch.from_numpy(labels)[None], distance=distance)
+        rng = np.random.default_rng(1)
+        pred = np.clip(target[0].numpy() + rng.uniform(-0.3, 0.3, target[0].shape), 0, 1)
+        cfg = PostprocessConfig(min_seed_size=4, merge_size=16, min_size=8)
+    unshared = unshared_candidates(pred, kind, cfg)
+    shared = list(pp.candidates(pred, kind, cfg, pp.search_settings(kind, cfg)))
+    assert [c.params for c in shared] == [c.params for c in unshared]
+    for a, b in zip(shared, unshared):
+        assert np.array_equal(a.labels(), b.labels()), a.params
+    assert len({c.labels().tobytes() for c in unshared}) >= 3  # the grid gives different segmentations
+    chosen = search_postprocess(pred, labels, kind, cfg, "arand")
+    reference = choose(unshared, labels, "arand")
+    assert chosen.params == reference.params and chosen.tried == reference.tried
+    assert chosen.metrics == reference.metrics
+    assert np.array_equal(chosen.segmentation.labels(), reference.segmentation.labels())
+
+
+def test_strongest_neighbour_breaks_ties_like_a_four_key_sort():
+    rng = np.random.default_rng(0)
+    n, m = 40, 600
+    seg, other = rng.integers(1, n, m), rng.integers(1, n, m)
+    strength = rng.integers(0, 3, m).astype(float)  # few values: many ties on strength and area
+    area = rng.integers(1, 3, m).astype(float)
+    order = np.lexsort((other, -area, -strength, seg))
+    expected = np.full(n, -1)
+    for i in order[::-1]:  # the first of each segment in sorted order wins
+        expected[seg[i]] = other[i]
+    assert np.array_equal(strongest_neighbour(seg, other, strength, area, n), expected)
+
+
+def test_dense_and_sparse_contingency_tables_are_the_same():
+    rng = np.random.default_rng(0)
+    gt, pred = rng.integers(0, 5, (4, 8, 8)), rng.integers(0, 300, (4, 8, 8))  # 5 x 300 > 256 voxels
+    small_pred = pred % 7
+    for p in (pred, small_pred):
+        table = contingency(gt, p)
+        reference = sparse.csr_array((np.ones(gt.size), (gt.ravel(), p.ravel())), shape=(5, int(p.max()) + 1))
+        assert table.has_canonical_format and table.nnz == reference.nnz
+        assert (table != reference).nnz == 0 and table.sum() == gt.size
 
 
 # -- floors ---------------------------------------------------------------------------------------------

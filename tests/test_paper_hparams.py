@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, compose, run_inproc
@@ -52,12 +53,18 @@ def test_every_paper_hparams_file_belongs_to_one_table_a4_entry() -> None:
     assert files == {f"{task}_{model}" for task, model, _, _ in CASES}
 
 
-def test_command_line_and_experiment_overrides_win() -> None:
+def test_command_line_and_experiment_overrides_win(tmp_path: Path) -> None:
     cfg = compose(
         ["task=seg2d_3class", "model=unet2d", "data.batch_size=16", "model.optimizer.lr=0.3", "trainer.max_epochs=2"]
     )
     assert (cfg.data.batch_size, cfg.model.optimizer.lr, cfg.trainer.max_epochs) == (16, 0.3, 2)
-    cfg = compose(["task=seg3d_4class", "model=highresnet", "experiment=quickstart"])
+    # a user's CPU-sized experiment (experiment=quickstart pins ROI-C1 and its model)
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "cpu_sized.yaml").write_text(
+        "# @package _global_\ntrainer:\n  max_epochs: 6\ndata:\n  batch_size: 32\n"
+    )
+    search = f"hydra.searchpath=[file://{tmp_path}]"
+    cfg = compose(["task=seg3d_4class", "model=highresnet", "experiment=cpu_sized", search])
     assert (cfg.data.batch_size, cfg.trainer.max_epochs) == (32, 6)
     assert cfg.model.optimizer.lr == pytest.approx(0.001)  # not touched by the experiment
 

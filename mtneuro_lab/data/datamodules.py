@@ -289,6 +289,8 @@ class VolumeDataModule(pl.LightningDataModule):
         if self.channels_last and batch["image"].ndim in (4, 5):  # perf.channels_last
             fmt = torch.channels_last if batch["image"].ndim == 4 else torch.channels_last_3d
             batch["image"] = batch["image"].contiguous(memory_format=fmt)
+        if trainer is not None:  # Lightning converts inputs before this hook made them float
+            batch = trainer.precision_plugin.convert_input(batch)  # trainer.precision=64-true: float64
         return batch
 
     # -- facts the methods need -------------------------------------------------------------

@@ -161,7 +161,12 @@ class GlobalBatchLoader:
 class _GatherRows(Function):
     """``all_gather`` of equally shaped tensors, concatenated; backward hands every rank the sum
     over ranks of the gradient of its own rows (the gradient of the sum of all ranks' losses,
-    which DDP then averages like any other gradient)."""
+    which DDP then averages like any other gradient).
+
+    Not ``torch.distributed.nn.functional.all_gather``: the installed torch (2.14) deprecates it
+    with a FutureWarning on every call (MYOW gathers every step), pointing to the private
+    ``torch.distributed._functional_collectives``; and on gloo its backward emulates
+    reduce-scatter with an all-to-all plus a sum, where one all-reduce does here."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from mtneuro_lab.decoding.segments import (
     drop_small,
     merge_small,
     relabel_consecutive,
+    relabel_dense,
 )
 from mtneuro_lab.errors import ConfigError, DataError
 
@@ -142,23 +143,39 @@ def agglomerate(affs: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
     return np.array(next(iter(waterz_passes(affs, cfg, [cfg.threshold]))), copy=True)
 
 
-def seeded_watershed(pred: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
-    """BC ``(2, ...)`` or BCD ``(3, ...)`` probabilities -> int64 instances (0 = background)."""
+def seed_markers(pred: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
+    """Seeds of a BC/BCD prediction: connected components (6-neighbourhood) of confident
+    foreground away from contours (and deep inside objects for BCD), specks dropped."""
     import cc3d
-    from skimage.segmentation import watershed
 
-    fg, ct = pred[0], pred[1]
-    seeds = (fg > cfg.seed_foreground) & (ct < cfg.seed_contour)
+    seeds = (pred[0] > cfg.seed_foreground) & (pred[1] < cfg.seed_contour)
     if pred.shape[0] >= 3:
         seeds &= pred[2] > cfg.seed_distance
     markers = cc3d.connected_components(seeds, connectivity=6)
     if cfg.min_seed_size:
         markers = cc3d.dust(markers, threshold=cfg.min_seed_size, connectivity=6, in_place=True)
-    height = fg * (1.0 - ct)
+    return markers
+
+
+def flood_depth(pred: np.ndarray) -> np.ndarray:
+    """What the seeded watershed floods (low first): minus foreground x (1 - contour)
+    (x the distance channel, mapped to [0, 1], for BCD). It depends on no threshold."""
+    height = pred[0] * (1.0 - pred[1])
     if pred.shape[0] >= 3:
         height = height * (pred[2] + 1.0) / 2.0
-    seg = watershed(-height, markers=markers, mask=fg > cfg.mask_foreground)
-    return seg.astype(np.int64)
+    return np.asarray(-height, dtype=np.float64)
+
+
+def flood(depth: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """scikit-image's marker watershed of ``depth`` inside ``mask`` -> int64 instances."""
+    from skimage.segmentation import watershed
+
+    return np.asarray(watershed(depth, markers=markers, mask=mask), dtype=np.int64)
+
+
+def seeded_watershed(pred: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
+    """BC ``(2, ...)`` or BCD ``(3, ...)`` probabilities -> int64 instances (0 = background)."""
+    return flood(flood_depth(pred), seed_markers(pred, cfg), pred[0] > cfg.mask_foreground)
 
 
 def clean(
@@ -170,7 +187,7 @@ def clean(
     """A raw segmentation (any integer ids, 0 = background) with small segments merged
     (``cfg.merge_size``; by mean affinity if ``affs`` are given, else by contact area) and then
     removed (``cfg.min_size``): a :class:`Segmentation` of consecutive ids."""
-    base, _, sizes = relabel_consecutive(seg)
+    base, sizes = relabel_dense(seg)
     graph = RegionGraph.build(base, affs) if cfg.merge_size else None
     return _finish(base, sizes, np.arange(sizes.size, dtype=np.int64), graph, cfg, params)
 
@@ -213,9 +230,25 @@ def affinity_candidates(
 def bc_candidates(
     pred: np.ndarray, cfg: PostprocessConfig, settings: Sequence[dict[str, float]]
 ) -> Iterator[Segmentation]:
-    """One seeded watershed per setting (``{"seed_foreground": .., "mask_foreground": ..}``)."""
+    """One seeded watershed per setting (``{"seed_foreground": .., "mask_foreground": ..}``).
+
+    Only the flooding itself depends on both swept values: the depth map is computed once,
+    the seed markers once per seed setting (the grid is seed-major, so the last one is kept)
+    and the foreground mask once per mask threshold. Each result equals
+    :func:`seeded_watershed` with that setting.
+    """
+    depth = flood_depth(pred)
+    markers_key: tuple[float, ...] | None = None
+    markers = np.zeros(0, dtype=np.int64)
+    masks: dict[float, np.ndarray] = {}
     for params in settings:
-        yield clean(seeded_watershed(pred, replace(cfg, **cast(dict[str, Any], params))), cfg, dict(params))
+        values = replace(cfg, **cast(dict[str, Any], params))
+        key = (values.seed_foreground, values.seed_contour, values.seed_distance, float(values.min_seed_size))
+        if key != markers_key:
+            markers_key, markers = key, seed_markers(pred, values)
+        if values.mask_foreground not in masks:
+            masks[values.mask_foreground] = pred[0] > values.mask_foreground
+        yield clean(flood(depth, markers, masks[values.mask_foreground]), cfg, dict(params))
 
 
 def search_settings(kind: str, cfg: PostprocessConfig) -> list[dict[str, float]]:

@@ -49,6 +49,22 @@ def relabel_consecutive(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return inverse.reshape(seg.shape).astype(np.int64), first.astype(np.int64), counts.astype(np.int64)
 
 
+def relabel_dense(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, sizes)`` of :func:`relabel_consecutive` without the sort when the ids are
+    non-negative and at most a few per voxel (watershed output: ids are its markers'); the
+    voxels are touched by counting, not sorting, so every candidate of a search pays less."""
+    flat = seg.reshape(-1)
+    top = int(flat.max()) if flat.size else 0
+    if flat.size == 0 or int(flat.min()) < 0 or top > 4 * flat.size:
+        labels, _, sizes = relabel_consecutive(seg)
+        return labels, sizes
+    counts = np.bincount(flat, minlength=1)
+    present = counts > 0
+    present[0] = True
+    new_id = np.cumsum(present) - 1
+    return new_id[seg].astype(np.int64, copy=False), counts[present].astype(np.int64)
+
+
 def compact(mapping: np.ndarray) -> np.ndarray:
     """Renumber a mapping's targets to 1..k in increasing order of their value (0 stays 0).
 
@@ -142,12 +158,8 @@ def merge_small(mapping: np.ndarray, base_sizes: np.ndarray, graph: RegionGraph 
     area = np.tile(coarse.area, 2)
     wanted = small[seg]
     seg, other, strength, area = seg[wanted], other[wanted], strength[wanted], area[wanted]
-    order = np.lexsort((other, -area, -strength, seg))  # per segment: strongest first
-    seg, other = seg[order], other[order]
-    first = np.ones(seg.size, dtype=bool)
-    first[1:] = seg[1:] != seg[:-1]
-    parent = np.arange(n)
-    parent[seg[first]] = other[first]
+    choice = strongest_neighbour(seg, other, strength, area, n)
+    parent = np.where(choice >= 0, choice, np.arange(n))
     # mutual pairs (a -> b -> a): the smaller one keeps pointing, the larger becomes a root
     idx = np.arange(n)
     mutual = (parent[parent] == idx) & (parent != idx)
@@ -161,6 +173,25 @@ def merge_small(mapping: np.ndarray, base_sizes: np.ndarray, graph: RegionGraph 
     return compact(parent[mapping])
 
 
+def strongest_neighbour(
+    seg: np.ndarray, other: np.ndarray, strength: np.ndarray, area: np.ndarray, n: int
+) -> np.ndarray:
+    """Per segment id (0..n-1), its neighbour ``other`` of highest strength, then largest
+    contact, then lowest id (-1 without neighbours): running maxima per segment instead of a
+    four-key sort, so merging costs every search candidate a few passes over its edges."""
+    best = np.full(n, -np.inf)
+    np.maximum.at(best, seg, strength)
+    keep = strength == best[seg]
+    seg, other, area = seg[keep], other[keep], area[keep]
+    widest = np.full(n, -np.inf)
+    np.maximum.at(widest, seg, area)
+    keep = area == widest[seg]
+    choice = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(choice, seg[keep], other[keep].astype(np.int64))
+    choice[choice == np.iinfo(np.int64).max] = -1
+    return choice
+
+
 def drop_small(mapping: np.ndarray, base_sizes: np.ndarray, min_size: int) -> np.ndarray:
     """``mapping`` with segments under ``min_size`` voxels sent to background (0)."""
     if min_size <= 0:
@@ -171,9 +202,13 @@ def drop_small(mapping: np.ndarray, base_sizes: np.ndarray, min_size: int) -> np
     return compact(out)
 
 
-def mean_per_segment(base: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(sum, count)`` of ``values`` over each base id 0..n-1: per-segment confidences for AP."""
+def mean_per_segment(
+    base: np.ndarray, values: np.ndarray, n: int, counts: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(sum, count)`` of ``values`` over each base id 0..n-1: per-segment confidences for AP.
+    ``counts`` (voxels per id, e.g. a contingency table's column sums) saves a pass."""
     flat = base.reshape(-1)
     sums = np.bincount(flat, weights=np.asarray(values, dtype=np.float64).reshape(-1), minlength=n)
-    counts = np.bincount(flat, minlength=n).astype(np.float64)
-    return sums, counts
+    if counts is None:
+        counts = np.bincount(flat, minlength=n)
+    return sums, np.asarray(counts, dtype=np.float64)

@@ -69,6 +69,26 @@ class BaseMethod(pl.LightningModule):
         """Every ``val/`` key this method logs: what checkpoint selection and sweeps may choose by."""
         return {"val/loss"}
 
+    # -- evaluation loss -------------------------------------------------------------------------
+    def _add_eval_loss(self, stage: str, loss: torch.Tensor, samples: int) -> None:
+        """Count a batch's mean loss over its ``samples`` towards ``<stage>/loss`` (:meth:`_log_loss`)."""
+        loss = loss.detach().double()
+        self._loss_sum(stage, loss.device).add_(torch.stack([loss * samples, loss.new_tensor(samples)]))
+
+    def _loss_sum(self, stage: str, device: torch.device) -> torch.Tensor:
+        """(sum of sample losses, samples) of this stage on this rank, since the epoch began."""
+        sums: dict[str, torch.Tensor] = self.__dict__.setdefault("_eval_loss_sums", {})
+        return sums.setdefault(stage, torch.zeros(2, dtype=torch.float64, device=device))
+
+    def _log_loss(self, stage: str) -> None:
+        """``<stage>/loss``: the mean over every sample of every rank. Lightning's ``sync_dist``
+        would average the ranks' means, which differs when ranks scored unequal counts."""
+        total = self._loss_sum(stage, self.device)
+        self.__dict__["_eval_loss_sums"].pop(stage)
+        total = self.trainer.strategy.reduce(total, reduce_op="sum")  # every rank, even one with no batch
+        if total[1] > 0:
+            self.log(f"{stage}/loss", (total[0] / total[1]).float(), rank_zero_only=False)
+
     # -- hooks the run calls ---------------------------------------------------------------------
     def bind_task(self, task: Task) -> None:
         """Take what the method needs from the task beyond the facts (the builder calls it once,
@@ -148,25 +168,8 @@ class ScoredMethod(BaseMethod):
 
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
         logits = self(batch["image"])
-        loss = self.loss(logits, batch["target"]).detach()
-        self._loss_sum(stage, loss.device).add_(
-            torch.stack([loss.double() * len(logits), loss.new_tensor(len(logits))])
-        )
+        self._add_eval_loss(stage, self.loss(logits, batch["target"]), len(logits))
         self.metrics.update(stage, logits, batch["target"])
-
-    def _loss_sum(self, stage: str, device: torch.device) -> torch.Tensor:
-        """(sum of sample losses, samples) of this stage on this rank, since the epoch began."""
-        sums: dict[str, torch.Tensor] = self.__dict__.setdefault("_eval_loss_sums", {})
-        return sums.setdefault(stage, torch.zeros(2, dtype=torch.float64, device=device))
-
-    def _log_loss(self, stage: str) -> None:
-        """``<stage>/loss``: the mean over every sample of every rank. Lightning's ``sync_dist``
-        would average the ranks' means, which differs when ranks scored unequal counts."""
-        total = self._loss_sum(stage, self.device)
-        self.__dict__["_eval_loss_sums"].pop(stage)
-        total = self.trainer.strategy.reduce(total, reduce_op="sum")  # every rank, even one with no batch
-        if total[1] > 0:
-            self.log(f"{stage}/loss", (total[0] / total[1]).float(), rank_zero_only=False)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch)

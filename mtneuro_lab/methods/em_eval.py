@@ -69,6 +69,8 @@ def choose(
     """
     start = time.perf_counter()
     gt_c, _ = relabel(_numpy(gt).astype(np.int64, copy=False))
+    if confidence is not None:  # converted once, summed per base volume
+        confidence = np.asarray(confidence, dtype=np.float64)
     base: np.ndarray | None = None  # the base volume whose table is held (one at a time)
     base_table: Any = None
     sums = counts = None
@@ -79,7 +81,7 @@ def choose(
             base, n_base = cand.base, cand.mapping.size
             base_table = contingency_of(gt_c, base, n_base)
             if confidence is not None:
-                sums, counts = mean_per_segment(base, confidence, n_base)
+                sums, counts = mean_per_segment(base, confidence, n_base, base_table.sum(axis=0))
         table = merge_columns(base_table, cand.mapping)
         ranked = None
         if sums is not None:

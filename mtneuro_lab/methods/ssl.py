@@ -329,7 +329,7 @@ class SSLMethod(BaseMethod):
         logits = self.linear(feats.flatten(0, 1))
         loss = F.cross_entropy(logits, y.repeat(4))
         probs = logits.view(4, len(y), -1).softmax(-1).mean(0)
-        self.log(f"{stage}/loss", loss, batch_size=len(y), sync_dist=True)
+        self._add_eval_loss(stage, loss, len(y))  # logged per epoch: the mean over every sample of every rank
         self.metrics.update(stage, probs, y)
         self._corner_acc(stage).update(logits.argmax(1), y.repeat(4))
         if stage == "val":
@@ -343,6 +343,7 @@ class SSLMethod(BaseMethod):
         self._eval_step("test", batch)
 
     def _log_epoch(self, stage: str) -> None:
+        self._log_loss(stage)
         values = self.metrics.compute(stage)
         values[f"{stage}/acc_corners"] = self._corner_acc(stage).compute()
         self._corner_acc(stage).reset()

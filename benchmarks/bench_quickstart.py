@@ -1,0 +1,112 @@
+"""What a first run costs: ``make run``'s experiment against one plain epoch of 128x128 tiles.
+
+Issue 17 asks that the first run (``python train.py experiment=quickstart``) keep
+``test/acc >= 0.90`` on ROI-C1 while costing at most two epochs' worth of ResNet-18 training
+on 128x128 ROI-C1 tiles. The yardstick is measured here, in the same process and on the same
+machine: a plain PyTorch loop (no Lightning, no Hydra) over one epoch of the ROI-C1 training
+tiles at 128x128 (``task.downsample=2``), batch 32, the same ResNet-18 class, SGD settings and
+augmentation as the default supervised model, default torch threads. The quickstart is timed
+end to end as the user runs it (a fresh ``train.py`` process: start-up, training, validation,
+test on the best checkpoint, ``metrics.json``), with the phantom already cached. Order:
+plain, quickstart, plain; the yardstick is the mean of the two plain epochs, so load that
+drifts during the run hits both sides alike.
+
+    python -m benchmarks.bench_quickstart [--doc README.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.bench_framework import _Clock, _compose, _plain_steps
+from benchmarks.cli_runs import ROOT, run_cli
+from benchmarks.doc_blocks import write_block
+
+#: the yardstick: ROI-C1 at 128x128 tiles, the quickstart's batch, the default supervised model
+PLAIN = ["task=roi_c1", "model=supervised", "task.downsample=2", "source=phantom", "data.batch_size=32", "seed=1"]
+QUICKSTART = ["experiment=quickstart", "seed=1"]
+TARGET_RATIO = 2.0
+TARGET_ACC = 0.90
+
+
+def plain_epoch() -> dict[str, Any]:
+    """Wall time of one plain-PyTorch epoch over the 128x128 ROI-C1 training tiles."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = _compose(PLAIN + (["trainer=cpu"] if device.type == "cpu" else []))
+    gaps = _plain_steps(cfg, steps=10**9, warmup=0, clock=_Clock(device, wall=True), device=device)
+    return {"steps": len(gaps), "wall_s": sum(gaps)}
+
+
+def measure(work: Path) -> dict[str, Any]:
+    first = plain_epoch()
+    run = run_cli(work / "quickstart", QUICKSTART, threads=torch.get_num_threads())
+    second = plain_epoch()
+    epoch = (first["wall_s"] + second["wall_s"]) / 2
+    return {
+        "plain epoch, 128x128 (s)": [round(first["wall_s"], 1), round(second["wall_s"], 1)],
+        "plain steps per epoch": first["steps"],
+        "quickstart wall (s)": round(run["wall_s"], 1),
+        "quickstart test/acc": run["test/acc"],
+        "quickstart epochs": run.get("epoch", float("nan")),
+        "ratio quickstart / plain epoch": run["wall_s"] / epoch,
+    }
+
+
+def markdown(r: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            "| what | measured |",
+            "|---|---|",
+            f"| one plain PyTorch epoch, ROI-C1 128x128 tiles, batch 32 ({r['plain steps per epoch']} steps; "
+            f"before / after) | {r['plain epoch, 128x128 (s)'][0]} s / {r['plain epoch, 128x128 (s)'][1]} s |",
+            f"| `make run` (`train.py experiment=quickstart`, phantom cached, end to end) | "
+            f"{r['quickstart wall (s)']} s, `test/acc` = {r['quickstart test/acc']:.3f} |",
+            f"| ratio: `make run` / one plain 128x128 epoch (target <= {TARGET_RATIO:g}) | "
+            f"{r['ratio quickstart / plain epoch']:.2f} |",
+        ]
+    )
+
+
+def main(doc: Path | None = None) -> dict[str, Any]:
+    start = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    work = Path(tempfile.mkdtemp(prefix="bench-quickstart-"))
+    try:
+        results = measure(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    load_after = os.getloadavg()[0]
+    if doc is not None:
+        extra = {
+            "yardstick": " ".join(PLAIN) + " (plain loop, SGD, default augmentation)",
+            "load average (1 min) at start/end": f"{load_before:.1f}/{load_after:.1f}",
+        }
+        write_block(doc, "quickstart", markdown(results), time.perf_counter() - start, extra)
+    ratio, acc = results["ratio quickstart / plain epoch"], results["quickstart test/acc"]
+    checks = [
+        {
+            "name": "`make run` wall / one plain epoch of 128x128 ROI-C1 tiles",
+            "value": ratio,
+            "target": f"<= {TARGET_RATIO:g}",
+            "passed": ratio <= TARGET_RATIO,
+        },
+        {"name": "`make run` test/acc", "value": acc, "target": f">= {TARGET_ACC}", "passed": acc >= TARGET_ACC},
+    ]
+    return {**results, "load average before/after": [load_before, load_after], "checks": checks}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--doc", type=Path, default=None, help="write the table into this doc's bench:quickstart block")
+    args = parser.parse_args()
+    doc = None if args.doc is None else (args.doc if args.doc.is_absolute() else ROOT / args.doc)
+    print(json.dumps(main(doc), indent=2))
