@@ -280,6 +280,7 @@ def test_evaluate_writes_overlays_and_pooled_confusion_matrix(tmp_path: Path) ->
         assert metrics[f"test/iou_{name}"] == pytest.approx(tp / union, abs=1e-5)
 
 
+@pytest.mark.slow  # a 12-epoch training run (90 s on 2 cores): keeps the default suite under 10 minutes
 def test_isbi2012_membrane_segmentation_beats_all_cell(tmp_path: Path, shared_data: Path) -> None:
     import tifffile
 
