@@ -67,6 +67,12 @@ def test_two_node_sbatch_script_is_rendered_as_submitted(tmp_path: Path, monkeyp
         ),
         (
             ["trainer=ddp_cpu"],
+            {},
+            {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher", "nodes": 1},
+            "trainer.devices: 2 DDP processes per job, but hydra/launcher=submitit_local",
+        ),
+        (
+            ["trainer=ddp_cpu"],
             {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "3", "RANK": "0"},
             None,
             "trainer.devices: torchrun started 3 processes",
@@ -87,6 +93,8 @@ def test_launch_checks_name_the_keys(
 def test_launch_checks_accept_what_works(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(env, "_gpu_count", lambda: 0)
     env.check_launch(compose(["trainer=ddp_cpu", "data.batch_size=8"]))
+    local = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher", "nodes": 1}
+    env.check_launch(compose(["trainer=cpu"]), local)  # one process per submitit task
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
     monkeypatch.setenv("WORLD_SIZE", "2")
     env.check_launch(compose(["trainer=ddp_cpu", "data.batch_size=8"]))
