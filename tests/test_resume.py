@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, cli_args, cli_env, read_metrics, run_cli, run_inproc
+from test_wandb import _offline_run
 
 from mtneuro_lab.cluster.preemption import REQUEUE_FILE
 
@@ -170,9 +171,9 @@ def test_submitit_requeues_a_preempted_job_which_resumes_in_its_directory(tmp_pa
     ``requeue.json``, then submitit's own handler (installed before ours) pickles the Hydra
     launcher's ``checkpoint()`` resubmission and exits with LOCAL_REQUEUE_RETURN_CODE; the
     controller starts the task again, which runs in the same job directory, resumes from
-    ``last.ckpt`` and ends with the metrics of an uninterrupted run.
+    ``last.ckpt`` (and the same W&B run, offline) and ends with the metrics of an uninterrupted run.
     """
-    args = (*RESUME_ARGS, *CASES["supervised"])
+    args = (*RESUME_ARGS, *CASES["supervised"], "logger=wandb")
     reference = tmp_path / "reference"
     proc = run_inproc("train.py", *args, run_dir=reference)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -180,8 +181,14 @@ def test_submitit_requeues_a_preempted_job_which_resumes_in_its_directory(tmp_pa
     sweep = tmp_path / "sweep"
     command = [sys.executable, str(ROOT / "train.py"), *cli_args(args, sweep, multirun=True)]
     command.insert(3, "hydra/launcher=submitit_local")  # after "-m"
+    wandb = {f"WANDB_{key}": str(tmp_path / f"wandb_{key.lower()}") for key in ("DIR", "CONFIG_DIR", "CACHE_DIR")}
     launcher = subprocess.Popen(
-        command, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        command,
+        cwd=ROOT,
+        env=cli_env({"WANDB_MODE": "offline", **wandb}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         last = _wait_for(lambda: list(sweep.glob("*/checkpoints/last.ckpt")), launcher, timeout=600)
@@ -222,3 +229,6 @@ def test_submitit_requeues_a_preempted_job_which_resumes_in_its_directory(tmp_pa
     assert resumed.keys() == expected.keys()
     for key, value in expected.items():
         assert resumed[key] == pytest.approx(value, abs=1e-6), key
+    tracked = _offline_run(job_dir)  # both tasks logged to one W&B run (its id is kept in the job dir)
+    assert len(tracked["ids"]) == 2 and len(set(tracked["ids"])) == 1, tracked["ids"]
+    assert tracked["summary"]["test/acc"] == pytest.approx(resumed["test/acc"])
