@@ -178,21 +178,21 @@ def test_submitit_requeues_a_preempted_job_which_resumes_in_its_directory(tmp_pa
     proc = run_inproc("train.py", *args, run_dir=reference)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    sweep = tmp_path / "sweep"
-    command = [sys.executable, str(ROOT / "train.py"), *cli_args(args, sweep, multirun=True)]
+    outputs = tmp_path / "outputs"  # the default sweep dir: multiruns/${now:...}, resolved by the launcher
+    command = [sys.executable, str(ROOT / "train.py"), *cli_args(args, multirun=True)]
     command.insert(3, "hydra/launcher=submitit_local")  # after "-m"
     wandb = {f"WANDB_{key}": str(tmp_path / f"wandb_{key.lower()}") for key in ("DIR", "CONFIG_DIR", "CACHE_DIR")}
     launcher = subprocess.Popen(
         command,
         cwd=ROOT,
-        env=cli_env({"WANDB_MODE": "offline", **wandb}),
+        env=cli_env({"MTNEURO_OUTPUTS": str(outputs), "WANDB_MODE": "offline", **wandb}),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        last = _wait_for(lambda: list(sweep.glob("*/checkpoints/last.ckpt")), launcher, timeout=600)
-        job_dir = last.parent.parent
+        last = _wait_for(lambda: list(outputs.glob("multiruns/*/*/checkpoints/last.ckpt")), launcher, timeout=600)
+        job_dir, sweep = last.parents[1], last.parents[2]
         controller = int(next(d.name for d in (sweep / ".submitit").iterdir() if d.name.isdigit()))
         first_task = _job_process(controller)
         os.kill(first_task, signal.SIGUSR2)
@@ -217,6 +217,7 @@ def test_submitit_requeues_a_preempted_job_which_resumes_in_its_directory(tmp_pa
     # in the same job directory and resumed from it
     assert record["signal"] == "SIGUSR2" and record["requeues"] == 1
     assert 3 <= record["global_step"] < 16, "stopped mid-run, after the first last.ckpt"
+    assert list((outputs / "multiruns").iterdir()) == [sweep], "the requeued job resolved the same sweep dir"
     assert [p for p in sweep.iterdir() if not p.name.startswith(".") and p.is_dir()] == [job_dir]
     run_log = (job_dir / "cli.log").read_text()
     assert f"preempted by SIGUSR2 after step {record['global_step']}" in run_log
