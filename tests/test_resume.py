@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -233,3 +234,37 @@ def test_submitit_requeues_a_preempted_job_which_resumes_in_its_directory(tmp_pa
     tracked = _offline_run(job_dir)  # both tasks logged to one W&B run (its id is kept in the job dir)
     assert len(tracked["ids"]) == 2 and len(set(tracked["ids"])) == 1, tracked["ids"]
     assert tracked["summary"]["test/acc"] == pytest.approx(resumed["test/acc"])
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_final_validation_is_not_lost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the last batch only the final validation, the selection and the test remain, which
+    may not end before the job is killed: the fit's end checkpoints and hands over too, and the
+    requeued run (the same command, no ``ckpt_path``) only selects and tests."""
+    from mtneuro_lab.cluster.preemption import PreemptionCheckpoint
+
+    reference = tmp_path / "reference"
+    proc = run_inproc("train.py", "callbacks.progress_log.when=never", run_dir=reference)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def signal_in_last_validation(self: PreemptionCheckpoint, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == trainer.max_epochs - 1:
+            signal.raise_signal(signal.SIGUSR2)
+
+    preempted = tmp_path / "preempted"
+    with monkeypatch.context() as patched:
+        patched.setattr(PreemptionCheckpoint, "on_validation_end", signal_in_last_validation)
+        proc = run_inproc("train.py", "callbacks.progress_log.when=never", run_dir=preempted)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((preempted / REQUEUE_FILE).read_text())
+    state = torch.load(preempted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert record["global_step"] == state["global_step"] == 2, "the checkpoint of the finished fit"
+    assert not (preempted / "metrics.json").exists()
+
+    proc = run_inproc("train.py", "callbacks.progress_log.when=never", run_dir=preempted)  # the requeued job
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (preempted / REQUEUE_FILE).exists()
+    expected, resumed = read_metrics(reference), read_metrics(preempted)
+    assert resumed.keys() == expected.keys()
+    for key, value in expected.items():
+        assert resumed[key] == pytest.approx(value, abs=1e-6), key

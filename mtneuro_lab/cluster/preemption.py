@@ -79,6 +79,14 @@ class PreemptionCheckpoint(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A signal during the final validation, after the last batch: the fit is done, but the
+        selection and test still to run may not fit before the job is killed."""
+        self._stop_if_signalled(trainer)
+
+    def _stop_if_signalled(self, trainer: pl.Trainer) -> None:
         flag = torch.tensor(self.received, device=trainer.strategy.root_device)
         agreed = int(trainer.strategy.reduce(flag, reduce_op="max"))  # one signalled rank stops all
         if not agreed:
