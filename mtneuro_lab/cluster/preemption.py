@@ -2,8 +2,9 @@
 
 SLURM sends ``SIGUSR2`` (submitit's ``--signal=USR2@<signal_delay_s>``) some time before the
 time limit, and on preemption; Lightning's own SLURM requeue listens on ``SIGUSR1``. While a run
-fits, both only set a flag (:class:`PreemptionCheckpoint`). After every training batch the ranks
-agree on it (one all-reduce of the signal number), so all of them stop after the SAME batch:
+fits, both only set a flag (:class:`PreemptionCheckpoint`). After every training batch (and at
+the end of the fit, for a signal during the final validation) the ranks agree on it (one
+all-reduce of the signal number), so all of them stop after the SAME batch:
 ``checkpoints/last.ckpt`` is written (atomically, with the loader position and RNG states, like
 any checkpoint of this project), then ``requeue.json``, and :class:`Preempted` ends the fit on
 every rank. :func:`requeue` then hands the job back: submitit's own handler when the job runs
