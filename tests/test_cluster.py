@@ -191,3 +191,26 @@ def test_our_handler_chains_to_submitits_real_handler(tmp_path: Path, monkeypatc
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_a_job_requeued_by_slurm_itself_resumes_from_last_ckpt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node failure or a preemption without the warning signal: no requeue.json, but SLURM counts
+    the restart, and the run resumes from its periodic last.ckpt rather than from scratch."""
+    from mtneuro_lab.cluster import preemption
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert preemption.requeued_checkpoint(tmp_path) is None
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"weights")
+    assert preemption.requeued_checkpoint(tmp_path) is None, "a first attempt never resumes by itself"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert preemption.requeued_checkpoint(tmp_path) is None
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert preemption.requeued_checkpoint(tmp_path) == str(last)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    (tmp_path / preemption.REQUEUE_FILE).write_text("{}")  # stopped by our own callback
+    assert preemption.requeued_checkpoint(tmp_path) == str(last)
+    last.unlink()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert preemption.requeued_checkpoint(tmp_path) is None, "restarted before any checkpoint: train from scratch"

@@ -154,11 +154,24 @@ def requeue(err: Preempted) -> None:
 
 
 def requeued_checkpoint(run_dir: Path) -> str | None:
-    """``last.ckpt`` of a run that was stopped by :class:`PreemptionCheckpoint` (else None)."""
+    """``last.ckpt`` of a run that comes back after an interruption (else None): stopped by
+    :class:`PreemptionCheckpoint` (``requeue.json``), or requeued by SLURM itself without our
+    signal (node failure, a preemption without the warning; ``SLURM_RESTART_COUNT`` > 0), which
+    then resumes from the periodic ``last.ckpt`` instead of training again from scratch."""
     last = run_dir / LAST_CHECKPOINT
-    if (run_dir / REQUEUE_FILE).is_file() and last.is_file():
+    if not last.is_file():
+        return None
+    if (run_dir / REQUEUE_FILE).is_file() or slurm_restarts() > 0:
         return str(last)
     return None
+
+
+def slurm_restarts() -> int:
+    """How often SLURM has restarted this job (``SLURM_RESTART_COUNT``; 0 outside SLURM)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
 
 
 def finished(run_dir: Path) -> None:
