@@ -1,7 +1,7 @@
 """Phantom X-ray generator: speed and faithfulness to the real data, v2 (default) against v1.
 
 Writes docs/phantom.md (blocks ``phantom_generation``, ``phantom_fractions``,
-``phantom_quadrants``, ``phantom_cells``, ``phantom_shortcuts``) and prints the same Markdown
+``phantom_quadrants``, ``phantom_slabs``, ``phantom_shortcuts``) and prints the same Markdown
 (docs/benchmarks.md quotes it through ``make bench``):
 
 * generation time of set A (four 380x256x256 cubes), v2 / v1 measured in one run, one thread;
@@ -9,6 +9,9 @@ Writes docs/phantom.md (blocks ``phantom_generation``, ``phantom_fractions``,
 * per 64x64 quadrant mean and std of the Task 3 features (``mtneuro_lab.data.features``) of
   the phantom against the real manual masks (``masks_<ctx|str|trn|zi>.npz``: 32 non-adjacent
   128x128 slices each, so their cells are labelled per slice; the phantom's in 3D);
+* ROI-C1's z slabs of set A's vp and zi cubes: how far the val and test slabs' mean intensity,
+  axon fraction and orientation coherence sit from the training slab's, today's defaults
+  against session 4's slow section fields and brightness drifts;
 * region classification by shortcut baselines on whole slices: slice mean, PCA(50) of 64x64
   pixels, 7 texture statistics (each + logistic regression), ROI-C1 (set A, train z 110-379,
   test z 420-469) and ROI-C2 (train set A z 110-469, test sets C and D z 110-469).
@@ -167,6 +170,61 @@ def fraction_table(cubes: Cubes) -> tuple[str, float]:
     return "\n".join(rows), worst
 
 
+# --------------------------------------------------------------------------- z slabs
+
+#: ROI-C1's z splits of a cube (half-open, BossDB z): what a task trains, validates and tests on
+ROI_C1_SLABS = {"train": (110, 380), "val": (380, 410), "test": (420, 470)}
+#: the session-4 defaults of the settings that set how fast tissue and brightness change along z
+SESSION4_Z = {"slab": 96.0, "drift": [60.0, 4.0 * SHAPE[0]]}
+SLAB_STATS = ("mean intensity", "axon fraction", "orientation coherence")
+
+
+def slice_stats(cube: dict[str, np.ndarray]) -> np.ndarray:
+    """Per slice: mean intensity, axon fraction, orientation coherence (texture statistic 1)."""
+    images, labels = cube["image"], cube["pixel_labels"]
+    return np.array(
+        [
+            (float(im.mean()), float((lab == phantom.AXON).mean()), texture_features(im.astype(np.float32))[0])
+            for im, lab in zip(images, labels, strict=True)
+        ]
+    )
+
+
+def slab_rows(name: str, cube: dict[str, np.ndarray]) -> list[str]:
+    """How far the val and test slabs' means sit from the training slab's (in training-slice std),
+    and the share of test slices inside the central 95 % of the training slices."""
+    stats = slice_stats(cube)
+    part = {split: stats[a - Z0 : b - Z0] for split, (a, b) in ROI_C1_SLABS.items()}
+    train = part["train"]
+    low, high = np.percentile(train, 2.5, axis=0), np.percentile(train, 97.5, axis=0)
+    inside = ((part["test"] >= low) & (part["test"] <= high)).mean(axis=0)
+    rows = []
+    for i, stat in enumerate(SLAB_STATS):
+        shift = {s: (part[s][:, i].mean() - train[:, i].mean()) / train[:, i].std() for s in ("val", "test")}
+        rows.append(
+            f"| {name} | {stat} | {train[:, i].mean():.3g} ± {train[:, i].std():.2g} | {shift['val']:+.2f} | "
+            f"{shift['test']:+.2f} | {100 * inside[i]:.0f} % |"
+        )
+    return rows
+
+
+def slab_table(cubes: Cubes, seed: int = 0) -> str:
+    """vp and zi of set A (the pair ROI-C1 confused), today's defaults against session 4's z scales."""
+    old = tissue_config(SESSION4_Z)
+    draw = draw_set(seed, "A", old)
+    rows = [
+        "| cube, settings | per-slice statistic | train slab mean ± std | val shift (train std) | "
+        "test shift (train std) | test slices inside train 95 % |",
+        "|---|---|---|---|---|---|",
+    ]
+    for region in ("vp", "zi"):
+        x0, y0 = SETS["A"][region]
+        before = phantom_v2.generate_cube(region, phantom_v2.seed_key(seed, region, x0, y0), SHAPE, old, draw)
+        rows += slab_rows(f"A/{region}, slab 96, drift 60-1520 (session 4)", before)
+        rows += slab_rows(f"A/{region}, defaults", cubes["A"][region])
+    return "\n".join(rows)
+
+
 # --------------------------------------------------------------------------- shortcuts
 
 
@@ -256,6 +314,7 @@ def main(masks_dir: Path = MASKS_DIR, write_doc: bool = False) -> dict[str, Any]
         "phantom_generation": generation,
         "phantom_fractions": fractions + f"\n\nLargest relative difference from the paper: {100 * worst:.1f} %.",
         "phantom_quadrants": quadrants,
+        "phantom_slabs": slab_table(cubes),
     }
     for name, markdown in blocks.items():
         print(f"## {name}\n\n{markdown}\n", flush=True)
