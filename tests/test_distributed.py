@@ -7,7 +7,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,8 @@ from mtneuro_lab.data.em import EMCropLoader
 
 #: a 2-process test that has not finished by then is a hang: it fails, it does not block CI
 GROUP_TIMEOUT_S = 120
+#: one pytest-xdist worker runs this module (`--dist loadgroup`), so one gloo group serves it
+pytestmark = pytest.mark.xdist_group("gloo_ranks")
 
 
 def _batches(n: int, batch: int, shuffle: bool, drop_last: bool, rank: int, world: int) -> list[list[int]]:
@@ -77,38 +79,87 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, results: Any) -> None:
+def _rank_loop(rank: int, world: int, port: int, tasks: Any, results: Any) -> None:
+    """One rank of the group: join it once, then run every function the tests send."""
+    import traceback
+
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results.put((rank, fn(rank, *args)))
+        while (task := tasks.get()) is not None:
+            fn, args = task
+            try:
+                results.put((rank, True, fn(rank, *args)))
+            except Exception:  # noqa: BLE001 - the test process reports it
+                results.put((rank, False, traceback.format_exc()))
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], *args: Any, world: int = 2) -> list[Any]:
-    """``fn(rank, *args)`` in ``world`` spawned gloo processes; their results in rank order.
-    Fails (and kills the processes) after :data:`GROUP_TIMEOUT_S`."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, args, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        out = dict(results.get(timeout=GROUP_TIMEOUT_S) for _ in procs)
-        for p in procs:
-            p.join(timeout=30)
-    except Exception as err:  # queue.Empty: a rank hung or died
-        pytest.fail(f"{world}-process group did not finish in {GROUP_TIMEOUT_S} s: {err!r}")
-    finally:
-        for p in procs:
+class RankGroup:
+    """A ``world``-process gloo group started once for this module's tests (each spawned
+    process pays Python, torch and the process-group set-up once, not once per test).
+
+    :meth:`run` sends ``fn(rank, *args)`` to every rank and returns their results in rank
+    order; a rank that raises fails the test with its traceback, and a group that has not
+    answered after :data:`GROUP_TIMEOUT_S` (a hang) fails the test and is replaced."""
+
+    def __init__(self, world: int = 2) -> None:
+        self.world = world
+        self.procs: list[Any] = []
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self.tasks = [ctx.Queue() for _ in range(self.world)]
+        self.results = ctx.Queue()
+        port = _free_port()
+        self.procs = [
+            ctx.Process(target=_rank_loop, args=(r, self.world, port, self.tasks[r], self.results), daemon=True)
+            for r in range(self.world)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        if not self.procs or not all(p.is_alive() for p in self.procs):
+            self.close()
+            self._start()
+        for queue in self.tasks:
+            queue.put((fn, args))
+        out: dict[int, Any] = {}
+        try:
+            for _ in range(self.world):
+                rank, ok, value = self.results.get(timeout=GROUP_TIMEOUT_S)
+                if not ok:
+                    self.close()  # the other rank may wait in a collective: start afresh next time
+                    pytest.fail(f"rank {rank} raised:\n{value}")
+                out[rank] = value
+        except Exception as err:  # queue.Empty: a rank hung or died
+            if isinstance(err, pytest.fail.Exception):
+                raise
+            self.close()
+            pytest.fail(f"{self.world}-process group did not finish in {GROUP_TIMEOUT_S} s: {err!r}")
+        return [out[r] for r in range(self.world)]
+
+    def close(self) -> None:
+        for p, queue in zip(self.procs, getattr(self, "tasks", []), strict=False):
+            if p.is_alive():
+                queue.put(None)
+        for p in self.procs:
+            p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-    return [out[r] for r in range(world)]
+        self.procs = []
+
+
+@pytest.fixture(scope="module")
+def ranks() -> Iterator[RankGroup]:
+    group = RankGroup()
+    yield group
+    group.close()
 
 
 def _small_net() -> nn.Module:
@@ -133,16 +184,16 @@ def _sync_bn_rank(rank: int) -> dict[str, np.ndarray]:
     return out
 
 
-def test_sync_batchnorm_on_cpu_equals_one_process_on_the_whole_batch() -> None:
-    ranks = run_ranks(_sync_bn_rank)
+def test_sync_batchnorm_on_cpu_equals_one_process_on_the_whole_batch(ranks: RankGroup) -> None:
+    results = ranks.run(_sync_bn_rank)
     ref = _small_net()
     x, y = _data()
     nn.functional.cross_entropy(ref(x), y).backward()
     expected = {f"grad.{k}": p.grad for k, p in ref.named_parameters()}
     expected.update({f"state.{k}": v for k, v in ref.state_dict().items()})
-    assert set(ranks[0]) == set(expected), "checkpoint keys unchanged"
+    assert set(results[0]) == set(expected), "checkpoint keys unchanged"
     for key, value in expected.items():
-        for rank in ranks:
+        for rank in results:
             # float32: only the summation order differs (two all-reduces vs one sum)
             torch.testing.assert_close(torch.from_numpy(rank[key]), value, rtol=1e-5, atol=1e-6, msg=key)
     plain = _small_net()  # the control: per-rank statistics are NOT the whole batch's
@@ -159,8 +210,8 @@ def _gather_rank(rank: int) -> dict[str, Any]:
     return {"rows": rows.detach().tolist(), "origin": origin.tolist(), "grad": x.grad.tolist()}
 
 
-def test_gather_from_ranks_keeps_rank_order_and_routes_gradients_back() -> None:
-    r0, r1 = run_ranks(_gather_rank)
+def test_gather_from_ranks_keeps_rank_order_and_routes_gradients_back(ranks: RankGroup) -> None:
+    r0, r1 = ranks.run(_gather_rank)
     assert r0["rows"] == r1["rows"] == [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]
     assert r0["origin"] == [0, 1, 1]
     # each rank's loss weights row i by i+1; the gradient of both losses' sum reaches the owner
@@ -189,8 +240,8 @@ def _myow_rank(rank: int, pool: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("pool", ["batch", pytest.param("queue", marks=pytest.mark.slow)])
-def test_myow_mines_over_candidates_from_both_ranks(pool: str) -> None:
-    r0, r1 = run_ranks(_myow_rank, pool)
+def test_myow_mines_over_candidates_from_both_ranks(ranks: RankGroup, pool: str) -> None:
+    r0, r1 = ranks.run(_myow_rank, pool)
     if pool == "batch":  # the global batch of 8, 4 of them from the other rank, every step
         assert r0["stats"] == r1["stats"] == [(8, 4)] * 4
     else:  # batch pool until the queue holds more than k; then the queue of gathered keys
@@ -226,8 +277,8 @@ def _ssl_val_loss_rank(rank: int) -> dict[str, Any]:
     return {"mean": mean, "n": n, "logged": logged["val/loss"]}
 
 
-def test_ssl_val_loss_is_the_mean_over_every_sample_of_every_rank() -> None:
-    r0, r1 = run_ranks(_ssl_val_loss_rank)
+def test_ssl_val_loss_is_the_mean_over_every_sample_of_every_rank(ranks: RankGroup) -> None:
+    r0, r1 = ranks.run(_ssl_val_loss_rank)
     samples = (r0["mean"] * r0["n"] + r1["mean"] * r1["n"]) / (r0["n"] + r1["n"])
     assert r0["logged"] == r1["logged"] == pytest.approx(samples, rel=1e-6)
     assert r0["logged"] != pytest.approx((r0["mean"] + r1["mean"]) / 2, rel=1e-3)  # not the mean of rank means
