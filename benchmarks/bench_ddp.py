@@ -19,7 +19,10 @@ Setting (shared with tests/test_ddp.py): supervised ResNet-18, augmentation and 
 64x64 tiles (``task.downsample=4``) through the ImageNet stem (``model.stem=imagenet``, 16x16
 maps after it), small splits, SGD lr 0.003: not the default recipe (small, so that the test runs in seconds).
 
-    python benchmarks/bench_ddp.py [--steps 4] [--out /tmp/bench_ddp]
+    python benchmarks/bench_ddp.py [--steps 4] [--out /tmp/bench_ddp] [--myow-only]
+
+It also writes the ``bench:ddp_myow`` block: MYOW's mining pool per step with 1 and 2 processes
+for both pools (``--myow-only`` writes just that block, in seconds).
 """
 
 from __future__ import annotations
@@ -98,13 +101,105 @@ def update_gap(start: dict[str, torch.Tensor], one: dict[str, torch.Tensor], oth
     return max(gaps)
 
 
+#: MYOW's mining pool: 4 steps of a global batch of 8, queue of 24 keys, k = 1 neighbour
+MYOW_STEPS, MYOW_BATCH = 4, 8
+
+
+def myow_pool_stats(rank: int, world: int, pool: str) -> dict[str, Any]:
+    """One rank of MYOW mining over ``MYOW_STEPS`` steps of a global batch of ``MYOW_BATCH``
+    (random representations, each rank its own samples): the pool size and how many candidates
+    came from other ranks at every step, and the ids the queue holds at the end. Weights are the
+    same on every rank (seeded); run it in each process of an initialised gloo group, or alone."""
+    from mtneuro_lab.methods.byol import ViewOutputs
+    from mtneuro_lab.methods.myow import MYOW
+
+    torch.manual_seed(0)
+    model = MYOW(4, ["a", "b", "c", "d"], (16, 16), stem="tiny", hidden_dim=32, proj_dim=16, pool=pool, queue_size=24)
+    dim, per_rank = model.encoder.out_dim, MYOW_BATCH // world
+    stats = []
+    for step in range(MYOW_STEPS):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        y1, y2, ty1, ty2 = (torch.randn(per_rank, dim, generator=g) for _ in range(4))
+        p1, p2, tz1, tz2 = (torch.randn(per_rank, 16, generator=g) for _ in range(4))
+        ids = torch.arange(per_rank) + per_rank * rank + MYOW_BATCH * step
+        _, logged = model.mined_loss(ViewOutputs(y1, y2, p1, p2, ty1, ty2, tz1, tz2), ids)
+        stats.append((int(logged["train/pool_size"]), int(logged["train/pool_foreign"])))
+    queue_ids = model.queue.filled()[1].tolist() if model.queue is not None else []
+    return {"stats": stats, "queue_ids": sorted(queue_ids)}
+
+
+def _myow_rank(rank: int, world: int, port: int, pool: str, results: Any) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results.put((rank, myow_pool_stats(rank, world, pool)))
+    finally:
+        dist.destroy_process_group()
+
+
+def myow_pools() -> dict[str, dict[int, list[tuple[int, int]]]]:
+    """Pool size and foreign candidates per step, 1 process vs a 2-process gloo group, per pool."""
+    import multiprocessing as mp
+    import socket
+
+    out: dict[str, dict[int, list[tuple[int, int]]]] = {}
+    for pool in ("batch", "queue"):
+        out[pool] = {1: myow_pool_stats(0, 1, pool)["stats"]}
+        ctx = mp.get_context("spawn")
+        results = ctx.Queue()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        procs = [ctx.Process(target=_myow_rank, args=(r, 2, port, pool, results)) for r in range(2)]
+        for proc in procs:
+            proc.start()
+        ranks = dict(results.get(timeout=300) for _ in procs)
+        for proc in procs:
+            proc.join(timeout=30)
+        if ranks[0]["stats"] != ranks[1]["stats"]:
+            raise RuntimeError(f"{pool}: the ranks mined different pools: {ranks}")
+        out[pool][2] = ranks[0]["stats"]
+    return out
+
+
+def myow_table(pools: dict[str, dict[int, list[tuple[int, int]]]]) -> str:
+    steps = range(1, MYOW_STEPS + 1)
+    rows = [
+        "| `model.pool` | processes | " + " | ".join(f"step {i}: pool (from other ranks)" for i in steps) + " |",
+        "|---|---|" + "---|" * MYOW_STEPS,
+    ]
+    for pool, by_world in pools.items():
+        for world, stats in by_world.items():
+            cells = " | ".join(f"{size} ({foreign})" for size, foreign in stats)
+            rows.append(f"| {pool} | {world} x batch {MYOW_BATCH // world} | {cells} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_ddp"))
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "gpu.md")
+    parser.add_argument("--myow-only", action="store_true", help="only MYOW's pool sizes (bench:ddp_myow, seconds)")
     args = parser.parse_args(argv)
     started, load = time.perf_counter(), os.getloadavg()
+    pools = myow_pools()
+    print(json.dumps(pools))
+    write_block(
+        args.doc,
+        "ddp_myow",
+        myow_table(pools),
+        time.perf_counter() - started,
+        {
+            "setting": f"MYOW, queue of 24 keys, k = 1, {MYOW_STEPS} steps of a global batch of "
+            f"{MYOW_BATCH} (random views)"
+        },
+    )
+    if args.myow_only:
+        return {"myow_pools": pools}
     result: dict[str, Any] = {"steps": args.steps, "gap": {}, "val_loss": {}}
     for precision, flag in PRECISIONS.items():
         for steps in (1, args.steps):

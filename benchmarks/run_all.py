@@ -52,7 +52,7 @@ print({MARKER!r} + json.dumps(result, default=str))
 
 
 #: run directly with their own arguments, never by ``make bench``: ``python benchmarks/bench_tests.py --base REV``
-ON_REQUEST = {"bench_tests"}
+ON_REQUEST = {"bench_tests", "bench_fresh_clone"}
 
 
 def discover() -> list[str]:

@@ -131,6 +131,10 @@ class ProgressLog(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()
         self._batches_done = 0
+        # a fit resumed mid-epoch (a requeued job) gets no on_train_epoch_start for that epoch:
+        # its rate counts from here, its position from the batches the checkpoint had done
+        self.on_train_epoch_start(trainer, pl_module)
+        self._epoch_batches = int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.perf_counter()

@@ -67,6 +67,12 @@ def test_two_node_sbatch_script_is_rendered_as_submitted(tmp_path: Path, monkeyp
         ),
         (
             ["trainer=ddp_cpu"],
+            {},
+            {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher", "nodes": 1},
+            "trainer.devices: 2 DDP processes per job, but hydra/launcher=submitit_local",
+        ),
+        (
+            ["trainer=ddp_cpu"],
             {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "3", "RANK": "0"},
             None,
             "trainer.devices: torchrun started 3 processes",
@@ -87,6 +93,8 @@ def test_launch_checks_name_the_keys(
 def test_launch_checks_accept_what_works(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(env, "_gpu_count", lambda: 0)
     env.check_launch(compose(["trainer=ddp_cpu", "data.batch_size=8"]))
+    local = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher", "nodes": 1}
+    env.check_launch(compose(["trainer=cpu"]), local)  # one process per submitit task
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
     monkeypatch.setenv("WORLD_SIZE", "2")
     env.check_launch(compose(["trainer=ddp_cpu", "data.batch_size=8"]))
@@ -131,3 +139,78 @@ def test_requeue_hands_over_to_submitit_or_scontrol(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     preemption.requeue(preemption.Preempted(signal.SIGUSR2, 5, 0, signal.SIG_DFL))
     assert (tmp_path / "args").read_text().split() == ["requeue", "70_3"]
+
+
+def test_our_handler_chains_to_submitits_real_handler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """submitit's own SignalHandler (as its job runner installs it) under our callback: a
+    preemption resubmits the Hydra launcher's ``checkpoint()`` and exits with the local requeue
+    code; timeouts beyond ``max_num_timeout`` end the job with submitit's error instead."""
+    import signal
+
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
+    from submitit.core import utils
+    from submitit.core.job_environment import JobEnvironment
+    from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+    from mtneuro_lab.cluster import preemption
+
+    for name, value in {
+        "SUBMITIT_EXECUTOR": "local",
+        "SUBMITIT_LOCAL_JOB_ID": "77",
+        "SUBMITIT_LOCAL_GLOBALID": "0",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SUBMITIT_FOLDER", str(tmp_path))
+    paths = utils.JobPaths(tmp_path, job_id="77", task_id=0)
+    job_args = (["seed=2"], "hydra.sweep.dir", 0, "job_id_for_0", {})
+    signals = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGCONT)
+    saved = {s: signal.getsignal(s) for s in signals}
+
+    def preempt(timeout_min: float, max_num_timeout: int) -> preemption.Preempted:
+        delayed = utils.DelayedSubmission(LocalLauncher(submitit_folder=str(tmp_path)), *job_args)
+        delayed.set_timeout(timeout_min, max_num_timeout)  # type: ignore[arg-type]
+        JobEnvironment()._handle_signals(paths, delayed)  # what submitit's job runner does first
+        callback = preemption.PreemptionCheckpoint(tmp_path)
+        with callback.watching():
+            signal.raise_signal(signal.SIGUSR2)  # only flags: the batch ends, then we checkpoint
+            assert callback.received == signal.SIGUSR2 and not paths.submitted_pickle.exists()
+        assert signal.getsignal(signal.SIGUSR2) == callback._previous[signal.SIGUSR2], "submitit's handler restored"
+        return preemption.Preempted(signal.SIGUSR2, 5, 0, callback._previous[signal.SIGUSR2])
+
+    try:
+        with pytest.raises(SystemExit) as exited:  # preempted well before the time limit
+            preemption.requeue(preempt(timeout_min=60, max_num_timeout=3))
+        assert exited.value.code == LOCAL_REQUEUE_RETURN_CODE
+        resubmitted = utils.DelayedSubmission.load(paths.submitted_pickle)
+        assert isinstance(resubmitted.function, LocalLauncher) and resubmitted.args == job_args
+        assert resubmitted._timeout_countdown == 3, "a preemption uses up no timeout"
+
+        paths.submitted_pickle.unlink()
+        with pytest.raises(utils.UncompletedJobError, match="timed-out too many times"):  # past the limit
+            preemption.requeue(preempt(timeout_min=0.001, max_num_timeout=0))
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_a_job_requeued_by_slurm_itself_resumes_from_last_ckpt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node failure or a preemption without the warning signal: no requeue.json, but SLURM counts
+    the restart, and the run resumes from its periodic last.ckpt rather than from scratch."""
+    from mtneuro_lab.cluster import preemption
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert preemption.requeued_checkpoint(tmp_path) is None
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"weights")
+    assert preemption.requeued_checkpoint(tmp_path) is None, "a first attempt never resumes by itself"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert preemption.requeued_checkpoint(tmp_path) is None
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert preemption.requeued_checkpoint(tmp_path) == str(last)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    (tmp_path / preemption.REQUEUE_FILE).write_text("{}")  # stopped by our own callback
+    assert preemption.requeued_checkpoint(tmp_path) == str(last)
+    last.unlink()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert preemption.requeued_checkpoint(tmp_path) is None, "restarted before any checkpoint: train from scratch"

@@ -113,3 +113,34 @@ def test_ddp_cpu_inside_a_multirun(tmp_path: Path) -> None:
 
     assert report_main([str(sweep)]) == 0
     assert "seed 2 failed" in (sweep / "report" / "report.md").read_text()
+
+
+@pytest.mark.slow  # ~40 s: two real processes under torchrun
+def test_torchrun_launch_as_documented_writes_one_run_directory(tmp_path: Path) -> None:
+    """docs/gpu.md's CPU recipe, ``torchrun --standalone --nproc_per_node=2 train.py
+    trainer=ddp_cpu``: both ranks agree on one ``torchrun_<id>`` run directory, rank 0 writes
+    the config and metrics, rank 1 only its own log."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    args = [str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"), "trainer=ddp_cpu"]
+    args += ["+debug=fast", f"paths.output_root={tmp_path / 'out'}"]
+    proc = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, err = proc.communicate(timeout=HANG_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"torchrun still running after {HANG_TIMEOUT_S} s: a rank hangs")
+    assert proc.returncode == 0, err[-3000:]
+    runs = list((tmp_path / "out").glob("*/*/*"))
+    assert len(runs) == 1 and runs[0].name.startswith("torchrun_"), runs
+    names = {p.name for p in runs[0].iterdir()}
+    assert {".hydra", "config.yaml", "metrics.json", "cli.log", "train_rank_1.log"} <= names, names
+    assert {"test/acc", "test/loss", "val/acc", "best_epoch"} <= set(read_metrics(runs[0]))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.bench_ddp import myow_pool_stats
 from mtneuro_lab.data.datamodules import ArrayBatchLoader
 from mtneuro_lab.data.distributed import rank_batch_count, stream_seed
 from mtneuro_lab.data.em import EMCropLoader
@@ -219,29 +220,9 @@ def test_gather_from_ranks_keeps_rank_order_and_routes_gradients_back(ranks: Ran
     assert r1["grad"] == [[4.0, 4.0], [6.0, 6.0]]
 
 
-def _myow_rank(rank: int, pool: str) -> dict[str, Any]:
-    from mtneuro_lab.methods.byol import ViewOutputs
-    from mtneuro_lab.methods.myow import MYOW
-
-    torch.manual_seed(0)  # same weights on both ranks
-    model = MYOW(4, ["a", "b", "c", "d"], (16, 16), stem="tiny", hidden_dim=32, proj_dim=16, pool=pool, queue_size=24)
-    dim = model.encoder.out_dim
-    stats = []
-    for step in range(4):
-        g = torch.Generator().manual_seed(100 * step + rank)  # each rank its own 4 samples
-        y1, y2, ty1, ty2 = (torch.randn(4, dim, generator=g) for _ in range(4))
-        p1, p2, tz1, tz2 = (torch.randn(4, 16, generator=g) for _ in range(4))
-        out = ViewOutputs(y1, y2, p1, p2, ty1, ty2, tz1, tz2)
-        ids = torch.arange(4) + 4 * rank + 8 * step
-        _, logged = model.mined_loss(out, ids)
-        stats.append((int(logged["train/pool_size"]), int(logged["train/pool_foreign"])))
-    queue_ids = model.queue.filled()[1].tolist() if model.queue is not None else []
-    return {"stats": stats, "queue_ids": sorted(queue_ids)}
-
-
 @pytest.mark.parametrize("pool", ["batch", pytest.param("queue", marks=pytest.mark.slow)])
 def test_myow_mines_over_candidates_from_both_ranks(ranks: RankGroup, pool: str) -> None:
-    r0, r1 = ranks.run(_myow_rank, pool)
+    r0, r1 = ranks.run(myow_pool_stats, 2, pool)  # each rank 4 of a global batch of 8
     if pool == "batch":  # the global batch of 8, 4 of them from the other rank, every step
         assert r0["stats"] == r1["stats"] == [(8, 4)] * 4
     else:  # batch pool until the queue holds more than k; then the queue of gathered keys

@@ -194,3 +194,21 @@ def test_an_oversized_batch_is_refused_before_any_work(
 def test_the_memory_check_opts_out(tmp_path: Path) -> None:
     overrides = ["data.batch_size=200000", "perf.memory_check=false", f"hydra.run.dir={tmp_path / 'run'}"]
     cli.preflight([*overrides, f"paths.cache_dir={tmp_path / 'cache'}"], run.preflight_checks["train"])
+
+
+@pytest.mark.slow  # ~40 s of CPU: the memory check probes full-size 3D ViTs and U-Nets
+def test_the_em_guide_commands_pass_the_preflight(tmp_path: Path) -> None:
+    """docs/em.md opens with four commands: each composes, validates and fits in memory with
+    the EM tasks' default batch (the X-ray default of 256 crops did not, for three of them)."""
+    import re
+    import shlex
+
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "em.md").read_text()
+    block = guide.split("```", 2)[1]
+    commands = [line.split("#")[0] for line in block.splitlines() if line.startswith("python train.py")]
+    assert len(commands) == 4
+    for command in commands:
+        overrides = shlex.split(command)[2:]
+        assert any(re.fullmatch(r"model=\w+", o) for o in overrides), command
+        cli.preflight([*overrides, f"hydra.run.dir={tmp_path / 'run'}"], run.preflight_checks["train"])
+    assert not (tmp_path / "run").exists()

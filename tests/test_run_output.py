@@ -101,6 +101,39 @@ def test_progress_bar_off_only_when_stdout_is_not_a_terminal(monkeypatch: pytest
     assert progress.duration(3725) == "1:02:05" and progress.duration(90061) == "1 days, 1:01:01"
 
 
+def test_a_fit_resumed_mid_epoch_reports_its_own_rate_and_position(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A requeued job resumes mid-epoch: Lightning calls no on_train_epoch_start for that epoch."""
+    from types import SimpleNamespace
+
+    import torch
+
+    now = [1000.0]  # the resume's start; the epoch line comes 8 s later
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    restored = SimpleNamespace(current=SimpleNamespace(completed=4))  # 4 of the epoch's 8 batches done
+    trainer = SimpleNamespace(
+        current_epoch=0,
+        max_epochs=2,
+        max_steps=-1,
+        accumulate_grad_batches=1,
+        num_training_batches=8,
+        estimated_stepping_batches=16,
+        global_step=8,
+        world_size=1,
+        is_global_zero=True,
+        callback_metrics={},
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=restored)),
+    )
+    module = SimpleNamespace(monitor=("val/loss", "min"))
+    cb = progress.ProgressLog()
+    cb.on_train_start(trainer, module)  # type: ignore[arg-type]
+    for idx in range(4, 8):
+        cb.on_train_batch_end(trainer, module, {"loss": torch.tensor(1.0)}, {"image": torch.zeros(8, 1)}, idx)  # type: ignore[arg-type]
+    now[0] = 1008.0
+    line = cb.line(trainer, module, None)  # type: ignore[arg-type]
+    # 32 samples in the 8 s since the resume; 8 of 16 batches left at 2 s per batch
+    assert line == "epoch 1/2 step 8/16 | train/loss 1 | 4 samples/s | elapsed 0:00:08 left 0:00:16", line
+
+
 def test_sweep_jobs_prefix_their_overrides() -> None:
     from conftest import compose
     from hydra.core.hydra_config import HydraConfig

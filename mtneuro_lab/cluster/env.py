@@ -13,7 +13,7 @@ Hydra's submitit launcher (jobs run on other machines). From the environment thi
 * :func:`check_launch`: one-line errors for launches that would hang or fail later: a global
   batch that does not divide by the processes, ``trainer.num_nodes`` vs
   ``hydra.launcher.nodes``, a GPU trainer without GPUs, a torchrun world size that is not
-  ``trainer.devices x trainer.num_nodes``.
+  ``trainer.devices x trainer.num_nodes``, DDP inside submitit's local launcher.
 
 Standard library and OmegaConf only at import time: the CLI uses it before torch is imported.
 """
@@ -143,6 +143,13 @@ def runs_elsewhere(launcher: Mapping[str, Any] | None) -> bool:
     return launcher is not None and "slurm" in str(launcher.get("_target_", "")).lower()
 
 
+def runs_one_task_locally(launcher: Mapping[str, Any] | None) -> bool:
+    """submitit's LocalExecutor (``hydra/launcher=submitit_local``): each job is one
+    ``python -m submitit.core._submit`` task, which Lightning cannot start again as another rank."""
+    target = str(launcher.get("_target_", "")) if launcher is not None else ""
+    return "submitit" in target.lower() and not runs_elsewhere(launcher)
+
+
 def _gpu_count() -> int:
     import torch
 
@@ -193,6 +200,12 @@ def check_launch(cfg: DictConfig, launcher: Mapping[str, Any] | None = None) -> 
             f"{tasks}; SLURM starts one task per device"
         )
     processes = per_node * nodes
+    if processes > 1 and runs_one_task_locally(launcher):
+        raise ConfigError(
+            f"trainer.devices: {per_node} DDP processes per job, but hydra/launcher=submitit_local runs each job "
+            "as one submitit task that Lightning cannot re-run for the other ranks; use trainer=cpu there, "
+            "hydra/launcher=slurm on a cluster, or torchrun"
+        )
     world = torchrun_world()
     if world is not None and world != processes:
         raise ConfigError(

@@ -2,8 +2,9 @@
 
 SLURM sends ``SIGUSR2`` (submitit's ``--signal=USR2@<signal_delay_s>``) some time before the
 time limit, and on preemption; Lightning's own SLURM requeue listens on ``SIGUSR1``. While a run
-fits, both only set a flag (:class:`PreemptionCheckpoint`). After every training batch the ranks
-agree on it (one all-reduce of the signal number), so all of them stop after the SAME batch:
+fits, both only set a flag (:class:`PreemptionCheckpoint`). After every training batch (and at
+the end of the fit, for a signal during the final validation) the ranks agree on it (one
+all-reduce of the signal number), so all of them stop after the SAME batch:
 ``checkpoints/last.ckpt`` is written (atomically, with the loader position and RNG states, like
 any checkpoint of this project), then ``requeue.json``, and :class:`Preempted` ends the fit on
 every rank. :func:`requeue` then hands the job back: submitit's own handler when the job runs
@@ -79,6 +80,14 @@ class PreemptionCheckpoint(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A signal during the final validation, after the last batch: the fit is done, but the
+        selection and test still to run may not fit before the job is killed."""
+        self._stop_if_signalled(trainer)
+
+    def _stop_if_signalled(self, trainer: pl.Trainer) -> None:
         flag = torch.tensor(self.received, device=trainer.strategy.root_device)
         agreed = int(trainer.strategy.reduce(flag, reduce_op="max"))  # one signalled rank stops all
         if not agreed:
@@ -145,11 +154,24 @@ def requeue(err: Preempted) -> None:
 
 
 def requeued_checkpoint(run_dir: Path) -> str | None:
-    """``last.ckpt`` of a run that was stopped by :class:`PreemptionCheckpoint` (else None)."""
+    """``last.ckpt`` of a run that comes back after an interruption (else None): stopped by
+    :class:`PreemptionCheckpoint` (``requeue.json``), or requeued by SLURM itself without our
+    signal (node failure, a preemption without the warning; ``SLURM_RESTART_COUNT`` > 0), which
+    then resumes from the periodic ``last.ckpt`` instead of training again from scratch."""
     last = run_dir / LAST_CHECKPOINT
-    if (run_dir / REQUEUE_FILE).is_file() and last.is_file():
+    if not last.is_file():
+        return None
+    if (run_dir / REQUEUE_FILE).is_file() or slurm_restarts() > 0:
         return str(last)
     return None
+
+
+def slurm_restarts() -> int:
+    """How often SLURM has restarted this job (``SLURM_RESTART_COUNT``; 0 outside SLURM)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
 
 
 def finished(run_dir: Path) -> None:
