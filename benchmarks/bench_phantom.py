@@ -1,7 +1,7 @@
 """Phantom X-ray generator: speed and faithfulness to the real data, v2 (default) against v1.
 
 Writes docs/phantom.md (blocks ``phantom_generation``, ``phantom_fractions``,
-``phantom_quadrants``, ``phantom_cells``, ``phantom_shortcuts``) and prints the same Markdown
+``phantom_quadrants``, ``phantom_slabs``, ``phantom_shortcuts``) and prints the same Markdown
 (docs/benchmarks.md quotes it through ``make bench``):
 
 * generation time of set A (four 380x256x256 cubes), v2 / v1 measured in one run, one thread;
@@ -9,13 +9,17 @@ Writes docs/phantom.md (blocks ``phantom_generation``, ``phantom_fractions``,
 * per 64x64 quadrant mean and std of the Task 3 features (``mtneuro_lab.data.features``) of
   the phantom against the real manual masks (``masks_<ctx|str|trn|zi>.npz``: 32 non-adjacent
   128x128 slices each, so their cells are labelled per slice; the phantom's in 3D);
+* ROI-C1's z slabs of set A's vp and zi cubes: how far the val and test slabs' mean intensity,
+  axon fraction and orientation coherence sit from the training slab's, today's defaults
+  against session 4's slow section fields and brightness drifts;
 * region classification by shortcut baselines on whole slices: slice mean, PCA(50) of 64x64
-  pixels, 7 texture statistics (each + logistic regression), ROI-C1 (set A, train z 110-379,
-  test z 420-469) and ROI-C2 (train set A z 110-469, test sets C and D z 110-469).
+  pixels, 7 texture statistics (each + logistic regression), ROI-C1 (set A, train z 110-379, val
+  z 380-409, test z 420-469) and ROI-C2 (train set A z 110-469, test sets C and D z 110-469).
 
-``--part supervised`` (HEAVY, ~5-10 min per epoch on 2 shared cores) instead trains the supervised
-ResNet-18 of ``benchmarks/bench_task1.py`` (64x64 tiles, batch 64, ``--epochs`` 10, seed 1, checkpoint
-chosen by ``val/acc``, ROI-C2 tested with the ROI-C1 checkpoint) with and without
+``--part supervised`` (HEAVY, ~5-10 min per epoch on 2 shared cores; ``--recipe quickstart``,
+make run's ImageNet stem that downsamples before the residual stages, is far cheaper) instead
+trains the supervised ResNet-18 of ``benchmarks/bench_task1.py`` (64x64 tiles, batch 64,
+``--epochs`` 10, seed 1, checkpoint chosen by ``val/acc``, ROI-C2 tested with the ROI-C1 checkpoint) with and without
 ``data.augment.intensity_jitter`` and writes the ``phantom_supervised`` block.
 
 Usage: ``python benchmarks/bench_phantom.py [--masks DIR] [--no-doc] [--part supervised --out DIR]``
@@ -167,6 +171,67 @@ def fraction_table(cubes: Cubes) -> tuple[str, float]:
     return "\n".join(rows), worst
 
 
+# --------------------------------------------------------------------------- z slabs
+
+#: ROI-C1's z splits of a cube (half-open, BossDB z): what a task trains, validates and tests on
+ROI_C1_SLABS = {"train": (110, 380), "val": (380, 410), "test": (420, 470)}
+#: the session-4 defaults of the settings that set how fast tissue and brightness change along z
+SESSION4_Z = {"slab": 96.0, "drift": [60.0, 4.0 * SHAPE[0]]}
+SLAB_STATS = ("mean intensity", "axon fraction", "orientation coherence")
+
+
+def slice_stats(cube: dict[str, np.ndarray]) -> np.ndarray:
+    """Per slice: mean intensity, axon fraction, orientation coherence (texture statistic 1)."""
+    images, labels = cube["image"], cube["pixel_labels"]
+    return np.array(
+        [
+            (float(im.mean()), float((lab == phantom.AXON).mean()), texture_features(im.astype(np.float32))[0])
+            for im, lab in zip(images, labels, strict=True)
+        ]
+    )
+
+
+def slab_rows(name: str, cube: dict[str, np.ndarray]) -> list[str]:
+    """How far the val and test slabs' means sit from the training slab's (in training-slice std),
+    the share of test slices inside the central 95 % of the training slices, and how much the
+    means of 50-slice windows vary (their std over windows every 10 slices of z 110-469, in
+    slice std: near 1 when the cube changes slowly along z, small when a window holds many
+    independent sections; the process behind the other columns, which are one draw of it)."""
+    stats = slice_stats(cube)
+    span = stats[ROI_C1_SLABS["train"][0] - Z0 : ROI_C1_SLABS["test"][1] - Z0]
+    windows = np.array([span[z : z + 50].mean(axis=0) for z in range(0, len(span) - 49, 10)])
+    window_ratio = windows.std(axis=0) / span.std(axis=0)
+    part = {split: stats[a - Z0 : b - Z0] for split, (a, b) in ROI_C1_SLABS.items()}
+    train = part["train"]
+    low, high = np.percentile(train, 2.5, axis=0), np.percentile(train, 97.5, axis=0)
+    inside = ((part["test"] >= low) & (part["test"] <= high)).mean(axis=0)
+    rows = []
+    for i, stat in enumerate(SLAB_STATS):
+        shift = {s: (part[s][:, i].mean() - train[:, i].mean()) / train[:, i].std() for s in ("val", "test")}
+        rows.append(
+            f"| {name} | {stat} | {train[:, i].mean():.3g} ± {train[:, i].std():.2g} | {shift['val']:+.2f} | "
+            f"{shift['test']:+.2f} | {100 * inside[i]:.0f} % | {window_ratio[i]:.2f} |"
+        )
+    return rows
+
+
+def slab_table(cubes: Cubes, seed: int = 0) -> str:
+    """vp and zi of set A (the pair ROI-C1 confused), today's defaults against session 4's z scales."""
+    old = tissue_config(SESSION4_Z)
+    draw = draw_set(seed, "A", old)
+    rows = [
+        "| cube, settings | per-slice statistic | train slab mean ± std | val shift (train std) | "
+        "test shift (train std) | test slices inside train 95 % | 50-slice window means, std / slice std |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for region in ("vp", "zi"):
+        x0, y0 = SETS["A"][region]
+        before = phantom_v2.generate_cube(region, phantom_v2.seed_key(seed, region, x0, y0), SHAPE, old, draw)
+        rows += slab_rows(f"A/{region}, slab 96, drift 60-1520 (session 4)", before)
+        rows += slab_rows(f"A/{region}, defaults", cubes["A"][region])
+    return "\n".join(rows)
+
+
 # --------------------------------------------------------------------------- shortcuts
 
 
@@ -210,6 +275,7 @@ def shortcut_accuracies(cubes: dict[str, dict[str, np.ndarray]] | Cubes, sets: t
     region = np.repeat(np.arange(len(REGIONS)), SHAPE[0])
     zz = np.tile(z, len(REGIONS))
     splits = {
+        "ROI-C1 val": ({"A": (zz >= 110) & (zz < 380)}, {"A": (zz >= 380) & (zz < 410)}),
         "ROI-C1": ({"A": (zz >= 110) & (zz < 380)}, {"A": (zz >= 420) & (zz < 470)}),
         "ROI-C2": (
             {"A": (zz >= 110) & (zz < 470)},
@@ -234,9 +300,15 @@ def shortcut_accuracies(cubes: dict[str, dict[str, np.ndarray]] | Cubes, sets: t
 
 
 def shortcut_table(v2: dict[str, Any], v1: dict[str, Any]) -> str:
-    rows = ["| baseline (+ logistic) | v2 ROI-C1 | v2 ROI-C2 | v1 ROI-C1 |", "|---|---|---|---|"]
+    rows = [
+        "| baseline (+ logistic) | v2 ROI-C1 val (z 380-409) | v2 ROI-C1 | v2 ROI-C2 | v1 ROI-C1 |",
+        "|---|---|---|---|---|",
+    ]
     for name in v2:
-        rows.append(f"| {name} | {v2[name]['ROI-C1']:.3f} | {v2[name]['ROI-C2']:.3f} | {v1[name]['ROI-C1']:.3f} |")
+        rows.append(
+            f"| {name} | {v2[name]['ROI-C1 val']:.3f} | {v2[name]['ROI-C1']:.3f} | {v2[name]['ROI-C2']:.3f} | "
+            f"{v1[name]['ROI-C1']:.3f} |"
+        )
     return "\n".join(rows)
 
 
@@ -256,6 +328,7 @@ def main(masks_dir: Path = MASKS_DIR, write_doc: bool = False) -> dict[str, Any]
         "phantom_generation": generation,
         "phantom_fractions": fractions + f"\n\nLargest relative difference from the paper: {100 * worst:.1f} %.",
         "phantom_quadrants": quadrants,
+        "phantom_slabs": slab_table(cubes),
     }
     for name, markdown in blocks.items():
         print(f"## {name}\n\n{markdown}\n", flush=True)
@@ -277,24 +350,47 @@ def main(masks_dir: Path = MASKS_DIR, write_doc: bool = False) -> dict[str, Any]
     }
 
 
+#: ``--recipe``: bench_task1's (small stem, SGD, batch 64) or make run's (ImageNet stem, AdamW
+#: lr 1e-3, batch 32: far fewer FLOPs per tile), both on 64x64 tiles
+RECIPES: dict[str, tuple[int, tuple[str, ...], str]] = {
+    "task1": (64, (), "small stem, SGD (bench_task1's recipe)"),
+    "quickstart": (
+        32,
+        ("model.stem=imagenet", "model.optimizer.name=adamw", "model.optimizer.lr=0.001"),
+        "ImageNet stem, AdamW lr 0.001 (make run's recipe)",
+    ),
+}
+
+
 def supervised(
-    out_dir: Path, jitters: tuple[float, ...] = (0.0, 0.4), epochs: int = 10, write_doc: bool = False
+    out_dir: Path,
+    jitters: tuple[float, ...] = (0.0, 0.4),
+    epochs: int = 10,
+    write_doc: bool = False,
+    recipe: str = "task1",
 ) -> dict[str, Any]:
-    """bench_task1's supervised ResNet-18 on ROI-C1/ROI-C2 per intensity jitter, one arm after
+    """A supervised ResNet-18 (``recipe``) on ROI-C1/ROI-C2 per intensity jitter, one arm after
     the other (finished runs are reused: arms may be trained by separate ``--jitters`` calls
     at the same time, then a last call with all of them writes the block)."""
 
     from benchmarks.bench_task1 import accuracy
     from benchmarks.doc_blocks import write_block
 
+    batch, recipe_overrides, recipe_text = RECIPES[recipe]
     wall, load = time.perf_counter(), os.getloadavg()
     rows = ["| intensity jitter | chosen by (val/acc) | best epoch | ROI-C1 test/acc | ROI-C2 test/acc |"]
     rows.append("|---|---|---|---|---|")
     figures: dict[str, Any] = {}
     for jitter in jitters:
-        extra = [f"data.augment.intensity_jitter={jitter}"] if jitter else []
+        extra = [*recipe_overrides, *([f"data.augment.intensity_jitter={jitter}"] if jitter else [])]
         runs = accuracy(
-            out_dir / f"jitter{jitter}", models=("supervised",), seeds=(1,), epochs=epochs, jobs=1, extra=extra
+            out_dir / f"jitter{jitter}",
+            models=("supervised",),
+            seeds=(1,),
+            epochs=epochs,
+            batch_size=batch,
+            jobs=1,
+            extra=extra,
         )
         acc = {r["task"]: float(r["test/acc"]) for r in runs}
         first = runs[0]
@@ -307,8 +403,8 @@ def supervised(
     print(markdown)
     if write_doc:
         extra_facts = {
-            "budget (non-default CPU recipe)": "task.downsample=4 (64x64 tiles), data.batch_size=64, "
-            f"trainer.max_epochs={epochs}, seed 1",
+            "budget (non-default CPU recipe)": f"task.downsample=4 (64x64 tiles), {recipe_text}, "
+            f"data.batch_size={batch}, trainer.max_epochs={epochs}, seed 1",
             "load average (1/5/15 min) at start": " ".join(f"{v:.1f}" for v in load),
         }
         write_block(DOC, "phantom_supervised", markdown, time.perf_counter() - wall, extra_facts)
@@ -323,8 +419,9 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_phantom", help="supervised run dirs")
     parser.add_argument("--jitters", type=float, nargs="+", default=[0.0, 0.4])
     parser.add_argument("--epochs", type=int, default=10, help="supervised: trainer.max_epochs")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="task1", help="supervised: training recipe")
     args = parser.parse_args()
     if args.part == "supervised":
-        supervised(args.out, tuple(args.jitters), args.epochs, write_doc=not args.no_doc)
+        supervised(args.out, tuple(args.jitters), args.epochs, write_doc=not args.no_doc, recipe=args.recipe)
     else:
         main(args.masks, write_doc=not args.no_doc)

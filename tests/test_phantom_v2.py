@@ -159,6 +159,7 @@ def test_cubes_of_different_sets_use_their_sets_draw(tmp_path, monkeypatch):
         ({"set_noise": [50, 10]}, r"source\.tissue\.set_noise"),
         ({"set_density_shift": 0.7}, r"source\.tissue\.set_density_shift"),
         ({"set_contrast_shift": -0.1}, r"source\.tissue\.set_contrast_shift: must be a number >= 0"),
+        ({"drift": [40, 8]}, r"source\.tissue\.drift: must be \[low, high\]"),
     ],
 )
 def test_bad_tissue_settings_are_one_line_errors(tmp_path, tissue, message):
@@ -175,5 +176,34 @@ def test_unknown_generator_is_a_config_error(tmp_path):
 
 def test_digest_changes_with_any_setting():
     assert tissue_config({"patch": 40}).digest() != TISSUE.digest()
+    assert tissue_config({"slab": 16}).digest() != TISSUE.digest()
     assert tissue_config({"vp": {"cell_radius": 5.0}}).digest() != TISSUE.digest()
     assert tissue_config(None).digest() == TISSUE.digest()
+
+
+#: ROI-C1's z splits (train 110-379, val 380-409, test 420-469) relative to the cube's first slice (z 100)
+ROI_C1_SLABS = {"train": (10, 280), "val": (280, 310), "test": (320, 370)}
+
+
+def _slice_stats(cube: dict[str, np.ndarray]) -> np.ndarray:
+    """Per slice: mean intensity and axon fraction (the two that drifted along z)."""
+    n = len(cube["image"])
+    return np.column_stack(
+        [cube["image"].reshape(n, -1).mean(axis=1), (cube["pixel_labels"].reshape(n, -1) == 3).mean(axis=1)]
+    )
+
+
+@pytest.mark.parametrize("region", ["vp", "zi"])
+def test_a_tasks_z_slabs_are_draws_of_one_process(region):
+    """Sections vary, but not slowly along z, so ROI-C1's val and test slabs are drawn from what
+    its training slab holds (the session-4 section fields and brightness drifts, 100+ slices
+    long, put vp's test slab of set A brighter than any training slice: issues 14 and 17)."""
+    stats = _slice_stats(phantom_v2.generate_cube(region, 3, (370, 128, 128), TISSUE, DRAW_A))
+    train = stats[slice(*ROI_C1_SLABS["train"])]
+    spread = train.std(axis=0)
+    windows = np.array([stats[z : z + 50].mean(axis=0) for z in range(10, 321, 10)])
+    # a 50-slice slab averages many independent section states: its mean varies far less than a slice
+    assert np.all(windows.std(axis=0) < 0.6 * spread), windows.std(axis=0) / spread
+    for split in ("val", "test"):
+        shift = np.abs(stats[slice(*ROI_C1_SLABS[split])].mean(axis=0) - train.mean(axis=0))
+        assert np.all(shift < spread), (split, shift / spread)

@@ -353,29 +353,36 @@ def zscore(field: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- image
 
 
-def _smooth_profile(rng: np.random.Generator, n: int, shortest_period: float) -> np.ndarray:
-    """Smooth random 1D function in [-1, 1]: a few low-frequency cosines."""
+def _smooth_profile(
+    rng: np.random.Generator, n: int, shortest_period: float, longest_period: float | None = None
+) -> np.ndarray:
+    """Smooth random 1D function in [-1, 1]: a few low-frequency cosines, periods between
+    ``shortest_period`` and ``longest_period`` (default ``4 n``: drifts across the whole axis)."""
     t = np.arange(n, dtype=np.float32)
-    freqs = rng.uniform(1.0 / max(4.0 * n, 1.0), 1.0 / shortest_period, size=3)
+    longest = max(4.0 * n, 1.0) if longest_period is None else longest_period
+    freqs = rng.uniform(1.0 / longest, 1.0 / shortest_period, size=3)
     phases = rng.uniform(0, 2 * np.pi, size=3)
     amps = rng.uniform(0.5, 1.0, size=3)
     curve = (amps[:, None] * np.cos(2 * np.pi * freqs[:, None] * t + phases[:, None])).sum(0)
     return (curve / amps.sum()).astype(np.float32)
 
 
-def _apply_nuisance(rng: np.random.Generator, image: np.ndarray) -> None:
+def _apply_nuisance(rng: np.random.Generator, image: np.ndarray, drift: tuple[float, float] | None = None) -> None:
     """In place: per-slice gain/offset drift and a smooth multiplicative bias field.
 
     The ranges (gain ~0.75-1.3, offset ~+-60 grey levels) exceed the differences between the
     regions' mean intensities (~45 levels), so region must be read from texture, not brightness.
+    ``drift``: (shortest, longest) period in slices of the drifts along z; None (v1) lets them
+    run 60-100 slices up to 4x the cube, so a slab tens of slices thick sits at its own level.
     """
     nz, ny, nx = (int(n) for n in image.shape)
-    gain = np.exp(rng.normal(0.0, 0.08) + 0.15 * _smooth_profile(rng, nz, 60.0))
+    gain_z, bias_z = ((60.0, None), (100.0, None)) if drift is None else (drift, drift)
+    gain = np.exp(rng.normal(0.0, 0.08) + 0.15 * _smooth_profile(rng, nz, *gain_z))
     gain *= 1.0 + 0.01 * rng.standard_normal(nz).astype(np.float32)
-    offset = rng.uniform(-20.0, 20.0) + 40.0 * _smooth_profile(rng, nz, 60.0)
+    offset = rng.uniform(-20.0, 20.0) + 40.0 * _smooth_profile(rng, nz, *gain_z)
     offset += 1.5 * rng.standard_normal(nz).astype(np.float32)
     bias = 0.12 * (_smooth_profile(rng, ny, 150.0)[:, None] * _smooth_profile(rng, nx, 150.0)[None, :])
-    bias = 1.0 + bias[None] + 0.06 * _smooth_profile(rng, nz, 100.0)[:, None, None]
+    bias = 1.0 + bias[None] + 0.06 * _smooth_profile(rng, nz, *bias_z)[:, None, None]
     image -= 120.0
     image *= bias
     image *= gain.astype(np.float32)[:, None, None]
@@ -400,9 +407,11 @@ def _render(
     noise: float = 40.0,
     blur: float = 1.0,
     contrast: float = 1.0,
+    drift: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """uint8 image: class intensities + fibre texture, blur, correlated noise, nuisance.
-    ``contrast`` scales every voxel's distance from the background level (1: unchanged)."""
+    ``contrast`` scales every voxel's distance from the background level (1: unchanged);
+    ``drift``: periods of the nuisance along z (:func:`_apply_nuisance`)."""
     image = clean_image(labels, field, cell_idx, cell_values)
     if contrast != 1.0:
         image -= _CLASS_LEVEL[BACKGROUND]
@@ -410,7 +419,7 @@ def _render(
         image += _CLASS_LEVEL[BACKGROUND]
     image += rng.standard_normal(labels.shape, dtype=np.float32) * np.float32(noise)
     image = ndimage.gaussian_filter(image, blur, mode="nearest")
-    _apply_nuisance(rng, image)
+    _apply_nuisance(rng, image, drift)
     np.clip(image, 0, 255, out=image)
     return np.rint(image, out=image).astype(np.uint8)
 

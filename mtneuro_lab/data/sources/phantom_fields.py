@@ -75,15 +75,18 @@ def node_positions(shape: tuple[int, int, int]) -> np.ndarray:
     return np.indices(grid_shape(shape), dtype=np.float32) * SPACING
 
 
-def smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], size: float) -> CoarseField:
+def smooth_field(
+    rng: np.random.Generator, shape: tuple[int, int, int], size: float | tuple[float, float, float]
+) -> CoarseField:
     """A z-scored field whose blobs are about ``size`` voxels across (Gaussian blur of std
-    ``size / 2``), not periodic: the cube's faces are unrelated."""
-    sigma = max(size / 2.0 / SPACING, 0.5)
-    pad = int(np.ceil(3 * sigma))
+    ``size / 2``; one size, or one per axis z, y, x), not periodic: the cube's faces are unrelated."""
+    sizes = np.broadcast_to(np.asarray(size, dtype=np.float64), (3,))
+    sigma = np.maximum(sizes / 2.0 / SPACING, 0.5)
+    pad = np.ceil(3 * sigma).astype(int)
     grid = grid_shape(shape)
-    noise = rng.standard_normal(tuple(g + 2 * pad for g in grid))
-    blurred = ndimage.gaussian_filter(noise, sigma, mode="constant")
-    nodes = blurred[pad : pad + grid[0], pad : pad + grid[1], pad : pad + grid[2]]
+    noise = rng.standard_normal(tuple(int(g + 2 * p) for g, p in zip(grid, pad, strict=True)))
+    blurred = ndimage.gaussian_filter(noise, tuple(sigma), mode="constant")
+    nodes = blurred[tuple(slice(int(p), int(p + g)) for g, p in zip(grid, pad, strict=True))]
     nodes = (nodes - nodes.mean()) / (nodes.std() + 1e-12)
     return CoarseField(nodes.astype(np.float32), as_shape3(shape))
 
@@ -106,9 +109,13 @@ def section_field(rng: np.random.Generator, shape: tuple[int, int, int], slab: f
 
 
 def two_scale_field(rng: np.random.Generator, shape: tuple[int, int, int], patch: float, slab: float) -> CoarseField:
-    """Sum of a patch-scale field and a section-wide one, z-scored: local patches, and whole
-    sections that differ from their neighbours ``slab`` slices away."""
-    total = smooth_field(rng, shape, patch) * 0.55 + section_field(rng, shape, slab) * 0.83
+    """Sum of a patch-scale field and a section-wide one, z-scored: local patches ``patch``
+    voxels across in-plane, and whole sections that differ from their neighbours ``slab``
+    slices away. Both change along z within about ``slab`` slices (patches are flat when
+    ``slab < patch``), so a slab of a few times ``slab`` slices samples every state of the
+    field: the z ranges of a task's splits are draws of one process, not different tissue."""
+    patch_size = (min(patch, slab), patch, patch)
+    total = smooth_field(rng, shape, patch_size) * 0.55 + section_field(rng, shape, slab) * 0.83
     nodes = total.nodes
     return CoarseField((nodes - nodes.mean()) / (nodes.std() + 1e-12), total.shape)
 

@@ -26,6 +26,9 @@ from mtneuro_lab.config.schema import merge_dataclass
 from mtneuro_lab.errors import ConfigError
 
 REGIONS = ("cortex", "striatum", "vp", "zi")
+#: part of every v2 cache digest: bump it when the generator's output changes for the same
+#: settings (2: fields and brightness drifts change along z within a few slabs, session 5)
+GENERATOR_REVISION = 2
 
 
 @dataclass
@@ -48,8 +51,13 @@ class TissueConfig:
 
     ``*_spread``: how strongly a smooth random field modulates the density (vessel, cell, axon)
     or the cell size inside a cube (0 = uniform, as the v1 phantom). Each field is the sum of
-    patches about ``patch`` voxels across and of section-wide changes about ``slab`` slices
-    thick (whole sections differ, as between the real masks' slices). ``set_*``: each cube set
+    patches about ``patch`` voxels across in-plane and of section-wide changes (whole sections
+    differ, as between the real masks' slices); both change along z within about ``slab``
+    slices. ``drift``: [shortest, longest] period (slices) of the per-slice brightness and gain
+    drift. Both are short against a task's z splits (30-270 slices), so its train, val and test
+    slabs are draws of one process: with 96-slice sections and drifts up to 4x the cube
+    (session 4), ROI-C1's test slab of vp sat brighter than any of its training slices
+    (docs/phantom.md). ``set_*``: each cube set
     (A, B, C, D) draws its own acquisition and location: blur sigma and noise level uniformly
     in the given [low, high] ranges, relative shifts of the axon and cell densities
     (``set_density_shift``), of the cell radius and fibre calibre (``set_size_shift``) and of
@@ -66,13 +74,14 @@ class TissueConfig:
     size_spread: float = 0.12
     axon_spread: float = 1.0
     patch: float = 48.0
-    slab: float = 96.0
+    slab: float = 8.0
     set_density_shift: float = 0.04
     set_size_shift: float = 0.04
     set_contrast_shift: float = 0.15
     set_fibre_tilt: float = 20.0
     set_blur: list[float] = field(default_factory=lambda: [0.6, 1.6])
     set_noise: list[float] = field(default_factory=lambda: [24.0, 60.0])
+    drift: list[float] = field(default_factory=lambda: [8.0, 32.0])
 
     def __post_init__(self) -> None:
         for region in REGIONS:
@@ -92,13 +101,14 @@ class TissueConfig:
                 raise ConfigError(f"source.tissue.{name}: must be a length >= 4 voxels, got {value!r}")
         _check_range(self.set_blur, "source.tissue.set_blur", 0.0, 4.0)
         _check_range(self.set_noise, "source.tissue.set_noise", 0.0, 200.0)
+        _check_range(self.drift, "source.tissue.drift", 2.0, 10000.0)
 
     def region(self, name: str) -> RegionTissue:
         return getattr(self, name)
 
     def digest(self) -> str:
         """Short stable hash of every setting: part of the cache path, so a change regenerates."""
-        text = json.dumps(asdict(self), sort_keys=True)
+        text = json.dumps({**asdict(self), "generator_revision": GENERATOR_REVISION}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 

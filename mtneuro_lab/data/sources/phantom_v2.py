@@ -6,8 +6,9 @@ in the real manual masks, composition varies a lot from place to place, while ea
 an *arrangement* of its own that survives that variation:
 
 * smooth random fields (:mod:`mtneuro_lab.data.sources.phantom_fields`: patches of ~``patch``
-  voxels, on whole sections that differ every ``slab`` slices) modulate vessel, cell and axon
-  density and cell size;
+  voxels in-plane, on whole sections that differ every ``slab`` slices) modulate vessel, cell
+  and axon density and cell size; they and the brightness drift change along z within a few
+  slabs, so any z range tens of slices thick samples the cube's whole variation;
 * axons form the region's pattern: round fascicles running through the section (striatum's
   "pencils"), in-plane tracts that fan out a little (vp), fibre families crossing at large
   angles (zi), none (cortex);
@@ -311,7 +312,7 @@ def build_tissue(
 
     n_axon = round(min(base.axon * draw.axon_scale, 0.95) * total)
     score = axon_density.full()
-    score *= np.float32(tissue.axon_spread * (0.3 if m.axons == "pencils" else 1.0))
+    score *= np.float32(tissue.axon_spread * (0.45 if m.axons == "pencils" else 1.0))
     score += pattern
     free = labels == BACKGROUND
     values = score[free]
@@ -337,5 +338,6 @@ def generate_cube(
         noise=draw.noise,
         blur=draw.blur,
         contrast=draw.contrast,
+        drift=(tissue.drift[0], tissue.drift[1]),
     )
     return {"image": image, "pixel_labels": volume.labels, "cell_count": np.int64(volume.cell_count)}
