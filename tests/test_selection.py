@@ -186,12 +186,12 @@ def test_report_without_a_common_selection_metric_asks_for_one(
 
 
 def test_optuna_sweep_chooses_the_trial_best_on_validation(tmp_path: Path) -> None:
-    """Four tiny trials; the study's best trial is the one with the highest val/acc."""
+    """Three tiny trials; the study's best trial is the one with the highest val/acc."""
     sweep_dir = tmp_path / "optuna"
     proc = run_inproc(
         "train.py",
         "+sweep=optuna",
-        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.n_trials=3",
         "trainer.limit_train_batches=1",
         "data.batch_size=8",  # fixed: the study's own batch-size choice would train on up to 256 tiles
         "data.eval_batch_size=120",
@@ -205,7 +205,7 @@ def test_optuna_sweep_chooses_the_trial_best_on_validation(tmp_path: Path) -> No
         overrides = yaml.safe_load((path.parent / ".hydra" / "overrides.yaml").read_text())
         params = {k: float(v) for k, v in (o.split("=", 1) for o in overrides) if k in results["best_params"]}
         trials.append((json.loads(path.read_text()), params))
-    assert len(trials) == 4
+    assert len(trials) == 3
     best_value = max(m["selection/value"] for m, _ in trials)
     assert results["best_value"] == pytest.approx(best_value)
     chosen = {k: float(v) for k, v in results["best_params"].items()}
