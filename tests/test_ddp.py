@@ -36,18 +36,23 @@ UPDATE_GAP_TOLERANCE = 1e-8
 
 
 def run_real_processes(script: str, *overrides: str, run_dir: Path) -> None:
-    """``script`` in a real process (Lightning re-runs it for rank 1), killed with every process
-    it started, and the test failed, if it has not finished after :data:`HANG_TIMEOUT_S`."""
+    """``script`` in a real process (Lightning re-runs it for rank 1); see :func:`run_or_fail`."""
     args = [sys.executable, str(ROOT / script), *cli_args(overrides, run_dir, fast=False)]
+    run_or_fail(args, ROOT, f"{script} {' '.join(overrides)}")
+
+
+def run_or_fail(args: list[str], cwd: Path, label: str) -> None:
+    """``args`` run to success, or killed with every process it started and the test failed if
+    it has not finished after :data:`HANG_TIMEOUT_S` (a hanging rank fails the test, not CI)."""
     proc = subprocess.Popen(
-        args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        args, cwd=cwd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
         _, err = proc.communicate(timeout=HANG_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        pytest.fail(f"{script} {' '.join(overrides)} still running after {HANG_TIMEOUT_S} s: a rank hangs")
+        pytest.fail(f"{label} still running after {HANG_TIMEOUT_S} s: a rank hangs")
     assert proc.returncode == 0, err[-3000:]
 
 
@@ -123,22 +128,7 @@ def test_torchrun_launch_as_documented_writes_one_run_directory(tmp_path: Path) 
     torchrun = Path(sys.executable).parent / "torchrun"
     args = [str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"), "trainer=ddp_cpu"]
     args += ["+debug=fast", f"paths.output_root={tmp_path / 'out'}"]
-    proc = subprocess.Popen(
-        args,
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, err = proc.communicate(timeout=HANG_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"torchrun still running after {HANG_TIMEOUT_S} s: a rank hangs")
-    assert proc.returncode == 0, err[-3000:]
+    run_or_fail(args, tmp_path, "torchrun")
     runs = list((tmp_path / "out").glob("*/*/*"))
     assert len(runs) == 1 and runs[0].name.startswith("torchrun_"), runs
     names = {p.name for p in runs[0].iterdir()}
