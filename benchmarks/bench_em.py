@@ -79,7 +79,26 @@ TASK_OVERRIDES: dict[str, tuple[str, ...]] = {
     "gala_fibsem": ("task=gala_fibsem", "task.crop=[8,64,64]"),
     "isbi2012_em": ("task=isbi2012_em", "task.crop=[4,96,96]"),
 }
+#: how train/validation divide a task's training volume: ``z`` the task config's z ranges;
+#: ``x`` validation beside training in x with a gap, so it holds few training neurons
+#: (gala_fibsem's neurons run along z and y; docs/em.md "Validation is optimistic")
+SPLIT_OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
+    "z": {},
+    "x": {
+        "gala_fibsem": (
+            "task.splits.train.z=null",
+            "+task.splits.train.x=[0,120]",
+            "task.splits.val.z=null",
+            "+task.splits.val.x=[150,200]",
+        )
+    },
+}
 METRIC_KEYS = ("test/arand", "test/voi_split", "test/voi_merge")
+
+
+def task_overrides(task: str, split: str = "z") -> tuple[str, ...]:
+    """The task's overrides with the train/validation division ``split``."""
+    return (*TASK_OVERRIDES[task], *SPLIT_OVERRIDES[split].get(task, ()))
 
 
 def pretrain_overrides(steps: int = PRETRAIN_STEPS) -> list[str]:
@@ -92,10 +111,10 @@ def pretrain(workdir: Path, steps: int = PRETRAIN_STEPS) -> dict[str, Any]:
     return run_cli(workdir / "pretrain", pretrain_overrides(steps), threads=1, log=print)
 
 
-def train_overrides(task: str, model: str, seed: int, workdir: Path, steps: int = STEPS) -> list[str]:
+def train_overrides(task: str, model: str, seed: int, workdir: Path, steps: int = STEPS, split: str = "z") -> list[str]:
     extra = [f"model.pretrained={workdir / 'pretrain' / 'encoder.pt'}"] if model == "mae" else []
     return [
-        *TASK_OVERRIDES[task],
+        *task_overrides(task, split),
         *MODEL_OVERRIDES[model],
         *extra,
         *COMMON,
@@ -105,7 +124,12 @@ def train_overrides(task: str, model: str, seed: int, workdir: Path, steps: int 
 
 
 def train(
-    workdir: Path, tasks: Sequence[str], models: Sequence[str], seeds: Sequence[int], steps: int = STEPS
+    workdir: Path,
+    tasks: Sequence[str],
+    models: Sequence[str],
+    seeds: Sequence[int],
+    steps: int = STEPS,
+    split: str = "z",
 ) -> dict[str, Any]:
     """Every (task, model, seed) run, one at a time on one thread; failures are recorded, not fatal."""
     out: dict[str, Any] = {}
@@ -116,7 +140,7 @@ def train(
                 try:
                     out[name] = run_cli(
                         workdir / "runs" / task / model / f"s{seed}",
-                        train_overrides(task, model, seed, workdir, steps),
+                        train_overrides(task, model, seed, workdir, steps, split),
                         threads=1,
                         log=print,
                     )
@@ -143,11 +167,11 @@ def compose(overrides: Sequence[str]) -> Any:
     return cfg
 
 
-def task_volumes(task: str) -> tuple[Any, dict[str, Any]]:
+def task_volumes(task: str, split: str = "z") -> tuple[Any, dict[str, Any]]:
     """``(task object, {split: EMVolume})`` of a task config, as a run builds them."""
     from mtneuro_lab.build import build_components
 
-    comps = build_components(compose([*TASK_OVERRIDES[task], "model=rsunet"]))
+    comps = build_components(compose([*task_overrides(task, split), "model=rsunet"]))
     dm = comps.datamodule
     dm.setup("fit")
     dm.setup("test")
@@ -180,14 +204,14 @@ def split_overlap(task: Any, vols: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def floors(tasks: Sequence[str]) -> dict[str, Any]:
+def floors(tasks: Sequence[str], split: str = "z") -> dict[str, Any]:
     """One segment, and the intensity watershed with (sigma, seed level) chosen on validation."""
     from mtneuro_lab.decoding.floors import intensity_watershed_candidates, one_segment
     from mtneuro_lab.methods.em_eval import choose
 
     out: dict[str, Any] = {}
     for name in tasks:
-        task, vols = task_volumes(name)
+        task, vols = task_volumes(name, split)
         sections = task.instances == "section_components"
         vz, vy, _ = task.effective_voxel_size()
         z_ratio = vy / vz
@@ -585,7 +609,10 @@ def write_docs(res: dict[str, Any], wall: float, stages: Sequence[str] = ("doc",
     ran = fresh or {"floors", "train", "pretrain", "search", "volume"}
     if "floors" in res and ran & {"floors", "train", "pretrain"}:  # untrained arms show as "not run"
         table, _ = real_table(res)
-        write_block(DOC, "em_real", table, wall, budget)
+        split = res.get("split", "z")
+        division = " ".join(SPLIT_OVERRIDES[split].get("gala_fibsem", ())) or "the task config"
+        budget["train/validation division"] = f"{split} (gala_fibsem: {division})"
+        write_block(DOC, "em_real" if split == "z" else f"em_real_{split}", table, wall, budget)
     if "search" in res and "search" in ran:
         write_block(DOC, "em_search", search_table(res["search"]), wall, {"load average": load_average()})
     if "volume" in res and "volume" in ran:
@@ -602,11 +629,14 @@ def main(
     volume_shape: Sequence[int] = VOLUME_SHAPE,
     steps: int = STEPS,
     pretrain_steps: int = PRETRAIN_STEPS,
+    split: str = "z",
 ) -> dict[str, Any]:
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     results = workdir / "results.json"
     res = json.loads(results.read_text()) if results.is_file() else {}
+    if res.setdefault("split", split) != split:
+        raise SystemExit(f"{results}: runs with --split {res['split']} already recorded; use another --workdir")
     print(f"load average at start: {load_average()}", flush=True)
     if "pretrain" in stages or "train" in stages:  # the budget the docs block reports
         recorded = res.setdefault("budget", {"steps": steps, "pretrain_steps": pretrain_steps, "seeds": []})
@@ -616,9 +646,9 @@ def main(
     if "pretrain" in stages:
         res["pretrain"] = pretrain(workdir, pretrain_steps)
     if "train" in stages:
-        res.setdefault("train", {}).update(train(workdir, tasks, models, seeds, steps))
+        res.setdefault("train", {}).update(train(workdir, tasks, models, seeds, steps, split))
     if "floors" in stages:
-        res.setdefault("floors", {}).update(floors(tasks))
+        res.setdefault("floors", {}).update(floors(tasks, split))
     if "search" in stages:
         res["search"] = search_cost(workdir)
     if "volume" in stages:
@@ -648,6 +678,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--volume-shape", type=int, nargs=3, default=list(VOLUME_SHAPE), help="z y x of the volume stage"
     )
+    parser.add_argument(
+        "--split", default="z", choices=list(SPLIT_OVERRIDES), help="train/validation division (SPLIT_OVERRIDES)"
+    )
     args = parser.parse_args()
     main(
         args.stages,
@@ -659,4 +692,5 @@ if __name__ == "__main__":
         args.volume_shape,
         args.steps,
         args.pretrain_steps,
+        args.split,
     )
