@@ -54,6 +54,12 @@ def test_task_config_errors_name_the_key():
         validate_config(compose(["task=snemi3d", "task.target=masks"]))
     with pytest.raises(ConfigError, match="overlap"):
         EMTask("t", {"train": {"z": [0, 10]}, "val": {"z": [5, 12]}, "test": {"z": [20, 30]}})
+    with pytest.raises(ConfigError, match=r"val z\[0, 10\] x\[20, 40\] overlap"):
+        EMTask(
+            "t", {"train": {"z": [0, 10], "x": [0, 30]}, "val": {"z": [0, 10], "x": [20, 40]}, "test": {"z": [20, 30]}}
+        )
+    with pytest.raises(ConfigError, match=r"task.splits.val.x: expected \[start, stop\)"):
+        EMTask("t", {"train": {"z": [0, 10]}, "val": {"z": [10, 12], "x": [5]}, "test": {"z": [20, 30]}})
     with pytest.raises(ConfigError, match="task.splits.val: unknown key"):
         EMTask("t", {"train": {"z": [0, 10]}, "val": {"zz": [5, 12]}, "test": {"z": [20, 30]}})
     with pytest.raises(ConfigError, match="task.offsets"):
@@ -62,6 +68,21 @@ def test_task_config_errors_name_the_key():
         components("task=snemi3d", *SMALL, "task.crop=[20,32,32]")
     with pytest.raises(ConfigError, match="lies outside"):
         components("task=snemi3d", *SMALL, "task.splits.test.z=[18,30]")
+
+
+def test_splits_can_divide_a_volume_along_x(tmp_path):
+    """Validation beside training in x (objects that run along z are not shared), z ranges kept."""
+    source = PhantomEMSource(seed=0, cache_dir=str(tmp_path), shape=(16, 48, 48))
+    splits = {"train": {"z": [0, 12], "x": [0, 36]}, "val": {"z": [0, 12], "x": [40, 48]}, "test": {"z": [12, 16]}}
+    task = EMTask("t", splits, crop=[4, 32, 32])
+    task.check_source(source)
+    train, val = task.build("train", source), task.build("val", source)
+    assert train.shape == (12, 48, 36) and val.shape == (12, 48, 8)
+    whole = np.array(source.cutout("labels", (0, 48), (0, 48), (0, 12)))
+    assert np.array_equal(val.labels, whole[:, :, 40:48]) and np.array_equal(train.labels, whole[:, :, :36])
+    splits["val"]["x"] = [40, 50]
+    with pytest.raises(ConfigError, match=r"task.splits.val.x: \[40, 50\] lies outside"):
+        EMTask("t", splits, crop=[4, 32, 32]).check_source(source)
 
 
 @pytest.mark.parametrize("task,kind,channels", [("snemi3d", "affinity", 3), ("mitoem", "bc", 2)])

@@ -53,11 +53,14 @@ INSTANCE_KINDS = ("ids", "section_components")
 
 @dataclass(frozen=True)
 class EMSplit:
-    """Where one split's volume comes from."""
+    """Where one split's volume comes from: channels, a z range and optionally an x range
+    (null: the whole axis). An x range lets validation hold objects that training never
+    labels when objects run through every section (gala_fibsem's neurons run along z and y)."""
 
     image: str
     labels: str
     z: tuple[int, int] | None
+    x: tuple[int, int] | None = None
 
 
 @dataclass
@@ -80,18 +83,33 @@ def _parse_split(name: str, spec: Any, labels: str) -> EMSplit:
         raise ConfigError(
             f"{key}: expected {{z: [start, stop] or null, image: <channel>, labels: <channel>}}, got {spec!r}"
         )
-    unknown = set(spec) - {"z", "image", "labels"}
+    unknown = set(spec) - {"z", "x", "image", "labels"}
     if unknown:
-        raise ConfigError(f"{key}: unknown key(s) {sorted(unknown)}; allowed: z, image, labels")
+        raise ConfigError(f"{key}: unknown key(s) {sorted(unknown)}; allowed: z, x, image, labels")
     z = spec.get("z")
     if z is not None:
         z = parse_z(z, key)
+    x = spec.get("x")
+    if x is not None:
+        try:
+            x = parse_z(x, key)
+        except ConfigError as err:  # the same rules as z, named as x
+            raise ConfigError(str(err).replace(f"{key}.z", f"{key}.x")) from None
     image = spec.get("image", "image")
     lab = spec.get("labels", labels)
     for field_name, value in (("image", image), ("labels", lab)):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}.{field_name}: expected a channel name, got {value!r}")
-    return EMSplit(str(image), str(lab), z)
+    return EMSplit(str(image), str(lab), z, x)
+
+
+def _x_range(split: EMSplit) -> str:
+    return f" x{list(split.x)}" if split.x else ""
+
+
+def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
+    """Do two half-open ranges (None = the whole axis) share a coordinate?"""
+    return a is None or b is None or max(a[0], b[0]) < min(a[1], b[1])
 
 
 class EMTask(Task):
@@ -207,12 +225,14 @@ class EMTask(Task):
                 sa, sb = self.splits[a], self.splits[b]
                 if sa.image != sb.image:
                     continue
-                if sa.z is None or sb.z is None or max(sa.z[0], sb.z[0]) < min(sa.z[1], sb.z[1]):
+                if _overlap(sa.z, sb.z) and _overlap(sa.x, sb.x):
                     za = list(sa.z) if sa.z else "all"
                     zb = list(sb.z) if sb.z else "all"
+                    xa = f" x{list(sa.x)}" if sa.x else ""
+                    xb = f" x{list(sb.x)}" if sb.x else ""
                     raise ConfigError(
-                        f"task.splits: {a} z{za} and {b} z{zb} overlap in channel {sa.image!r}; "
-                        "give them disjoint z ranges or different channels"
+                        f"task.splits: {a} z{za}{xa} and {b} z{zb}{xb} overlap in channel {sa.image!r}; "
+                        "give them disjoint z (or x) ranges or different channels"
                     )
 
     # -- the Task contract (mtneuro_lab.data.contract) --------------------------------------------
@@ -253,6 +273,12 @@ class EMTask(Task):
                         f"{type(source).__name__}; available: {', '.join(available)}"
                     )
         self.check_extent(tuple(extent[2]))
+        for split, part in self.splits.items():
+            x_extent = tuple(extent[0])
+            if part.x is not None and (part.x[0] < x_extent[0] or part.x[1] > x_extent[1]):
+                raise ConfigError(
+                    f"task.splits.{split}.x: {list(part.x)} lies outside the source's x range {list(x_extent)}"
+                )
         if self.target == "bcd" and self.voxel_size is None and getattr(source, "voxel_size", None) is None:
             raise ConfigError(
                 f"task.voxel_size: {type(source).__name__} does not know its voxel size; set "
@@ -290,8 +316,9 @@ class EMTask(Task):
                 f"task={self.name}: {type(source).__name__} has no extent; EM tasks read whole "
                 "volumes from source=phantom or source=local"
             )
-        x, y, z_all = extent
+        x_all, y, z_all = extent
         z = part.z or tuple(z_all)
+        x = part.x or tuple(x_all)
         image = np.array(source.cutout(part.image, x, y, z))  # a private, writable copy
         if image.dtype != np.uint8:
             raise DataError(
@@ -449,7 +476,7 @@ class EMDataModule(VolumeDataModule):
             "%s: %s",
             self.task.name,
             "; ".join(
-                f"{k} {'x'.join(map(str, v.shape))} z{list(v.z)} "
+                f"{k} {'x'.join(map(str, v.shape))} z{list(v.z)}{_x_range(self.task.splits[k])} "
                 f"({len(np.unique(v.labels[:: max(1, v.shape[0] // 8)]))} ids in sampled slices)"
                 for k, v in self.volumes.items()
             ),
