@@ -97,10 +97,11 @@ MORPHOLOGY: dict[str, Morphology] = {
     "striatum": Morphology("pencils", 15.0, 60.0, 5.0, 0.04, (3.5, 5.5), 0.6),
     # vp and zi: two fibre families, 20-90 degrees apart (overlapping ranges, as their slice-wide
     # orientation coherence overlaps in the masks' vp and the phantom's zi: docs/phantom.md).
-    # vp: the families segregate into patches of parallel tracts; zi: they cross everywhere,
-    # one dominating in whole sections here and there
+    # vp: the families segregate into patches of parallel tracts; zi: they cross within a
+    # patch, but one dominates whole sections here and there (its slice-wide coherence varies
+    # from crossing-low to single-family-high, over vp's range)
     "vp": Morphology("fibres", 85.0, 34.0, 2.8, 0.12, (4.0, 7.0), 0.6, (20.0, 65.0), 1.2, 0.4),
-    "zi": Morphology("fibres", 85.0, 34.0, 2.8, 0.15, (5.0, 8.5), 0.4, (45.0, 90.0), 0.3, 0.6),
+    "zi": Morphology("fibres", 85.0, 34.0, 2.8, 0.15, (5.0, 8.5), 0.4, (45.0, 90.0), 0.3, 1.0),
 }
 
 
