@@ -21,7 +21,10 @@ Per revision:
 * test counts (passed, skipped, failed, errors) from pytest's summary line.
 
 ``--coverage-only`` runs the coverage runs alone (their figures do not depend on the machine's
-load, so they can run on a busy machine) into the ``test_suite_coverage`` block.
+load, so they can run on a busy machine) into the ``test_suite_coverage`` block. A revision's
+coverage figure is kept in ``--coverage-record`` (JSON, keyed by commit, worker count and pytest
+arguments) and reused by later runs, so a fixed base is measured once; the table says which
+figures were reused and when they were measured.
 
 The result table goes into the ``<!-- bench:test_suite -->`` block of docs/contributing.md (or
 docs/benchmarks.md while contributing.md does not exist) with the head/base ratios: absolute
@@ -79,6 +82,8 @@ class Revision:
     counts: dict[str, int] = field(default_factory=dict)
     coverage: float | None = None
     statements: int | None = None
+    coverage_counts: dict[str, int] = field(default_factory=dict)
+    coverage_when: str = ""  # set when the figure was reused from an earlier run
 
 
 def parse_counts(text: str) -> dict[str, int]:
@@ -156,14 +161,61 @@ def run_suite(r: Revision, tmp: Path, workers: int, pytest_args: list[str], cov:
     return output, wall, cpu
 
 
-def measure(revisions: list[Revision], workers: int, repeats: int, pytest_args: list[str], cov: bool) -> None:
-    """Coverage runs (when ``cov``), then ``repeats`` alternating timing runs (none when 0)."""
+def _record_key(commit: str, workers: int, pytest_args: list[str]) -> str:
+    return " ".join([commit, f"-n{workers}", *pytest_args])
+
+
+def load_record(path: Path | None) -> dict[str, dict]:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        sys.exit(f"error: --coverage-record {path} is not JSON ({err}); delete it or name another file")
+
+
+def save_record(path: Path | None, record: dict[str, dict]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    tmp.replace(path)  # atomic: a killed run never leaves half a record
+
+
+def measure(
+    revisions: list[Revision],
+    workers: int,
+    repeats: int,
+    pytest_args: list[str],
+    cov: bool,
+    record_path: Path | None = None,
+) -> None:
+    """Coverage runs (when ``cov``; a recorded figure of the same commit is reused), then
+    ``repeats`` alternating timing runs (none when 0)."""
+    record = load_record(record_path)
     with worktrees(revisions) as tmp:
         if cov:
             for r in revisions:
+                key = _record_key(r.commit, workers, pytest_args)
+                if key in record:
+                    kept = record[key]
+                    r.coverage, r.statements = kept["coverage"], kept["statements"]
+                    r.coverage_counts, r.coverage_when = kept["counts"], kept["when"]
+                    print(f"{r.label} coverage reused from {r.coverage_when}: {r.coverage}", flush=True)
+                    continue
                 out, _, _ = run_suite(r, tmp, workers, pytest_args, cov=True)
-                r.counts = parse_counts(out)
-                print(f"{r.label} coverage run: {r.counts}, {r.coverage}", flush=True)
+                r.coverage_counts = parse_counts(out)
+                record[key] = {
+                    "coverage": r.coverage,
+                    "statements": r.statements,
+                    "counts": r.coverage_counts,
+                    "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                }
+                save_record(record_path, record)
+                print(f"{r.label} coverage run: {r.coverage_counts}, {r.coverage}", flush=True)
+            for r in revisions:
+                r.counts = r.counts or r.coverage_counts
         for _ in range(repeats):
             for r in revisions:
                 r.load.append(os.getloadavg()[0])
@@ -177,7 +229,7 @@ def measure(revisions: list[Revision], workers: int, repeats: int, pytest_args: 
 def table(base: Revision, head: Revision) -> str:
     def row(r: Revision) -> str:
         counts = ", ".join(f"{r.counts.get(k, 0)} {k}" for k in COUNTED)
-        cov = f"{r.coverage:.1f} % of {r.statements} lines" if r.coverage is not None else "not measured"
+        cov = _coverage_cell(r)
         wall, cpu = statistics.median(r.wall_s), statistics.median(r.cpu_s)
         load = ", ".join(f"{x:.1f}" for x in r.load)
         return f"| {r.label} `{r.commit}` | {wall:.0f} s | {cpu:.0f} s | {counts} | {cov} | {load} |"
@@ -197,12 +249,19 @@ def table(base: Revision, head: Revision) -> str:
     )
 
 
+def _coverage_cell(r: Revision) -> str:
+    if r.coverage is None:
+        return "not measured"
+    reused = f" (run of {r.coverage_when})" if r.coverage_when else ""
+    return f"{r.coverage:.1f} % of {r.statements} lines{reused}"
+
+
 def coverage_table(base: Revision, head: Revision) -> str:
     """Coverage runs only (``--coverage-only``): line coverage and test counts, no timings."""
 
     def row(r: Revision) -> str:
-        counts = ", ".join(f"{r.counts.get(k, 0)} {k}" for k in COUNTED)
-        return f"| {r.label} `{r.commit}` | {counts} | {r.coverage:.1f} % of {r.statements} lines |"
+        counts = ", ".join(f"{r.coverage_counts.get(k, 0)} {k}" for k in COUNTED)
+        return f"| {r.label} `{r.commit}` | {counts} | {_coverage_cell(r)} |"
 
     return "\n".join(
         [
@@ -230,13 +289,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--coverage-only", action="store_true", help="coverage runs only (any machine load)")
     parser.add_argument("--print-only", action="store_true", help="print the table, write no doc")
     parser.add_argument("--doc", type=Path, default=None, help="default: docs/contributing.md, else docs/benchmarks.md")
+    parser.add_argument(
+        "--coverage-record",
+        type=Path,
+        default=ROOT / ".cache" / "bench_tests_coverage.json",
+        help="coverage figures kept per commit and reused (default: .cache/bench_tests_coverage.json)",
+    )
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     base, head = Revision("base", args.base), Revision("head", args.head)
     pytest_args = shlex.split(args.pytest_args)
     repeats = 0 if args.coverage_only else args.repeats
-    measure([base, head], args.workers, repeats, pytest_args, cov=not args.no_coverage)
+    measure([base, head], args.workers, repeats, pytest_args, not args.no_coverage, args.coverage_record)
     markdown = coverage_table(base, head) if args.coverage_only else table(base, head)
     print(markdown)
     suite = " ".join(["python -m pytest -q -n", str(args.workers), *pytest_args])

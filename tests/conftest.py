@@ -278,6 +278,23 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["TMPDIR"], tempfile.tempdir = root, root
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (it renames the items)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests sharing a module-scoped fixture (a trained run, generated cubes) run on one worker.
+
+    Under ``--dist loadgroup`` a module's tests are spread over the workers, and each worker
+    builds the module's fixtures itself: a fixture that trains a run would train it twice.
+    A test that already names its ``xdist_group`` keeps it.
+    """
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None or item.get_closest_marker("xdist_group") is not None:
+            continue
+        shared = [n for n in info.names_closure if (d := info.name2fixturedefs.get(n)) and d[-1].scope == "module"]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{shared[0]}"))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if "root" not in _SAVED_TMP:
         return

@@ -72,9 +72,9 @@ def test_debug_option_composes_and_validates(option: str) -> None:
     if option.startswith("fast_") and option != "fast_ssl":
         assert cfg.model.preset == "tiny" and list(cfg.task.crop) == [8, 32, 64] and cfg.data.batch_size == 2
     else:
-        assert cfg.task.downsample == 4 and cfg.data.batch_size == 8
-    wins = compose([*DEBUG_CONTEXT[option], f"+debug={option}", "trainer.max_epochs=3", "data.batch_size=4"])
-    assert wins.trainer.max_epochs == 3 and wins.data.batch_size == 4
+        assert cfg.task.downsample == 4 and cfg.data.batch_size == 4
+    wins = compose([*DEBUG_CONTEXT[option], f"+debug={option}", "trainer.max_epochs=3", "data.batch_size=6"])
+    assert wins.trainer.max_epochs == 3 and wins.data.batch_size == 6
 
 
 def _nested() -> list[tuple[str, str]]:
