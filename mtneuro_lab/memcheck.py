@@ -13,6 +13,10 @@ measured by ``benchmarks/bench_memcheck.py``). The two batch sizes give a line
 
 A method the probe cannot run on the meta device (data-dependent shapes, ``.item()``) is
 skipped with a warning. Opt out with ``perf.memory_check=false``.
+
+The probe costs about a second of CPU; its estimate is kept per process for the same network,
+model and task settings, sample shape and batches (:func:`cached_estimate`), so the jobs of a
+sweep that differ only in seed or learning rate pay it once.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -191,6 +196,28 @@ def estimate(
     return Estimate(params, params * OPTIMIZER_COPIES.get(name, 2), train, infer)
 
 
+#: estimates of this process, by what determines them (:func:`cached_estimate`)
+_ESTIMATES: dict[tuple, Estimate] = {}
+_MAX_ESTIMATES = 64
+
+
+def cached_estimate(
+    cfg: Any, method: torch.nn.Module, sample_shape: tuple[int, ...], batch: int, eval_batch: int, mixed: bool
+) -> Estimate:
+    """:func:`estimate`, kept per process. The key is what the activations depend on: the network
+    (``repr`` names every layer with its sizes and strides), the model and task settings (options
+    that are attributes, not layers, such as a mask ratio), the sample shape and the batches."""
+    settings = tuple(
+        OmegaConf.to_yaml(cfg[k], resolve=True) if k in cfg and cfg[k] is not None else "" for k in ("model", "task")
+    )
+    key = (type(method).__qualname__, repr(method), settings, tuple(sample_shape), batch, eval_batch, mixed)
+    if key not in _ESTIMATES:
+        if len(_ESTIMATES) >= _MAX_ESTIMATES:
+            _ESTIMATES.pop(next(iter(_ESTIMATES)))
+        _ESTIMATES[key] = estimate(method, sample_shape, batch, eval_batch, mixed)
+    return _ESTIMATES[key]
+
+
 def check_memory(cfg: Any, method: torch.nn.Module, sample_shape: tuple[int, ...]) -> None:
     """Refuse (one line naming the batch key) a batch whose training or inference step does not fit.
 
@@ -209,7 +236,7 @@ def check_memory(cfg: Any, method: torch.nn.Module, sample_shape: tuple[int, ...
     per_rank, eval_per_rank = max(batch // ranks, 1), max(eval_batch // ranks, 1)
     mixed = str(cfg.trainer.get("precision", "32")).endswith("-mixed")
     try:
-        est = estimate(method, sample_shape, per_rank, eval_per_rank, mixed)
+        est = cached_estimate(cfg, method, sample_shape, per_rank, eval_per_rank, mixed)
     except Exception as err:  # noqa: BLE001 - data-dependent code: the probe cannot tell, the run may
         log.warning(
             "memory check: skipped, %s cannot run on the meta device (%s: %s)",

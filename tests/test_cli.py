@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import read_metrics, run_cli, run_inproc
+from conftest import ROOT, cli_env, read_metrics, run_cli, run_inproc
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +93,17 @@ def test_real_processes_exit_2_with_one_line_and_write_nothing(tmp_path: Path) -
             proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and override.split("=")[0] in proc.stderr
         )
         assert not run_dir.exists()
+
+
+def test_a_schema_error_exits_before_torch_is_loaded(tmp_path: Path) -> None:
+    """A typo or a bad value in a training command is refused by the schema before torch and
+    Lightning are imported (about 1 s of CPU instead of about 10)."""
+    code = (
+        "import sys\n"
+        "from mtneuro_lab.cli import main\n"
+        f"sys.argv = ['train.py', 'data.batch_sise=3', 'hydra.run.dir={tmp_path / 'run'}']\n"
+        "try:\n    main('train')\nexcept SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr[-2000:]
+    assert proc.stderr.strip().startswith("error: data.batch_sise: unknown key")

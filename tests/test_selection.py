@@ -194,7 +194,7 @@ def test_optuna_sweep_chooses_the_trial_best_on_validation(tmp_path: Path) -> No
         "hydra.sweeper.n_trials=3",
         "trainer.limit_train_batches=1",
         "data.batch_size=8",  # fixed: the study's own batch-size choice would train on up to 256 tiles
-        "data.eval_batch_size=120",
+        "data.eval_batch_size=32",  # one validation batch of 32 tiles: trials may tie (checked below)
         run_dir=sweep_dir,
         multirun=True,
     )

@@ -109,7 +109,7 @@ def test_offline_run_reads_back_and_keeps_no_secret(tmp_path: Path) -> None:
     assert run.display_name == "roi_c1-supervised-seed1" and run.job_type == "train"
     assert run.run_group.startswith("roi_c1-supervised,") and "seed" not in run.run_group
     assert {"demo", "roi_c1", "supervised", "phantom"} <= set(run.tags)
-    assert first["config"]["model.optimizer.lr"] == 0.03 and first["config"]["data.batch_size"] == 8
+    assert first["config"]["model.optimizer.lr"] == 0.03 and first["config"]["data.batch_size"] == 4
     metrics = read_metrics(run_dir)
     assert first["summary"]["test/acc"] == pytest.approx(metrics["test/acc"])
     assert first["summary"]["selection/metric"] == "val/acc"

@@ -157,12 +157,21 @@ class EMSegmentation(BaseMethod):
         self.chosen_postprocess: dict[str, float] = {}
 
     def _check_output(self) -> None:
-        """One line when the network's output does not fit the target channels or the crop."""
+        """One line when the network's output does not fit the target channels or the crop.
+
+        The forward runs on the meta device (shapes only, the weights untouched), so checking a
+        full-size crop costs no arithmetic; a network with an operation that has no meta kernel
+        is run on a real zero crop instead."""
         was_training = self.net.training
         self.net.eval()
+        shapes_only = {name: t.to("meta") for name, t in [*self.net.named_parameters(), *self.net.named_buffers()]}
         try:
             with torch.no_grad():
-                out = self.net(torch.zeros(1, 1, *self.input_shape))
+                try:
+                    x = torch.zeros(1, 1, *self.input_shape, device="meta")
+                    out = torch.func.functional_call(self.net, shapes_only, (x,))
+                except NotImplementedError:
+                    out = self.net(torch.zeros(1, 1, *self.input_shape))
         except RuntimeError as err:
             raise ConfigError(
                 f"task.crop: the network cannot run on crops of {list(self.input_shape)} ({str(err).splitlines()[0]})"
