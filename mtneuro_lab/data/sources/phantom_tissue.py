@@ -27,8 +27,9 @@ from mtneuro_lab.errors import ConfigError
 
 REGIONS = ("cortex", "striatum", "vp", "zi")
 #: part of every v2 cache digest: bump it when the generator's output changes for the same
-#: settings (2: fields and brightness drifts change along z within a few slabs, session 5)
-GENERATOR_REVISION = 2
+#: settings (2: fields and brightness drifts change along z within a few slabs, session 5;
+#: 3: vp and zi fibre arrangements overlap slice-wide, session 6)
+GENERATOR_REVISION = 3
 
 
 @dataclass

@@ -10,8 +10,9 @@ an *arrangement* of its own that survives that variation:
   and axon density and cell size; they and the brightness drift change along z within a few
   slabs, so any z range tens of slices thick samples the cube's whole variation;
 * axons form the region's pattern: round fascicles running through the section (striatum's
-  "pencils"), in-plane tracts that fan out a little (vp), fibre families crossing at large
-  angles (zi), none (cortex);
+  "pencils"), two in-plane fibre families at overlapping angle ranges that segregate into
+  patches of parallel tracts (vp) or cross everywhere (zi), none (cortex): slice-wide
+  orientation statistics overlap between vp and zi, the local arrangement differs;
   the density field moves the threshold that cuts the pattern, so a patch holds anything from a
   few thin bundles to solid fibre;
 * cells avoid fibre-dense patches (grey-matter islands), cluster, and change size with a field;
@@ -53,6 +54,8 @@ from mtneuro_lab.data.sources.phantom_fields import (
     as_shape3,
     node_positions,
     sample_points,
+    section_field,
+    smooth_field,
     two_scale_field,
 )
 from mtneuro_lab.data.sources.phantom_tissue import SetDraw, TissueConfig
@@ -85,16 +88,20 @@ class Morphology:
     grey_matter: float
     family_angle: tuple[float, float] = (0.0, 0.0)
     balance: float = 0.0
+    section_balance: float = 0.0
     layers: bool = False
 
 
 MORPHOLOGY: dict[str, Morphology] = {
     "cortex": Morphology("none", 0.0, 0.0, 0.0, 0.02, (3.5, 4.5), 0.0, layers=True),
     "striatum": Morphology("pencils", 15.0, 60.0, 5.0, 0.04, (3.5, 5.5), 0.6),
-    # parallel tracts that fan out a little where both families mix
-    "vp": Morphology("fibres", 85.0, 34.0, 2.8, 0.12, (4.0, 7.0), 0.6, (10.0, 30.0), 0.8),
-    # two fibre families crossing at large angles, one dominating here and there
-    "zi": Morphology("fibres", 85.0, 34.0, 2.8, 0.15, (5.0, 8.5), 0.4, (55.0, 90.0), 0.4),
+    # vp and zi: two fibre families, 20-90 degrees apart (overlapping ranges, as their slice-wide
+    # orientation coherence overlaps in the masks' vp and the phantom's zi: docs/phantom.md).
+    # vp: the families segregate into patches of parallel tracts; zi: they cross within a
+    # patch, but one dominates whole sections here and there (its slice-wide coherence varies
+    # from crossing-low to single-family-high, over vp's range)
+    "vp": Morphology("fibres", 85.0, 34.0, 2.8, 0.12, (4.0, 7.0), 0.6, (20.0, 65.0), 1.2, 0.4),
+    "zi": Morphology("fibres", 85.0, 34.0, 2.8, 0.15, (5.0, 8.5), 0.4, (45.0, 90.0), 0.3, 1.0),
 }
 
 
@@ -141,7 +148,7 @@ def axon_pattern(
 ) -> np.ndarray | None:
     """The region's fibre pattern (float32, about unit scale), None without axons. Pencils are
     seeded by ``density`` (fibre fields are modulated by it later, through the threshold); of
-    two fibre families, ``first + b`` or ``second - b`` wins, ``b = m.balance * balance``.
+    two fibre families, ``first + b`` or ``second - b`` wins, ``b = balance`` (:func:`balance_field`).
     ``draw``: the set's tilt of the fibres against the section and scale of their calibre and length."""
     if m.axons == "none":
         return None
@@ -153,11 +160,21 @@ def axon_pattern(
     filters = [first_family, second_family]
     first, second = oriented_fields(rng.standard_normal(shape, dtype=np.float32), filters)
     shift = balance.full()
-    shift *= np.float32(m.balance)
     first += shift
     second -= shift
     np.maximum(first, second, out=first)
     return first
+
+
+def balance_field(
+    rng: np.random.Generator, shape: tuple[int, int, int], m: Morphology, patch: float, slab: float
+) -> CoarseField:
+    """Where one fibre family dominates: patches (``m.balance``) plus whole sections
+    (``m.section_balance``), both changing along z within ``slab`` slices. Separate amplitudes,
+    because whole-slice statistics see only the section part: a region whose families
+    segregate into patches can look, slice-wide, like one whose families cross everywhere."""
+    patches = smooth_field(rng, shape, (min(patch, slab), patch, patch)) * m.balance
+    return patches + section_field(rng, shape, slab) * m.section_balance
 
 
 # --------------------------------------------------------------------------- vessels
@@ -281,7 +298,9 @@ def build_tissue(
     def field() -> CoarseField:
         return two_scale_field(rng, shape, tissue.patch, tissue.slab)
 
-    axon_density, cell_density, cell_size, vessel_density, balance = (field() for _ in range(5))
+    axon_density, cell_density, cell_size, vessel_density = (field() for _ in range(4))
+    # without fibres the balance is unused, but drawn so those regions keep their random stream
+    balance = balance_field(rng, shape, m, tissue.patch, tissue.slab) if m.axons == "fibres" else field()
     vessels = draw_vessels(rng, shape, round(base.vessel * total), tissue.vessel_spread * vessel_density, m, depth_axis)
 
     pattern = axon_pattern(rng, shape, m, tissue.axon_spread * axon_density, balance, draw)
