@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.cli_runs import run_many  # noqa: E402
 from benchmarks.doc_blocks import write_block  # noqa: E402
+from mtneuro_lab.data.sources.phantom_tissue import GENERATOR_REVISION  # noqa: E402
 from mtneuro_lab.analysis.tables import fmt, mean_std  # noqa: E402
 from mtneuro_lab.methods.byol import BYOL  # noqa: E402
 from mtneuro_lab.methods.optim import OptimizerConfig, build_optimizer  # noqa: E402
@@ -299,7 +300,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument(
         "--doc",
         default=str(ROOT / "docs" / "task1.md"),
-        help="write the accuracy table into this doc's bench:task1_accuracy block ('' = don't)",
+        help="write the accuracy table into this doc's --block ('' = don't)",
+    )
+    parser.add_argument(
+        "--block",
+        default="task1_accuracy",
+        help="bench block of --doc for the accuracy table (another name keeps the default block's figures)",
     )
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -345,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         table = accuracy_table(rows)
         print(table)
         budget = (
-            f"phantom, task.downsample=4 (64x64 tiles), data.batch_size={args.batch_size}, "
+            f"phantom (generator v2 revision {GENERATOR_REVISION}), task.downsample=4 (64x64 tiles), data.batch_size={args.batch_size}, "
             f"trainer.max_epochs={args.epochs}"
             + (f", limit_train_batches={args.limit_train_batches}" if args.limit_train_batches else "")
             + f"; SSL: model.stem={args.ssl_stem}, model.linear_eval.epochs={args.linear_epochs}; "
@@ -355,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             timed = [r["wall_s"] for r in rows if r.get("wall_s") == r.get("wall_s") and "trained_as" not in r]
             write_block(
                 Path(args.doc),
-                "task1_accuracy",
+                args.block,
                 table,
                 time.perf_counter() - start,
                 {
