@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.cli_runs import run_many  # noqa: E402
 from benchmarks.doc_blocks import write_block  # noqa: E402
-from mtneuro_lab.data.sources.phantom_tissue import GENERATOR_REVISION  # noqa: E402
 from mtneuro_lab.analysis.tables import fmt, mean_std  # noqa: E402
+from mtneuro_lab.data.sources.phantom_tissue import GENERATOR_REVISION  # noqa: E402
 from mtneuro_lab.methods.byol import BYOL  # noqa: E402
 from mtneuro_lab.methods.optim import OptimizerConfig, build_optimizer  # noqa: E402
 from mtneuro_lab.methods.supervised import SupervisedClassifier  # noqa: E402
@@ -351,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         table = accuracy_table(rows)
         print(table)
         budget = (
-            f"phantom (generator v2 revision {GENERATOR_REVISION}), task.downsample=4 (64x64 tiles), data.batch_size={args.batch_size}, "
+            f"phantom (generator v2 revision {GENERATOR_REVISION}), task.downsample=4 (64x64 tiles), "
+            f"data.batch_size={args.batch_size}, "
             f"trainer.max_epochs={args.epochs}"
             + (f", limit_train_batches={args.limit_train_batches}" if args.limit_train_batches else "")
             + f"; SSL: model.stem={args.ssl_stem}, model.linear_eval.epochs={args.linear_epochs}; "

@@ -43,3 +43,11 @@ def test_quickstart_keeps_a_test_split_and_a_validation_choice() -> None:
     quick = compose(["experiment=quickstart"])
     assert quick.test_after_fit and quick.task.splits.val and quick.task.splits.test
     assert quick.callbacks.model_checkpoint.save_top_k == 1  # the checkpoint tested is chosen on val
+
+
+def test_untimed_seeds_table_has_one_row_per_seed_with_its_validation_choice() -> None:
+    from benchmarks.bench_quickstart import seeds_markdown
+
+    rows = seeds_markdown({"test/acc": {1: 0.97, 3: 0.8849}, "val/acc": {1: 1.0, 3: 0.9417}}).splitlines()
+    assert "0.90" in rows[0] and len(rows) == 4
+    assert rows[2:] == ["| `seed=1` | 0.970 | 1.000 |", "| `seed=3` | 0.885 | 0.942 |"]
