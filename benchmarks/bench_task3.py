@@ -30,6 +30,7 @@ from benchmarks.cli_runs import run_many  # noqa: E402
 from benchmarks.doc_blocks import write_block  # noqa: E402
 from mtneuro_lab.analysis.tables import fmt, mean_std  # noqa: E402
 from mtneuro_lab.data.features import FEATURES  # noqa: E402
+from mtneuro_lab.data.sources.phantom_tissue import GENERATOR_REVISION  # noqa: E402
 
 DOC = ROOT / "docs" / "task3.md"
 BLOCK = "task3_readout"
@@ -228,6 +229,9 @@ def main(argv: list[str] | None = None) -> str:
         help="Task 1 models whose checkpoints are read out (encoders; PCA is fitted here)",
     )
     parser.add_argument("--doc", type=Path, default=DOC, help="Markdown file receiving the block")
+    parser.add_argument(
+        "--block", default=BLOCK, help="bench block of --doc (another name keeps the default's figures)"
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs: must be >= 1, got {args.jobs}")
@@ -245,10 +249,11 @@ def main(argv: list[str] | None = None) -> str:
     facts = {
         "folds": f"5 (blocked z folds, {gap} gap; shuffled KFold for the last column)",
         "read-outs": str(args.out.resolve().relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out),
+        "phantom": f"source.generator default: v2 revision {GENERATOR_REVISION}",
     }
     if args.tiny:
         facts["mode"] = "TINY smoke test (20 slices), not figures"
-    write_block(args.doc, BLOCK, markdown, time.perf_counter() - start, facts)
+    write_block(args.doc, args.block, markdown, time.perf_counter() - start, facts)
     print(markdown)
     return markdown
 
