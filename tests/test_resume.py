@@ -85,8 +85,8 @@ def _kill_after_checkpoints(
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(CASES)])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(name: str, tmp_path: Path) -> None:
     args = (*RESUME_ARGS, *CASES[name])
-    reference = tmp_path / "reference"
-    proc = run_cli("train.py", *args, run_dir=reference)
+    reference = tmp_path / "reference"  # in-process: only the killed run needs a process of its own
+    proc = run_inproc("train.py", *args, run_dir=reference)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     crashed = tmp_path / "crashed"
