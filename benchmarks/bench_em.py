@@ -269,8 +269,8 @@ def _median_cpu(fn: Any, repeats: int) -> tuple[float, Any]:
 
 def unshareable(arr: Any, task: Any) -> Any:
     """What an exact search cannot share, as a callable: the waterz pass over every threshold
-    (affinities), or one marker watershed per grid setting with depth, markers and masks ready
-    (BC/BCD: each flood depends on both swept values)."""
+    (affinities), or per seed setting its markers and its marker watershed, with the depth
+    map and the flooded region ready (BC/BCD: the mask is applied after the flood)."""
     from mtneuro_lab.decoding import postprocess as pp
     from mtneuro_lab.methods.em_eval import in_plane_only, with_params
 
@@ -280,11 +280,48 @@ def unshareable(arr: Any, task: Any) -> Any:
     settings = pp.search_settings(kind, cfg)
     if kind == "affinity":
         return lambda: [None for _ in pp.waterz_passes(arr, cfg, [s["threshold"] for s in settings])]
-    depth = pp.flood_depth(arr)
-    ready = [
-        (pp.seed_markers(arr, with_params(cfg, s)), arr[0] > with_params(cfg, s).mask_foreground) for s in settings
-    ]
-    return lambda: [pp.flood(depth, markers, mask) for markers, mask in ready]
+    depth, region = pp.flood_depth(arr), arr[0] > cfg.flood_foreground
+    seeds = {s["seed_foreground"]: with_params(cfg, s) for s in settings}
+    return lambda: [pp.flood(depth, pp.seed_markers(arr, values), region) for values in seeds.values()]
+
+
+def mask_variants(prob: Any, gt: Any, task: Any) -> dict[str, Any]:
+    """The validation search's chosen score (``task.metric``) under three BC/BCD post-processings:
+    the mask inside the flood (one flood per setting, before session 7), the mask after the flood
+    (the post-processing now), and the mask after the flood with every piece the mask cuts off
+    given its own id (connected components per instance)."""
+    import cc3d
+
+    from mtneuro_lab.decoding import postprocess as pp
+    from mtneuro_lab.methods.em_eval import choose, with_params
+
+    arr, cfg = pp.as_prediction(prob), task.postprocess
+    depth, settings = pp.flood_depth(arr), pp.search_settings(task.target, cfg)
+    confidence = pp.confidence_map(arr, task.target)
+
+    def within(values: Any) -> Any:
+        return pp.flood(depth, pp.seed_markers(arr, values), arr[0] > values.mask_foreground)
+
+    def after(values: Any) -> Any:
+        return pp.seeded_watershed(arr, values)
+
+    def pieces(values: Any) -> Any:
+        return cc3d.connected_components(pp.seeded_watershed(arr, values), connectivity=6).astype("int64")
+
+    out: dict[str, Any] = {}
+    for name, segment in (
+        ("mask inside the flood", within),
+        ("mask after the flood", after),
+        ("mask after the flood, pieces relabelled", pieces),
+    ):
+        cands = [pp.clean(segment(with_params(cfg, s)), cfg, s) for s in settings]
+        chosen = choose(cands, gt, task.metric, task.ignore_zero, confidence)
+        out[name] = {
+            "params": chosen.params,
+            "tried": chosen.tried,
+            **{k: chosen.metrics[k] for k in (task.metric, "n_pred", "n_gt")},
+        }
+    return out
 
 
 def search_ratio(prob: Any, gt: Any, task: Any, repeats: int = 3) -> dict[str, Any]:
@@ -352,8 +389,11 @@ def validation_prediction(run_dir: Path) -> tuple[Any, Any, Any]:
     return prob[0], val.labels, comps.task
 
 
-def stand_in(task_name: str, shape: tuple[int, int, int] = (10, 256, 256)) -> tuple[Any, Any, Any]:
-    """A degraded ground-truth prediction on the EM phantom (bench_watershed's recipe)."""
+def stand_in(
+    task_name: str, shape: tuple[int, int, int] = (10, 256, 256), z0: int = 0, depth: int = 24
+) -> tuple[Any, Any, Any]:
+    """A degraded ground-truth prediction on sections ``z0 ..`` of the EM phantom (``depth``
+    sections; bench_watershed's recipe); the task configs' phantom has 100 sections."""
     import numpy as np
     import torch
 
@@ -366,9 +406,11 @@ def stand_in(task_name: str, shape: tuple[int, int, int] = (10, 256, 256)) -> tu
     cfg = compose([f"task={task_name}"])
     task = build_task(cfg, catalog_from_config(cfg.cubes))
     source = PhantomEMSource(
-        seed=0, cache_dir=os.environ.get("MTNEURO_CACHE", str(ROOT / ".cache")), shape=(max(24, shape[0]), *shape[1:])
+        seed=0,
+        cache_dir=os.environ.get("MTNEURO_CACHE", str(ROOT / ".cache")),
+        shape=(max(depth, z0 + shape[0]), *shape[1:]),
     )
-    box = [(0, shape[2]), (0, shape[1]), (0, shape[0])]
+    box = [(0, shape[2]), (0, shape[1]), (z0, z0 + shape[0])]
     labels = np.array(source.cutout(task.label_channel, *box)).astype(np.int64)
     target, _ = targets.compute_targets(task.target, torch.from_numpy(labels)[None])
     return _degrade(target, np.random.default_rng(0)), labels, task
@@ -389,7 +431,10 @@ def search_cost(workdir: Path, repeats: int = 3) -> dict[str, Any]:
     rows["mitoem phantom 24x256x256 (stand-in BC)"] = search_ratio(*stand_in("mitoem", (24, 256, 256)), repeats)
     for name, row in rows.items():
         print(f"{name}: {row['candidates']} candidates, ratio {row['ratio']:.2f}", flush=True)
-    return rows
+    # the task's validation sections (z 70-80 of the 100-section phantom): what masking after the flood changes
+    variants = mask_variants(*stand_in("mitoem", (10, 256, 256), z0=70, depth=100))
+    print(json.dumps(variants), flush=True)
+    return {"rows": rows, "mask_variants": variants}
 
 
 # -- volume-scale prediction -------------------------------------------------------------------------
@@ -542,7 +587,9 @@ def splits_line(f: dict[str, Any]) -> str:
     )
 
 
-def search_table(rows: dict[str, Any]) -> str:
+def search_table(search: dict[str, Any]) -> str:
+    """The cost table, and (where measured) the chosen validation score per BC mask variant."""
+    rows = search.get("rows", search)  # results written before session 7 hold the rows alone
     lines = [
         "| prediction | target | voxels | candidates | search CPU s | one post-processing CPU s | ratio "
         "| unshareable part / one post-processing |",
@@ -554,6 +601,25 @@ def search_table(rows: dict[str, Any]) -> str:
             f"| {name} | {r['kind']} | {r['voxels']:,} | {r['candidates']} | {r['search_cpu_s']:.2f} | "
             f"{r['one_postprocess_cpu_s']:.2f} | **{r['ratio']:.2f}** | {floor} |"
         )
+    variants = search.get("mask_variants")
+    if variants:
+        lines += [
+            "",
+            "mitoem phantom, validation sections 70-80 (stand-in BC, 10x256x256): the setting and score the "
+            "validation search chooses per BC post-processing",
+            "",
+            "| post-processing | AP-75 per seed / mask foreground setting | chosen setting | validation AP-75 "
+            "| instances (ground truth) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, v in variants.items():
+            each = ", ".join(
+                f"{p['seed_foreground']:g}/{p['mask_foreground']:g}: {score:.3f}" for p, score in v["tried"]
+            )
+            lines.append(
+                f"| {name} | {each} | {v['params']['seed_foreground']:g} / {v['params']['mask_foreground']:g} "
+                f"| **{v['ap75']:.3f}** | {v['n_pred']:.0f} ({v['n_gt']:.0f}) |"
+            )
     return "\n".join(lines)
 
 

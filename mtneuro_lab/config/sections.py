@@ -74,7 +74,10 @@ class PostprocessConfig:
     initial zwatershed; ``scoring`` is mean or median affinity of the boundary.
     BC/BCD: seeds where foreground > ``seed_foreground``, contour < ``seed_contour`` (and
     distance > ``seed_distance`` for BCD), seeds under ``min_seed_size`` voxels dropped; the
-    watershed floods where foreground > ``mask_foreground``. Then, for every kind, segments
+    watershed floods where foreground > ``flood_foreground`` and the instances are then cut to
+    where foreground > ``mask_foreground`` (the mask is applied after the flood, so every mask
+    threshold of a search shares one flood per seed setting; a piece the mask cuts off keeps
+    its instance's id). Then, for every kind, segments
     under ``merge_size`` voxels join the neighbour they are most strongly connected to (one
     round; mean affinity across the contact, or contact area for BC/BCD) and segments still
     under ``min_size`` voxels are removed (set to 0).
@@ -91,6 +94,7 @@ class PostprocessConfig:
     seed_foreground: float = 0.9
     seed_contour: float = 0.8
     seed_distance: float = 0.5
+    flood_foreground: float = 0.5
     mask_foreground: float = 0.85
     min_seed_size: int = 32
     merge_size: int = 0
@@ -105,7 +109,8 @@ class PostprocessConfig:
                 raise ConfigError(f"task.postprocess.grid: {err}") from None
         if self.select not in SELECT_MODES:
             raise ConfigError(f"task.postprocess.select: must be one of {', '.join(SELECT_MODES)}, got {self.select!r}")
-        for name in ("threshold", "aff_low", "aff_high", "seed_foreground", "seed_contour", "mask_foreground"):
+        bounded = ("threshold", "aff_low", "aff_high", "seed_foreground", "seed_contour", "flood_foreground")
+        for name in (*bounded, "mask_foreground"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"task.postprocess.{name}: must lie in [0, 1], got {value}")
