@@ -242,7 +242,8 @@ def bc_candidates(
 
     The mask is applied after the flood, so only the seed setting changes the flooding: the
     depth map is computed once, the seed markers and the flood once per seed setting (the grid
-    is seed-major), and the mask thresholds of that seed setting share one base volume
+    is seed-major; candidates come grouped by seed setting), and the mask thresholds of that
+    seed setting share one base volume
     (:func:`flood_levels`), each candidate a mapping of it. Each result equals
     :func:`seeded_watershed` with that setting, merged and filtered like :func:`clean`.
     """
@@ -276,7 +277,9 @@ def flood_levels(
     of the base's non-zero voxels. Only flooded voxels are touched."""
     where = np.flatnonzero(flooded)
     levels = len(masks)
-    level = np.searchsorted(np.asarray(masks, dtype=np.float64), foreground.reshape(-1)[where], side="left")
+    # compared in the foreground's own dtype, as ``foreground > mask`` compares (float32 ties)
+    thresholds = np.asarray(masks, dtype=foreground.dtype)
+    level = np.searchsorted(thresholds, foreground.reshape(-1)[where], side="left")
     kept = level > 0
     where, level = where[kept], level[kept]
     pair = (flooded.reshape(-1)[where] - 1) * levels + level  # 1.. : (instance, level)
