@@ -445,7 +445,7 @@ def stand_in(
     return _degrade(target, np.random.default_rng(0)), labels, task
 
 
-def search_cost(workdir: Path, repeats: int = 3) -> dict[str, Any]:
+def search_cost(workdir: Path, repeats: int = 9) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
@@ -636,8 +636,8 @@ def search_table(search: dict[str, Any]) -> str:
         floor = f"{r['unshareable_ratio']:.2f}" if "unshareable_ratio" in r else "not measured"
         scored = f"{r['ratio_to_scored']:.2f}" if "ratio_to_scored" in r else "not measured"
         lines.append(
-            f"| {name} | {r['kind']} | {r['voxels']:,} | {r['candidates']} | {r['search_cpu_s']:.2f} | "
-            f"{r['one_postprocess_cpu_s']:.2f} | **{r['ratio']:.2f}** | {floor} | {scored} |"
+            f"| {name} | {r['kind']} | {r['voxels']:,} | {r['candidates']} | {r['search_cpu_s']:.3f} | "
+            f"{r['one_postprocess_cpu_s']:.3f} | **{r['ratio']:.2f}** | {floor} | {scored} |"
         )
     variants = search.get("mask_variants")
     if variants:
