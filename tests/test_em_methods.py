@@ -325,6 +325,7 @@ def test_every_task_config_declares_its_kind():
         (["task.postprocess.grid.threshold=[]", *TINY_RSUNET], "task.postprocess.grid.threshold: empty"),
         (["task.postprocess.grid.threshold=[0.1,1.5]", *TINY_RSUNET], "task.postprocess.grid.threshold: values"),
         (["task.postprocess.select=best", *TINY_RSUNET], "task.postprocess.select: must be one of val, fixed"),
+        (["task.postprocess.grid.mask_foreground=[0.3,0.7]"], "task.postprocess.grid.mask_foreground: 0.3 is below"),
         (["trainer.limit_val_batches=0", *TINY_RSUNET], "task.postprocess.select=val chooses post-processing"),
         (["model=unet3d", "model.arch=basic_unet", "model.levels=null"], "task.crop: samples of 4x32x32"),
         (["model=rsunet", "+model.net.out_channels=2"], "model.net.out_channels: set by the run"),

@@ -123,6 +123,15 @@ class PostprocessConfig:
         for name in ("min_seed_size", "merge_size", "min_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"task.postprocess.{name}: must be >= 0, got {getattr(self, name)}")
+        # the mask is cut from the flood: a mask below the flooded region would cut nothing
+        masks = [("mask_foreground", self.mask_foreground)]
+        masks += [("grid.mask_foreground", float(m)) for m in self.grid.mask_foreground]
+        for name, value in masks:
+            if value < self.flood_foreground:
+                raise ConfigError(
+                    f"task.postprocess.{name}: {value} is below flood_foreground ({self.flood_foreground}); "
+                    "the mask is applied after the flood, so lower task.postprocess.flood_foreground"
+                )
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
