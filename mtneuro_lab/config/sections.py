@@ -46,7 +46,8 @@ class PostprocessGrid:
 
     Affinities: every waterz ``threshold`` comes from ONE agglomeration pass (the fragments and
     the merge order are shared). BC/BCD: every pair of ``seed_foreground`` x ``mask_foreground``
-    is one seeded watershed (the other seeded-watershed values stay as configured).
+    is one candidate; each seed value floods once and its mask values are cuts of that flood
+    (the other seeded-watershed values stay as configured).
     """
 
     threshold: list[float] = field(default_factory=_default_thresholds)
