@@ -48,9 +48,10 @@ PRETRAIN_STEPS = 8000  # bench_mae's recipe (16000 there) at half the steps
 TASKS = ("gala_fibsem", "isbi2012_em")
 MODELS = ("rsunet", "unetr", "mae")
 SEEDS = (1, 2)
-# 512 steps of batch 2 (crop 8x64x64, one thread): a 1024-step rsunet run's validation A-Rand
-# stopped improving after its 4th epoch (512 steps); chosen on validation, never on test
-STEPS = 512
+# 1024 steps of batch 2 (crop 8x64x64, one thread), chosen on validation curves, never on test:
+# session 6's x-split runs of 512 steps still lowered val/loss at their last validation, and a
+# 1024-step run (z split) lowered val/loss to its 7th validation (896 steps), val/arand to its 6th
+STEPS = 1024
 BATCH = 2
 COMMON = (
     "logger=csv",
@@ -81,7 +82,10 @@ TASK_OVERRIDES: dict[str, tuple[str, ...]] = {
 }
 #: how train/validation divide a task's training volume: ``z`` the task config's z ranges;
 #: ``x`` validation beside training in x with a gap, so it holds few training neurons
-#: (gala_fibsem's neurons run along z and y; docs/em.md "Validation is optimistic")
+#: (gala_fibsem's neurons run along z and y; docs/em.md "Validation is optimistic"). The
+#: default is ``x``: checkpoints and thresholds are then chosen on neurons training never saw,
+#: as the test volume's are (a choice of principle, not of test scores)
+DEFAULT_SPLIT = "x"
 SPLIT_OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
     "z": {},
     "x": {
@@ -96,7 +100,7 @@ SPLIT_OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
 METRIC_KEYS = ("test/arand", "test/voi_split", "test/voi_merge")
 
 
-def task_overrides(task: str, split: str = "z") -> tuple[str, ...]:
+def task_overrides(task: str, split: str = DEFAULT_SPLIT) -> tuple[str, ...]:
     """The task's overrides with the train/validation division ``split``."""
     return (*TASK_OVERRIDES[task], *SPLIT_OVERRIDES[split].get(task, ()))
 
@@ -111,7 +115,9 @@ def pretrain(workdir: Path, steps: int = PRETRAIN_STEPS) -> dict[str, Any]:
     return run_cli(workdir / "pretrain", pretrain_overrides(steps), threads=1, log=print)
 
 
-def train_overrides(task: str, model: str, seed: int, workdir: Path, steps: int = STEPS, split: str = "z") -> list[str]:
+def train_overrides(
+    task: str, model: str, seed: int, workdir: Path, steps: int = STEPS, split: str = DEFAULT_SPLIT
+) -> list[str]:
     extra = [f"model.pretrained={workdir / 'pretrain' / 'encoder.pt'}"] if model == "mae" else []
     return [
         *task_overrides(task, split),
@@ -129,7 +135,7 @@ def train(
     models: Sequence[str],
     seeds: Sequence[int],
     steps: int = STEPS,
-    split: str = "z",
+    split: str = DEFAULT_SPLIT,
 ) -> dict[str, Any]:
     """Every (task, model, seed) run, one at a time on one thread; failures are recorded, not fatal."""
     out: dict[str, Any] = {}
@@ -148,6 +154,22 @@ def train(
                     out[name] = {"failed": str(err).splitlines()[0]}
                     print(f"failed: {name}: {out[name]['failed']}", flush=True)
     return out
+
+
+def validation_curve(run_dir: Path) -> list[list[float]]:
+    """``[step, val/loss, val/arand]`` at every validation of a run (its csv log): what the
+    recipe's budget is read from, never the test numbers."""
+    import csv
+
+    logs = sorted((run_dir / "csv").glob("**/metrics.csv"))
+    if not logs:
+        return []
+    with logs[-1].open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("val/loss") and r.get("val/arand")]
+    curve = [[int(r["step"]) + 1, float(r["val/loss"]), float(r["val/arand"])] for r in rows]
+    if len(curve) > 1 and curve[-1][1:] in [c[1:] for c in curve[:-1]]:  # the chosen checkpoint validated again
+        curve.pop()
+    return curve
 
 
 # -- helpers that build a task's data outside a run ------------------------------------------------
@@ -269,8 +291,8 @@ def _median_cpu(fn: Any, repeats: int) -> tuple[float, Any]:
 
 def unshareable(arr: Any, task: Any) -> Any:
     """What an exact search cannot share, as a callable: the waterz pass over every threshold
-    (affinities), or one marker watershed per grid setting with depth, markers and masks ready
-    (BC/BCD: each flood depends on both swept values)."""
+    (affinities), or per seed setting its markers and its marker watershed, with the depth
+    map and the flooded region ready (BC/BCD: the mask is applied after the flood)."""
     from mtneuro_lab.decoding import postprocess as pp
     from mtneuro_lab.methods.em_eval import in_plane_only, with_params
 
@@ -280,11 +302,48 @@ def unshareable(arr: Any, task: Any) -> Any:
     settings = pp.search_settings(kind, cfg)
     if kind == "affinity":
         return lambda: [None for _ in pp.waterz_passes(arr, cfg, [s["threshold"] for s in settings])]
-    depth = pp.flood_depth(arr)
-    ready = [
-        (pp.seed_markers(arr, with_params(cfg, s)), arr[0] > with_params(cfg, s).mask_foreground) for s in settings
-    ]
-    return lambda: [pp.flood(depth, markers, mask) for markers, mask in ready]
+    depth, region = pp.flood_depth(arr), arr[0] > cfg.flood_foreground
+    seeds = {s["seed_foreground"]: with_params(cfg, s) for s in settings}
+    return lambda: [pp.flood(depth, pp.seed_markers(arr, values), region) for values in seeds.values()]
+
+
+def mask_variants(prob: Any, gt: Any, task: Any) -> dict[str, Any]:
+    """The validation search's chosen score (``task.metric``) under three BC/BCD post-processings:
+    the mask inside the flood (one flood per setting, before session 7), the mask after the flood
+    (the post-processing now), and the mask after the flood with every piece the mask cuts off
+    given its own id (connected components per instance)."""
+    import cc3d
+
+    from mtneuro_lab.decoding import postprocess as pp
+    from mtneuro_lab.methods.em_eval import choose, with_params
+
+    arr, cfg = pp.as_prediction(prob), task.postprocess
+    depth, settings = pp.flood_depth(arr), pp.search_settings(task.target, cfg)
+    confidence = pp.confidence_map(arr, task.target)
+
+    def within(values: Any) -> Any:
+        return pp.flood(depth, pp.seed_markers(arr, values), arr[0] > values.mask_foreground)
+
+    def after(values: Any) -> Any:
+        return pp.seeded_watershed(arr, values)
+
+    def pieces(values: Any) -> Any:
+        return cc3d.connected_components(pp.seeded_watershed(arr, values), connectivity=6).astype("int64")
+
+    out: dict[str, Any] = {}
+    for name, segment in (
+        ("mask inside the flood", within),
+        ("mask after the flood", after),
+        ("mask after the flood, pieces relabelled", pieces),
+    ):
+        cands = [pp.clean(segment(with_params(cfg, s)), cfg, s) for s in settings]
+        chosen = choose(cands, gt, task.metric, task.ignore_zero, confidence)
+        out[name] = {
+            "params": chosen.params,
+            "tried": chosen.tried,
+            **{k: chosen.metrics[k] for k in (task.metric, "n_pred", "n_gt")},
+        }
+    return out
 
 
 def search_ratio(prob: Any, gt: Any, task: Any, repeats: int = 3) -> dict[str, Any]:
@@ -305,12 +364,17 @@ def search_ratio(prob: Any, gt: Any, task: Any, repeats: int = 3) -> dict[str, A
     def single() -> Any:
         return pp.segment(arr, task.target, single_cfg)
 
+    def scored() -> Any:  # what select=fixed does on validation: the one setting, segmented and scored
+        args = (task.target, single_cfg, task.metric, task.ignore_zero, sections)
+        return search_postprocess(arr, gt, *args, search=False)
+
     floor = unshareable(arr, task)
-    search_s, single_s, floor_s = [], [], []
+    search_s, single_s, floor_s, scored_s = [], [], [], []
     for _ in range(repeats):  # interleaved: load changes hit all alike
         search_s.append(_median_cpu(search, 1)[0])
         single_s.append(_median_cpu(single, 1)[0])
         floor_s.append(_median_cpu(floor, 1)[0])
+        scored_s.append(_median_cpu(scored, 1)[0])
     return {
         "kind": task.target,
         "candidates": len(chosen.tried),
@@ -320,6 +384,8 @@ def search_ratio(prob: Any, gt: Any, task: Any, repeats: int = 3) -> dict[str, A
         "ratio": statistics.median(search_s) / statistics.median(single_s),
         "unshareable_cpu_s": statistics.median(floor_s),
         "unshareable_ratio": statistics.median(floor_s) / statistics.median(single_s),
+        "scored_cpu_s": statistics.median(scored_s),
+        "ratio_to_scored": statistics.median(search_s) / statistics.median(scored_s),
         "chosen": chosen.params,
     }
 
@@ -352,8 +418,11 @@ def validation_prediction(run_dir: Path) -> tuple[Any, Any, Any]:
     return prob[0], val.labels, comps.task
 
 
-def stand_in(task_name: str, shape: tuple[int, int, int] = (10, 256, 256)) -> tuple[Any, Any, Any]:
-    """A degraded ground-truth prediction on the EM phantom (bench_watershed's recipe)."""
+def stand_in(
+    task_name: str, shape: tuple[int, int, int] = (10, 256, 256), z0: int = 0, depth: int = 24
+) -> tuple[Any, Any, Any]:
+    """A degraded ground-truth prediction on sections ``z0 ..`` of the EM phantom (``depth``
+    sections; bench_watershed's recipe); the task configs' phantom has 100 sections."""
     import numpy as np
     import torch
 
@@ -366,15 +435,17 @@ def stand_in(task_name: str, shape: tuple[int, int, int] = (10, 256, 256)) -> tu
     cfg = compose([f"task={task_name}"])
     task = build_task(cfg, catalog_from_config(cfg.cubes))
     source = PhantomEMSource(
-        seed=0, cache_dir=os.environ.get("MTNEURO_CACHE", str(ROOT / ".cache")), shape=(max(24, shape[0]), *shape[1:])
+        seed=0,
+        cache_dir=os.environ.get("MTNEURO_CACHE", str(ROOT / ".cache")),
+        shape=(max(depth, z0 + shape[0]), *shape[1:]),
     )
-    box = [(0, shape[2]), (0, shape[1]), (0, shape[0])]
+    box = [(0, shape[2]), (0, shape[1]), (z0, z0 + shape[0])]
     labels = np.array(source.cutout(task.label_channel, *box)).astype(np.int64)
     target, _ = targets.compute_targets(task.target, torch.from_numpy(labels)[None])
     return _degrade(target, np.random.default_rng(0)), labels, task
 
 
-def search_cost(workdir: Path, repeats: int = 3) -> dict[str, Any]:
+def search_cost(workdir: Path, repeats: int = 9) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
@@ -389,7 +460,10 @@ def search_cost(workdir: Path, repeats: int = 3) -> dict[str, Any]:
     rows["mitoem phantom 24x256x256 (stand-in BC)"] = search_ratio(*stand_in("mitoem", (24, 256, 256)), repeats)
     for name, row in rows.items():
         print(f"{name}: {row['candidates']} candidates, ratio {row['ratio']:.2f}", flush=True)
-    return rows
+    # the task's validation sections (z 70-80 of the 100-section phantom): what masking after the flood changes
+    variants = mask_variants(*stand_in("mitoem", (10, 256, 256), z0=70, depth=100))
+    print(json.dumps(variants), flush=True)
+    return {"rows": rows, "mask_variants": variants}
 
 
 # -- volume-scale prediction -------------------------------------------------------------------------
@@ -524,6 +598,14 @@ def real_table(res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
                     }
                 )
         lines += ["", f"Watershed floor settings chosen on validation: {params}. {splits_line(f)}", ""]
+    curves = [
+        f"{name}: " + ", ".join(f"{step}: {loss:.3f} / {arand:.3f}" for step, loss, arand in run["val_curve"])
+        for name, run in runs.items()
+        if run.get("val_curve")
+    ]
+    if curves:
+        lines += ["Validation curves (step: val/loss / val/arand; the checkpoint is the best val/arand):", ""]
+        lines += [f"- {c}" for c in curves] + [""]
     lines += ["| check | value | target | passed |", "|---|---|---|---|"]
     lines += [f"| {c['name']} | {c['value']} | {c['target']} | {'yes' if c['passed'] else 'NO'} |" for c in checks]
     return "\n".join(lines), checks
@@ -542,18 +624,40 @@ def splits_line(f: dict[str, Any]) -> str:
     )
 
 
-def search_table(rows: dict[str, Any]) -> str:
+def search_table(search: dict[str, Any]) -> str:
+    """The cost table, and (where measured) the chosen validation score per BC mask variant."""
+    rows = search.get("rows", search)  # results written before session 7 hold the rows alone
     lines = [
         "| prediction | target | voxels | candidates | search CPU s | one post-processing CPU s | ratio "
-        "| unshareable part / one post-processing |",
-        "|---|---|---|---|---|---|---|---|",
+        "| unshareable part / one post-processing | search / (one post-processing + its scoring) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         floor = f"{r['unshareable_ratio']:.2f}" if "unshareable_ratio" in r else "not measured"
+        scored = f"{r['ratio_to_scored']:.2f}" if "ratio_to_scored" in r else "not measured"
         lines.append(
-            f"| {name} | {r['kind']} | {r['voxels']:,} | {r['candidates']} | {r['search_cpu_s']:.2f} | "
-            f"{r['one_postprocess_cpu_s']:.2f} | **{r['ratio']:.2f}** | {floor} |"
+            f"| {name} | {r['kind']} | {r['voxels']:,} | {r['candidates']} | {r['search_cpu_s']:.3f} | "
+            f"{r['one_postprocess_cpu_s']:.3f} | **{r['ratio']:.2f}** | {floor} | {scored} |"
         )
+    variants = search.get("mask_variants")
+    if variants:
+        lines += [
+            "",
+            "mitoem phantom, validation sections 70-80 (stand-in BC, 10x256x256): the setting and score the "
+            "validation search chooses per BC post-processing",
+            "",
+            "| post-processing | AP-75 per seed / mask foreground setting | chosen setting | validation AP-75 "
+            "| instances (ground truth) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, v in variants.items():
+            each = ", ".join(
+                f"{p['seed_foreground']:g}/{p['mask_foreground']:g}: {score:.3f}" for p, score in v["tried"]
+            )
+            lines.append(
+                f"| {name} | {each} | {v['params']['seed_foreground']:g} / {v['params']['mask_foreground']:g} "
+                f"| **{v['ap75']:.3f}** | {v['n_pred']:.0f} ({v['n_gt']:.0f}) |"
+            )
     return "\n".join(lines)
 
 
@@ -588,6 +692,11 @@ def total_wall(res: dict[str, Any]) -> float:
     return trained + rest
 
 
+def real_block(split: str, steps: int) -> str:
+    """The docs block of a recipe: ``em_real`` for the default one, else ``em_real_<split><steps>``."""
+    return "em_real" if (split, steps) == (DEFAULT_SPLIT, STEPS) else f"em_real_{split}{steps}"
+
+
 def write_docs(res: dict[str, Any], wall: float, stages: Sequence[str] = ("doc",)) -> None:
     """The blocks whose results this invocation produced (all of them for ``doc`` alone), so a
     block's provenance line names the command that measured it."""
@@ -599,7 +708,11 @@ def write_docs(res: dict[str, Any], wall: float, stages: Sequence[str] = ("doc",
     budget = {
         "budget": f"{'REDUCED recipe (not the default of this script): ' if reduced else ''}"
         f"{used['steps']} steps of batch {BATCH} per run (default {STEPS}), one thread each, one run at a time; "
-        f"MAE encoder: {used['pretrain_steps']} pretraining steps of bench_mae's recipe (default {PRETRAIN_STEPS})"
+        + (
+            f"MAE encoder: {used['pretrain_steps']} pretraining steps of bench_mae's recipe (default {PRETRAIN_STEPS})"
+            if "pretrain" in res
+            else "no MAE encoder pretrained (the mae arm not run)"
+        )
         if trained
         else "floors only: no learned arm was trained (stage `train` not run)",
         "seeds": ", ".join(map(str, used["seeds"])) if trained else "none (floors are deterministic)",
@@ -612,7 +725,7 @@ def write_docs(res: dict[str, Any], wall: float, stages: Sequence[str] = ("doc",
         split = res.get("split", "z")
         division = " ".join(SPLIT_OVERRIDES[split].get("gala_fibsem", ())) or "the task config"
         budget["train/validation division"] = f"{split} (gala_fibsem: {division})"
-        write_block(DOC, "em_real" if split == "z" else f"em_real_{split}", table, wall, budget)
+        write_block(DOC, real_block(split, used["steps"]), table, wall, budget)
     if "search" in res and "search" in ran:
         write_block(DOC, "em_search", search_table(res["search"]), wall, {"load average": load_average()})
     if "volume" in res and "volume" in ran:
@@ -629,13 +742,13 @@ def main(
     volume_shape: Sequence[int] = VOLUME_SHAPE,
     steps: int = STEPS,
     pretrain_steps: int = PRETRAIN_STEPS,
-    split: str = "z",
+    split: str = DEFAULT_SPLIT,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     results = workdir / "results.json"
     res = json.loads(results.read_text()) if results.is_file() else {}
-    if res.setdefault("split", split) != split:
+    if res.setdefault("split", "z" if "train" in res or "floors" in res else split) != split:  # before session 7: z
         raise SystemExit(f"{results}: runs with --split {res['split']} already recorded; use another --workdir")
     print(f"load average at start: {load_average()}", flush=True)
     if "pretrain" in stages or "train" in stages:  # the budget the docs block reports
@@ -647,6 +760,9 @@ def main(
         res["pretrain"] = pretrain(workdir, pretrain_steps)
     if "train" in stages:
         res.setdefault("train", {}).update(train(workdir, tasks, models, seeds, steps, split))
+    for name, run in res.get("train", {}).items():  # the validation curves the recipe is read from
+        if "failed" not in run:
+            run["val_curve"] = validation_curve(workdir / "runs" / name)
     if "floors" in stages:
         res.setdefault("floors", {}).update(floors(tasks, split))
     if "search" in stages:
@@ -679,7 +795,10 @@ if __name__ == "__main__":
         "--volume-shape", type=int, nargs=3, default=list(VOLUME_SHAPE), help="z y x of the volume stage"
     )
     parser.add_argument(
-        "--split", default="z", choices=list(SPLIT_OVERRIDES), help="train/validation division (SPLIT_OVERRIDES)"
+        "--split",
+        default=DEFAULT_SPLIT,
+        choices=list(SPLIT_OVERRIDES),
+        help="train/validation division (SPLIT_OVERRIDES)",
     )
     args = parser.parse_args()
     main(

@@ -172,6 +172,54 @@ def test_the_shared_search_equals_one_post_processing_per_setting(phantom, kind)
     assert np.array_equal(chosen.segmentation.labels(), reference.segmentation.labels())
 
 
+def test_the_mask_after_the_flood_keeps_a_cut_off_piece_in_its_instance():
+    # one seed (voxels 0-2); voxel 3 (0.6) is flooded but masked off, so voxels 4-5 are cut off
+    # from the seed by the mask: they stay in its instance (a mask inside the flood loses them)
+    fg = np.array([0.95, 0.95, 0.95, 0.6, 0.88, 0.88, 0.1, 0.88])
+    pred = np.stack([fg, np.zeros_like(fg)])[:, None, None, :]
+    cfg = PostprocessConfig(min_seed_size=1, seed_foreground=0.9, flood_foreground=0.5, mask_foreground=0.85)
+    expected = [1, 1, 1, 0, 1, 1, 0, 0]
+    assert pp.seeded_watershed(pred, cfg)[0, 0].tolist() == expected
+    assert pp.segment(pred, "bc", cfg)[0, 0].tolist() == expected
+    inside = pp.flood(pp.flood_depth(pred), pp.seed_markers(pred, cfg), pred[0] > cfg.mask_foreground)
+    assert inside[0, 0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+
+
+def test_the_shared_bc_search_is_exact_on_foreground_values_equal_to_the_thresholds():
+    # float32 foreground on a 0.05 grid: many voxels sit exactly on a mask threshold
+    rng = np.random.default_rng(3)
+    pred = (rng.integers(0, 21, (2, 6, 24, 24)) / 20).astype(np.float32)
+    pred[1] = (rng.uniform(size=pred[1].shape) < 0.2).astype(np.float32)
+    cfg = PostprocessConfig(min_seed_size=2, merge_size=4, min_size=3)
+    shared = list(pp.candidates(pred, "bc", cfg, pp.search_settings("bc", cfg)))
+    for cand, reference in zip(shared, unshared_candidates(pred, "bc", cfg), strict=True):
+        assert cand.params == reference.params and np.array_equal(cand.labels(), reference.labels()), cand.params
+    assert len({c.labels().tobytes() for c in shared}) >= 3
+
+
+def test_seed_markers_drop_specks_like_cc3d_dust():
+    import cc3d
+
+    pred = np.random.default_rng(0).uniform(0, 1, (2, 6, 20, 20))
+    cfg = PostprocessConfig(min_seed_size=3, seed_foreground=0.5, seed_contour=0.5)
+    seeds = (pred[0] > 0.5) & (pred[1] < 0.5)
+    reference = cc3d.dust(cc3d.connected_components(seeds, connectivity=6), threshold=3, connectivity=6)
+    markers = pp.seed_markers(pred, cfg)
+    assert np.array_equal(markers, reference) and 0 < np.count_nonzero(markers) < np.count_nonzero(seeds)
+
+
+def test_a_table_counted_on_the_foreground_alone_is_the_full_table():
+    from mtneuro_lab.methods.em_eval import contingency_of
+
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 6, (4, 16, 16))
+    base = np.where(rng.uniform(size=gt.shape) < 0.2, rng.integers(1, 9, gt.shape), 0)
+    where = np.flatnonzero(base)
+    full = contingency_of(gt, base, 12)
+    sparse_count = contingency_of(gt, base, 12, np.bincount(gt.reshape(-1)), where)
+    assert full.shape == sparse_count.shape == (6, 12) and (full != sparse_count).nnz == 0
+
+
 def test_strongest_neighbour_breaks_ties_like_a_four_key_sort():
     rng = np.random.default_rng(0)
     n, m = 40, 600
@@ -277,6 +325,7 @@ def test_every_task_config_declares_its_kind():
         (["task.postprocess.grid.threshold=[]", *TINY_RSUNET], "task.postprocess.grid.threshold: empty"),
         (["task.postprocess.grid.threshold=[0.1,1.5]", *TINY_RSUNET], "task.postprocess.grid.threshold: values"),
         (["task.postprocess.select=best", *TINY_RSUNET], "task.postprocess.select: must be one of val, fixed"),
+        (["task.postprocess.grid.mask_foreground=[0.3,0.7]"], "task.postprocess.grid.mask_foreground: 0.3 is below"),
         (["trainer.limit_val_batches=0", *TINY_RSUNET], "task.postprocess.select=val chooses post-processing"),
         (["model=unet3d", "model.arch=basic_unet", "model.levels=null"], "task.crop: samples of 4x32x32"),
         (["model=rsunet", "+model.net.out_channels=2"], "model.net.out_channels: set by the run"),

@@ -46,7 +46,8 @@ class PostprocessGrid:
 
     Affinities: every waterz ``threshold`` comes from ONE agglomeration pass (the fragments and
     the merge order are shared). BC/BCD: every pair of ``seed_foreground`` x ``mask_foreground``
-    is one seeded watershed (the other seeded-watershed values stay as configured).
+    is one candidate; each seed value floods once and its mask values are cuts of that flood
+    (the other seeded-watershed values stay as configured).
     """
 
     threshold: list[float] = field(default_factory=_default_thresholds)
@@ -74,7 +75,10 @@ class PostprocessConfig:
     initial zwatershed; ``scoring`` is mean or median affinity of the boundary.
     BC/BCD: seeds where foreground > ``seed_foreground``, contour < ``seed_contour`` (and
     distance > ``seed_distance`` for BCD), seeds under ``min_seed_size`` voxels dropped; the
-    watershed floods where foreground > ``mask_foreground``. Then, for every kind, segments
+    watershed floods where foreground > ``flood_foreground`` and the instances are then cut to
+    where foreground > ``mask_foreground`` (the mask is applied after the flood, so every mask
+    threshold of a search shares one flood per seed setting; a piece the mask cuts off keeps
+    its instance's id). Then, for every kind, segments
     under ``merge_size`` voxels join the neighbour they are most strongly connected to (one
     round; mean affinity across the contact, or contact area for BC/BCD) and segments still
     under ``min_size`` voxels are removed (set to 0).
@@ -91,6 +95,7 @@ class PostprocessConfig:
     seed_foreground: float = 0.9
     seed_contour: float = 0.8
     seed_distance: float = 0.5
+    flood_foreground: float = 0.5
     mask_foreground: float = 0.85
     min_seed_size: int = 32
     merge_size: int = 0
@@ -105,7 +110,8 @@ class PostprocessConfig:
                 raise ConfigError(f"task.postprocess.grid: {err}") from None
         if self.select not in SELECT_MODES:
             raise ConfigError(f"task.postprocess.select: must be one of {', '.join(SELECT_MODES)}, got {self.select!r}")
-        for name in ("threshold", "aff_low", "aff_high", "seed_foreground", "seed_contour", "mask_foreground"):
+        bounded = ("threshold", "aff_low", "aff_high", "seed_foreground", "seed_contour", "flood_foreground")
+        for name in (*bounded, "mask_foreground"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"task.postprocess.{name}: must lie in [0, 1], got {value}")
@@ -118,6 +124,15 @@ class PostprocessConfig:
         for name in ("min_seed_size", "merge_size", "min_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"task.postprocess.{name}: must be >= 0, got {getattr(self, name)}")
+        # the mask is cut from the flood: a mask below the flooded region would cut nothing
+        masks = [("mask_foreground", self.mask_foreground)]
+        masks += [("grid.mask_foreground", float(m)) for m in self.grid.mask_foreground]
+        for name, value in masks:
+            if value < self.flood_foreground:
+                raise ConfigError(
+                    f"task.postprocess.{name}: {value} is below flood_foreground ({self.flood_foreground}); "
+                    "the mask is applied after the flood, so lower task.postprocess.flood_foreground"
+                )
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

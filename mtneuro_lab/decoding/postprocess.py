@@ -8,7 +8,8 @@
   post-processing setting: affinities -> waterz (zwatershed fragments + agglomeration, every
   threshold of the grid from one pass); BC/BCD -> seeded watershed (scikit-image): seeds are
   connected components of confident foreground away from contours (and, for BCD, deep inside
-  objects), flooded over the foreground mask on the inverted foreground x (1 - contour) map.
+  objects), flooded on the inverted foreground x (1 - contour) map where foreground exceeds
+  ``flood_foreground``, then cut to the foreground mask (``mask_foreground``) after the flood.
   Each is then cleaned at segment level (:mod:`mtneuro_lab.decoding.segments`: small-segment
   merging, size filter). :func:`segment` is the one segmentation of the configured values.
 """
@@ -152,8 +153,11 @@ def seed_markers(pred: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
     if pred.shape[0] >= 3:
         seeds &= pred[2] > cfg.seed_distance
     markers = cc3d.connected_components(seeds, connectivity=6)
-    if cfg.min_seed_size:
-        markers = cc3d.dust(markers, threshold=cfg.min_seed_size, connectivity=6, in_place=True)
+    if cfg.min_seed_size:  # what cc3d.dust does, without finding the components a second time
+        flat = markers.reshape(-1)
+        seeded = np.flatnonzero(flat)
+        ids = flat[seeded]
+        flat[seeded[np.bincount(ids)[ids] < cfg.min_seed_size]] = 0
     return markers
 
 
@@ -174,8 +178,11 @@ def flood(depth: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarra
 
 
 def seeded_watershed(pred: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
-    """BC ``(2, ...)`` or BCD ``(3, ...)`` probabilities -> int64 instances (0 = background)."""
-    return flood(flood_depth(pred), seed_markers(pred, cfg), pred[0] > cfg.mask_foreground)
+    """BC ``(2, ...)`` or BCD ``(3, ...)`` probabilities -> int64 instances (0 = background):
+    the flood over foreground > ``flood_foreground``, cut to foreground > ``mask_foreground``."""
+    flooded = flood(flood_depth(pred), seed_markers(pred, cfg), pred[0] > cfg.flood_foreground)
+    flooded[pred[0] <= cfg.mask_foreground] = 0
+    return flooded
 
 
 def clean(
@@ -199,9 +206,10 @@ def _finish(
     graph: RegionGraph | None,
     cfg: PostprocessConfig,
     params: dict[str, float],
+    where: np.ndarray | None = None,
 ) -> Segmentation:
     mapping = merge_small(mapping, sizes, graph, cfg.merge_size)
-    return Segmentation(base, drop_small(mapping, sizes, cfg.min_size), params)
+    return Segmentation(base, drop_small(mapping, sizes, cfg.min_size), params, where)
 
 
 def affinity_candidates(
@@ -232,23 +240,64 @@ def bc_candidates(
 ) -> Iterator[Segmentation]:
     """One seeded watershed per setting (``{"seed_foreground": .., "mask_foreground": ..}``).
 
-    Only the flooding itself depends on both swept values: the depth map is computed once,
-    the seed markers once per seed setting (the grid is seed-major, so the last one is kept)
-    and the foreground mask once per mask threshold. Each result equals
-    :func:`seeded_watershed` with that setting.
+    The mask is applied after the flood, so only the seed setting changes the flooding: the
+    depth map is computed once, the seed markers and the flood once per seed setting (the grid
+    is seed-major; candidates come grouped by seed setting), and the mask thresholds of that
+    seed setting share one base volume
+    (:func:`flood_levels`), each candidate a mapping of it. Each result equals
+    :func:`seeded_watershed` with that setting, merged and filtered like :func:`clean`.
     """
     depth = flood_depth(pred)
-    markers_key: tuple[float, ...] | None = None
-    markers = np.zeros(0, dtype=np.int64)
-    masks: dict[float, np.ndarray] = {}
+    groups: dict[tuple[float, ...], list[dict[str, float]]] = {}
     for params in settings:
         values = replace(cfg, **cast(dict[str, Any], params))
         key = (values.seed_foreground, values.seed_contour, values.seed_distance, float(values.min_seed_size))
-        if key != markers_key:
-            markers_key, markers = key, seed_markers(pred, values)
-        if values.mask_foreground not in masks:
-            masks[values.mask_foreground] = pred[0] > values.mask_foreground
-        yield clean(flood(depth, markers, masks[values.mask_foreground]), cfg, dict(params))
+        groups.setdefault(key, []).append(params)
+    for group in groups.values():
+        values = replace(cfg, **cast(dict[str, Any], group[0]))
+        flooded = flood(depth, seed_markers(pred, values), pred[0] > cfg.flood_foreground)
+        masks = sorted({float(replace(cfg, **cast(dict[str, Any], p)).mask_foreground) for p in group})
+        base, sizes, instance, level, where = flood_levels(flooded, pred[0], masks)
+        graph = RegionGraph.build(base) if cfg.merge_size else None
+        for params in group:
+            cut = masks.index(float(replace(cfg, **cast(dict[str, Any], params)).mask_foreground)) + 1
+            mapping = compact(np.where(level >= cut, instance, 0))
+            yield _finish(base, sizes, mapping, graph, cfg, dict(params), where)
+
+
+def flood_levels(
+    flooded: np.ndarray, foreground: np.ndarray, masks: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(base, sizes, instance, level, where)``: the flooded voxels split by how many of the ascending
+    ``masks`` their foreground exceeds (level 1..L; level 0 = no mask keeps them, background).
+
+    Base id k (consecutive, 0 = background) holds the voxels of instance ``instance[k]`` at
+    level ``level[k]``; the candidate of mask ``masks[j - 1]`` maps each base id of level >= j
+    to its instance, so one base volume serves every mask threshold. ``where``: the flat indices
+    of the base's non-zero voxels. Only flooded voxels are touched."""
+    where = np.flatnonzero(flooded)
+    levels = len(masks)
+    # compared in the foreground's own dtype, as ``foreground > mask`` compares (float32 ties)
+    thresholds = np.asarray(masks, dtype=foreground.dtype)
+    level = np.searchsorted(thresholds, foreground.reshape(-1)[where], side="left")
+    kept = level > 0
+    where, level = where[kept], level[kept]
+    pair = (flooded.reshape(-1)[where] - 1) * levels + level  # 1.. : (instance, level)
+    counts = np.bincount(pair, minlength=1)
+    present = counts > 0
+    present[0] = True
+    new_id = np.cumsum(present) - 1
+    base = np.zeros(flooded.size, dtype=np.int64)
+    base[where] = new_id[pair]
+    ids = np.flatnonzero(present)
+    instance = np.where(ids > 0, (ids - 1) // levels + 1, 0)
+    return (
+        base.reshape(flooded.shape),
+        counts[present].astype(np.int64),
+        instance,
+        np.where(ids > 0, (ids - 1) % levels + 1, 0),
+        where,
+    )
 
 
 def search_settings(kind: str, cfg: PostprocessConfig) -> list[dict[str, float]]:

@@ -28,6 +28,9 @@ class Segmentation:
     base: np.ndarray
     mapping: np.ndarray
     params: dict[str, float] = field(default_factory=dict)
+    #: flat indices of every non-zero base voxel when its producer knows them and they are few
+    #: (a BC/BCD flood): scoring then counts those voxels alone
+    where: np.ndarray | None = None
 
     def labels(self) -> np.ndarray:
         """The final ``(Z, Y, X)`` int64 segmentation (consecutive ids, 0 = background)."""
@@ -203,12 +206,17 @@ def drop_small(mapping: np.ndarray, base_sizes: np.ndarray, min_size: int) -> np
 
 
 def mean_per_segment(
-    base: np.ndarray, values: np.ndarray, n: int, counts: np.ndarray | None = None
+    base: np.ndarray, values: np.ndarray, n: int, counts: np.ndarray | None = None, where: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(sum, count)`` of ``values`` over each base id 0..n-1: per-segment confidences for AP.
-    ``counts`` (voxels per id, e.g. a contingency table's column sums) saves a pass."""
+    ``counts`` (voxels per id, e.g. a contingency table's column sums) saves a pass; ``where``
+    (flat indices of every non-zero voxel) skips the background, whose sum is then 0 (AP never
+    ranks the background)."""
     flat = base.reshape(-1)
-    sums = np.bincount(flat, weights=np.asarray(values, dtype=np.float64).reshape(-1), minlength=n)
+    weights = np.asarray(values, dtype=np.float64).reshape(-1)
+    if where is not None:
+        flat, weights = flat[where], weights[where]
+    sums = np.bincount(flat, weights=weights, minlength=n)
     if counts is None:
         counts = np.bincount(flat, minlength=n)
     return sums, np.asarray(counts, dtype=np.float64)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import sparse
 
 from mtneuro_lab.config.sections import PostprocessConfig
 from mtneuro_lab.decoding import postprocess as pp
@@ -69,6 +70,7 @@ def choose(
     """
     start = time.perf_counter()
     gt_c, _ = relabel(_numpy(gt).astype(np.int64, copy=False))
+    gt_sizes = np.bincount(gt_c.reshape(-1), minlength=1)
     if confidence is not None:  # converted once, summed per base volume
         confidence = np.asarray(confidence, dtype=np.float64)
     base: np.ndarray | None = None  # the base volume whose table is held (one at a time)
@@ -79,9 +81,10 @@ def choose(
     for cand in candidates:
         if cand.base is not base:
             base, n_base = cand.base, cand.mapping.size
-            base_table = contingency_of(gt_c, base, n_base)
+            where = cand.where
+            base_table = contingency_of(gt_c, base, n_base, gt_sizes, where)
             if confidence is not None:
-                sums, counts = mean_per_segment(base, confidence, n_base, base_table.sum(axis=0))
+                sums, counts = mean_per_segment(base, confidence, n_base, base_table.sum(axis=0), where)
         table = merge_columns(base_table, cand.mapping)
         ranked = None
         if sums is not None:
@@ -99,9 +102,33 @@ def choose(
     return Choice(dict(cand.params), metrics, cand, tried, time.perf_counter() - start)
 
 
-def contingency_of(gt_c: np.ndarray, base: np.ndarray, n_base: int) -> Any:
-    """``table[gt, base]`` with exactly ``n_base`` columns (ids absent at the end included)."""
-    table: Any = contingency(gt_c, base)  # scipy.sparse (its stubs reject resize)
+def contingency_of(
+    gt_c: np.ndarray,
+    base: np.ndarray,
+    n_base: int,
+    gt_sizes: np.ndarray | None = None,
+    where: np.ndarray | None = None,
+) -> Any:
+    """``table[gt, base]`` with exactly ``n_base`` columns (ids absent at the end included).
+
+    With ``where`` (flat indices of every non-zero voxel of ``base``) and ``gt_sizes`` (voxels
+    per ground-truth id), only those voxels are counted; background column 0 is what the
+    ground-truth sizes leave over (the same table)."""
+    if where is None or gt_sizes is None:
+        table: Any = contingency(gt_c, base)  # scipy.sparse (its stubs reject resize)
+    else:
+        table = contingency(gt_c.reshape(-1)[where], base.reshape(-1)[where]).tocoo()
+        rows = gt_sizes.size
+        left = gt_sizes - np.bincount(table.row, weights=table.data, minlength=rows)[:rows]
+        row = np.flatnonzero(left)
+        table = sparse.csr_array(
+            (
+                np.concatenate([table.data, left[row].astype(np.float64)]),
+                (np.concatenate([table.row, row]), np.concatenate([table.col, np.zeros(row.size, dtype=np.int64)])),
+            ),
+            shape=(rows, max(n_base, table.shape[1])),
+        )
+        table.sum_duplicates()
     if table.shape[1] < n_base:
         table.resize((table.shape[0], n_base))
     return table

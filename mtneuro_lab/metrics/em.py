@@ -48,6 +48,8 @@ def relabel(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if flat.size and np.issubdtype(flat.dtype, np.integer) and flat.min() >= 0 and flat.max() <= flat.size:
         present = np.bincount(flat) > 0
         present[0] = True
+        if present.all():  # already consecutive: no pass over the voxels
+            return seg.astype(np.int64, copy=False), np.arange(present.size)
         return (np.cumsum(present) - 1)[seg].astype(np.int64, copy=False), np.flatnonzero(present)
     ids, inverse = np.unique(flat, return_inverse=True)
     if ids[0] != 0:
