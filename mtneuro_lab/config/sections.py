@@ -110,8 +110,16 @@ class PostprocessConfig:
                 raise ConfigError(f"task.postprocess.grid: {err}") from None
         if self.select not in SELECT_MODES:
             raise ConfigError(f"task.postprocess.select: must be one of {', '.join(SELECT_MODES)}, got {self.select!r}")
-        bounded = ("threshold", "aff_low", "aff_high", "seed_foreground", "seed_contour", "flood_foreground")
-        for name in (*bounded, "mask_foreground"):
+        bounded = (
+            "threshold",
+            "aff_low",
+            "aff_high",
+            "seed_foreground",
+            "seed_contour",
+            "flood_foreground",
+            "mask_foreground",
+        )
+        for name in bounded:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"task.postprocess.{name}: must lie in [0, 1], got {value}")

@@ -91,10 +91,7 @@ def _parse_split(name: str, spec: Any, labels: str) -> EMSplit:
         z = parse_z(z, key)
     x = spec.get("x")
     if x is not None:
-        try:
-            x = parse_z(x, key)
-        except ConfigError as err:  # the same rules as z, named as x
-            raise ConfigError(str(err).replace(f"{key}.z", f"{key}.x")) from None
+        x = parse_z(x, key, axis="x")
     image = spec.get("image", "image")
     lab = spec.get("labels", labels)
     for field_name, value in (("image", image), ("labels", lab)):
@@ -228,10 +225,9 @@ class EMTask(Task):
                 if _overlap(sa.z, sb.z) and _overlap(sa.x, sb.x):
                     za = list(sa.z) if sa.z else "all"
                     zb = list(sb.z) if sb.z else "all"
-                    xa = f" x{list(sa.x)}" if sa.x else ""
-                    xb = f" x{list(sb.x)}" if sb.x else ""
                     raise ConfigError(
-                        f"task.splits: {a} z{za}{xa} and {b} z{zb}{xb} overlap in channel {sa.image!r}; "
+                        f"task.splits: {a} z{za}{_x_range(sa)} and {b} z{zb}{_x_range(sb)} overlap in channel "
+                        f"{sa.image!r}; "
                         "give them disjoint z (or x) ranges or different channels"
                     )
 

@@ -115,13 +115,14 @@ def parse_split(name: str, entries: Iterable[Mapping[str, Any]], catalog: CubeCa
     return parts
 
 
-def parse_z(value: Any, key: str) -> tuple[int, int]:
+def parse_z(value: Any, key: str, axis: str = "z") -> tuple[int, int]:
+    """A half-open ``[start, stop)`` range of ``<key>.<axis>`` (z by default; EM splits take x too)."""
     try:
         z = tuple(int(v) for v in value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}.z: expected [start, stop), got {value!r}") from None
+        raise ConfigError(f"{key}.{axis}: expected [start, stop), got {value!r}") from None
     if len(z) != 2 or z[0] < 0 or z[1] <= z[0]:
-        raise ConfigError(f"{key}.z: expected [start, stop) with 0 <= start < stop, got {list(value)}")
+        raise ConfigError(f"{key}.{axis}: expected [start, stop) with 0 <= start < stop, got {list(value)}")
     return z
 
 

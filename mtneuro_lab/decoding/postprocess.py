@@ -248,20 +248,19 @@ def bc_candidates(
     :func:`seeded_watershed` with that setting, merged and filtered like :func:`clean`.
     """
     depth = flood_depth(pred)
-    groups: dict[tuple[float, ...], list[dict[str, float]]] = {}
+    # seed setting -> its values and [(params, mask threshold)]
+    groups: dict[tuple[float, ...], tuple[PostprocessConfig, list[tuple[dict[str, float], float]]]] = {}
     for params in settings:
         values = replace(cfg, **cast(dict[str, Any], params))
         key = (values.seed_foreground, values.seed_contour, values.seed_distance, float(values.min_seed_size))
-        groups.setdefault(key, []).append(params)
-    for group in groups.values():
-        values = replace(cfg, **cast(dict[str, Any], group[0]))
+        groups.setdefault(key, (values, []))[1].append((params, float(values.mask_foreground)))
+    for values, group in groups.values():
         flooded = flood(depth, seed_markers(pred, values), pred[0] > cfg.flood_foreground)
-        masks = sorted({float(replace(cfg, **cast(dict[str, Any], p)).mask_foreground) for p in group})
+        masks = sorted({mask for _, mask in group})
         base, sizes, instance, level, where = flood_levels(flooded, pred[0], masks)
         graph = RegionGraph.build(base) if cfg.merge_size else None
-        for params in group:
-            cut = masks.index(float(replace(cfg, **cast(dict[str, Any], params)).mask_foreground)) + 1
-            mapping = compact(np.where(level >= cut, instance, 0))
+        for params, mask in group:
+            mapping = compact(np.where(level >= masks.index(mask) + 1, instance, 0))
             yield _finish(base, sizes, mapping, graph, cfg, dict(params), where)
 
 
