@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import compose, run_cli
+from conftest import compose, run_inproc
 from hydra.utils import instantiate
 
 from mtneuro_lab.cluster import env
@@ -112,7 +112,7 @@ def test_ranks_above_zero_write_no_hydra_dir(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_cli_refuses_mismatched_nodes_before_any_work(tmp_path: Path) -> None:
     run_dir = tmp_path / "sweep"
-    proc = run_cli("train.py", *SLURM_2x4[:3], "hydra.launcher.nodes=1", run_dir=run_dir, multirun=True)
+    proc = run_inproc("train.py", *SLURM_2x4[:3], "hydra.launcher.nodes=1", run_dir=run_dir, multirun=True)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: trainer.num_nodes: 2 but hydra.launcher.nodes: 1"), last

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import compose, run_cli
+from conftest import compose, run_inproc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -80,7 +80,7 @@ def test_an_unexpected_exception_names_its_section(
 
 
 def test_missing_config_dir_is_one_line_from_the_command_line(tmp_path: Path) -> None:
-    proc = run_cli("train.py", "--config-dir", str(tmp_path / "nope"), run_dir=tmp_path / "run", fast=False)
+    proc = run_inproc("train.py", "--config-dir", str(tmp_path / "nope"), run_dir=tmp_path / "run", fast=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == f"error: --config-dir: no config directory at {tmp_path / 'nope'}"
     assert not (tmp_path / "run").exists()

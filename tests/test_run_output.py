@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, read_metrics, run_cli
+from conftest import ROOT, read_metrics, run_inproc
 
 from mtneuro_lab import media, progress
 from mtneuro_lab.errors import ConfigError
@@ -22,9 +22,11 @@ EPOCH_LINE = re.compile(
 
 @pytest.fixture(scope="module")
 def piped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """Two epochs of two batches with the CSV logger, stdout piped (not a terminal)."""
+    """Two epochs of two batches with the CSV logger, stdout piped (not a terminal): in-process,
+    stdout is a ``StringIO`` whose ``isatty()`` is false, as for a pipe; Hydra's console handler
+    writes to it."""
     run_dir = tmp_path_factory.mktemp("piped") / "run"
-    proc = run_cli(
+    proc = run_inproc(
         "train.py",
         "trainer.max_epochs=2",
         "trainer.enable_progress_bar=true",  # the progress log must switch the bar off itself

@@ -194,7 +194,7 @@ def test_cli_every_2d_model_trains_on_seg2d_3class(tmp_path: Path) -> None:
         "train.py",
         "task=seg2d_3class",
         f"model={','.join(QUICK_2D)}",
-        "++model.encoder_name=resnet18",
+        "++model.encoder_name=efficientnet-b0",  # 6-9 M parameters (resnet18: 11-22 M): smaller checkpoints
         run_dir=tmp_path / "sweep",
         multirun=True,
     )

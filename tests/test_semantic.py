@@ -263,7 +263,26 @@ def task1_ckpt(tmp_path_factory):
     return run / "checkpoints" / "last.ckpt"
 
 
-def test_evaluate_semantic_writes_r2_table_and_umaps(task1_ckpt, tmp_path):
+class RecordingUMAP:
+    """Stands in for ``umap.UMAP`` in the default suite: numba compiles UMAP's kernels on the first
+    call of every process (~20 s of one core); the real UMAP runs in the slow test below. Records
+    how it was built and returns the first two standardised components."""
+
+    calls: list[dict] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def fit_transform(self, x):
+        RecordingUMAP.calls.append({**self.kwargs, "shape": x.shape, "mean": float(x.mean())})
+        return np.asarray(x[:, :2], dtype=np.float32)
+
+
+def test_evaluate_semantic_writes_r2_table_and_umaps(task1_ckpt, tmp_path, monkeypatch):
+    import umap
+
+    RecordingUMAP.calls.clear()
+    monkeypatch.setattr(umap, "UMAP", RecordingUMAP)
     run = tmp_path / "eval"
     proc = run_inproc(
         "evaluate.py",
@@ -285,6 +304,10 @@ def test_evaluate_semantic_writes_r2_table_and_umaps(task1_ckpt, tmp_path):
         )
         assert (run / f"umap_{f}.png").stat().st_size > 1000
     assert np.load(run / "embeddings.npy").shape == (320, 512)
+    # one UMAP of the standardised embeddings, seeded by the run's seed, with task.umap_neighbors
+    [call] = RecordingUMAP.calls
+    assert call["shape"] == (320, 512) and abs(call["mean"]) < 1e-6
+    assert (call["n_neighbors"], call["random_state"], call["n_jobs"]) == (15, 1, 1)
     table = (run / "semantic_r2.md").read_text()
     assert "| vessel_density |" in table and "within-region R² 5-fold CV (blocked, gap 1)" in table
     # downsample: null took the checkpoint's Task 1 resolution (4): 64 px tiles, 32 px quadrants
@@ -324,3 +347,16 @@ def test_evaluate_semantic_fits_pca_on_quadrants_without_a_checkpoint(tmp_path):
     metrics = read_metrics(run)
     assert {f"r2_cv/{f}" for f in FEATURES} <= set(metrics)
     assert np.load(run / "embeddings.npy").shape == (320, 256)  # 256 components of 32x32 quadrants
+
+
+@pytest.mark.slow  # numba compiles UMAP's kernels on the first call of a process (~20 s)
+def test_umap_coordinates_are_seeded_and_keep_two_clusters_apart():
+    from mtneuro_lab.analysis.embeddings import umap_coordinates
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(60, 16)), rng.normal(loc=6.0, size=(60, 16))])
+    a, b = umap_coordinates(x, seed=3, n_neighbors=10), umap_coordinates(x, seed=3, n_neighbors=10)
+    assert a.shape == (120, 2) and np.array_equal(a, b)
+    centre_gap = np.linalg.norm(a[:60].mean(0) - a[60:].mean(0))
+    spread = max(a[:60].std(0).max(), a[60:].std(0).max())
+    assert centre_gap > 3 * spread
