@@ -4,7 +4,6 @@ size), facts read from the task without building a split, and the predict loader
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import pytest

@@ -14,9 +14,9 @@ import zarr
 from conftest import compose
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mtneuro_lab.data.augment import to_float
 from mtneuro_lab.build import build_components
 from mtneuro_lab.config.schema import validate_config
+from mtneuro_lab.data.augment import to_float
 from mtneuro_lab.errors import CheckpointError, ConfigError
 from mtneuro_lab.run import check_checkpoint_fits, predict_volume, resolve_ckpt
 
@@ -77,7 +77,7 @@ def test_chunked_file_prediction_equals_the_methods_whole_volume_inference(
         image = to_float(torch.from_numpy(volume)[None], MEAN, STD)  # (1, 1, Z, Y, X)
         whole = method.predict_volume(image)[0].numpy()
     np.testing.assert_allclose(np.asarray(probs[:]).astype(np.float32), whole, atol=2e-3)
-    assert 0.0 <= float(np.min(probs[:])) and float(np.max(probs[:])) <= 1.0
+    assert float(np.min(probs[:])) >= 0.0 and float(np.max(probs[:])) <= 1.0
 
 
 def test_checkpoints_it_cannot_use_are_one_line(em_run: tuple[Path, Any], tmp_path: Path) -> None:
