@@ -19,6 +19,8 @@ from mtneuro_lab.methods.ssl import LinearEvalConfig, ViewConfig
 from mtneuro_lab.nets.vit3d import token_grid
 
 FACTS_2D = {"num_classes": 2, "class_names": ["a", "b"], "input_shape": (64, 64)}
+#: the quick-CPU encoder of conf/model/unet2d.yaml (the paper's efficientnet-b7 takes a second to build)
+SMALL_ENCODER = {"encoder_name": "resnet18"}
 FACTS_3D = {"num_classes": 2, "class_names": ["a", "b"], "input_shape": (8, 32, 64)}
 
 
@@ -46,13 +48,13 @@ def _build_error(model: str, facts: dict, **options: Any) -> str:
         ("myow", {"queue_size": 0}, "model.queue_size: must be >= 1, got 0"),
         ("myow", {"mined_weight": -0.5}, "model.mined_weight: must be >= 0, got -0.5"),
         ("myow", {"ramp_epochs": -1}, "model.ramp_epochs: must be >= 0, got -1"),
-        ("unet2d", {"loss": "focal"}, "model.loss: must be one of ce, dice, ce_dice, got 'focal'"),
+        ("unet2d", {**SMALL_ENCODER, "loss": "focal"}, "model.loss: must be one of ce, dice, ce_dice, got 'focal'"),
         (
             "unet2d",
-            {"loss": "dice", "class_weights": [1.0, 2.0]},
+            {**SMALL_ENCODER, "loss": "dice", "class_weights": [1.0, 2.0]},
             "model.class_weights: only used by loss=ce or ce_dice, not dice",
         ),
-        ("unet2d", {"overlay_samples": -1}, "model.overlay_samples: must be >= 0, got -1"),
+        ("unet2d", {**SMALL_ENCODER, "overlay_samples": -1}, "model.overlay_samples: must be >= 0, got -1"),
         ("unet2d", {"encoder_depth": 2}, "model.encoder_depth: must be 3, 4, 5 or null, got 2"),
     ],
 )
