@@ -342,7 +342,8 @@ class EMSegmentation(BaseMethod):
                 source,
                 out,
                 self.input_shape,
-                lambda slab: augment.to_float(torch.from_numpy(slab), mean, std)[:, 0],
+                # a read-only slab (an .npy memory map) is copied: torch warns on non-writable arrays
+                lambda slab: augment.to_float(torch.from_numpy(np.require(slab, requirements="W")), mean, std)[:, 0],
                 overlap=task.eval_overlap,
                 sw_batch_size=self.sw_batch_size,
             )
