@@ -13,7 +13,8 @@ thread (:mod:`mtneuro_lab.metrics.figures`), so the next training steps do not w
 
 Every figure goes to each logger that shows images (W&B ``media/<stage>/<name>`` images and
 tables, TensorBoard images) and, with ``png: true``, to ``<run>/media/<stage>/<name>[_e<epoch>].png``
-(the only place it goes with ``logger=csv``). Task 3 read-outs (not a Lightning run) send their
+(the only place it goes with ``logger=csv``). With ``png: false`` and no such logger nothing is
+collected or drawn (``+debug=fast``). Task 3 read-outs (not a Lightning run) send their
 UMAPs and predicted-vs-true plots through :func:`deliver` too.
 """
 
@@ -141,6 +142,13 @@ def write_pngs(items: Iterable[MediaItem], run_dir: Path, stage: str, epoch: int
     return save_pngs(items, Path(run_dir) / "media" / stage, f"_e{epoch:03d}" if epoch is not None else "")
 
 
+def shows_images(logger: Any) -> bool:
+    """W&B and TensorBoard show figures; CSV (and no logger) do not."""
+    from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+
+    return isinstance(logger, WandbLogger | TensorBoardLogger)
+
+
 def deliver(items: Sequence[MediaItem], loggers: Iterable[Any], stage: str, step: int) -> None:
     """Send figures to every logger that shows images: W&B (images, tables) and TensorBoard."""
     from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
@@ -205,8 +213,13 @@ class MediaLog(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._run_dir = Path(trainer.default_root_dir)
         self._loggers = list(trainer.loggers)
-        if trainer.is_global_zero and isinstance(pl_module, BaseMethod):
+        # nothing is drawn (nor predicted, nor copied) that no PNG and no image logger would receive
+        if trainer.is_global_zero and self.receivers() and isinstance(pl_module, BaseMethod):
             pl_module.media_sink = self
+
+    def receivers(self) -> bool:
+        """Whether a figure would go anywhere: ``png`` or a logger that shows images."""
+        return self.png or any(shows_images(lg) for lg in self._loggers)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.flush()
@@ -218,11 +231,11 @@ class MediaLog(pl.Callback):
         return trainer.is_global_zero and fitting and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._due(trainer):
+        if self._due(trainer) and self.receivers():
             self._open.add("val")
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.receivers():
             self._open.add("test")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -32,6 +32,7 @@ def piped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         "trainer.enable_progress_bar=true",  # the progress log must switch the bar off itself
         "logger=csv",
         "callbacks.progress_log.every_n_steps=1",
+        "callbacks.media.png=true",  # +debug=fast draws no figures for a CSV-logged run
         run_dir=run_dir,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -160,6 +161,23 @@ def test_sweep_jobs_prefix_their_overrides() -> None:
 def test_media_settings_are_checked(kwargs: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         media.MediaLog(**kwargs)
+
+
+def test_figures_are_drawn_only_for_a_png_or_an_image_logger(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    from mtneuro_lab.methods.base import BaseMethod
+
+    csv, board = CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb")
+    for png, loggers, draws in [(False, [], False), (False, [csv], False), (False, [board], True), (True, [], True)]:
+        callback, method = media.MediaLog(png=png), BaseMethod(3, ["a", "b", "c"], (1, 8, 8))
+        trainer = SimpleNamespace(default_root_dir=str(tmp_path), loggers=loggers, is_global_zero=True)
+        callback.setup(trainer, method, "fit")  # type: ignore[arg-type]
+        assert callback.receivers() is draws and (method.media_sink is callback) is draws, (png, loggers)
+        callback.on_test_epoch_start(trainer, method)  # type: ignore[arg-type]
+        assert callback.wants("test", "em") is draws
 
 
 def test_every_figure_kind_renders() -> None:

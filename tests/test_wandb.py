@@ -96,7 +96,8 @@ def test_offline_run_reads_back_and_keeps_no_secret(tmp_path: Path) -> None:
         "WANDB_CONFIG_DIR": str(tmp_path / "wandb_cfg"),
         "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
     }
-    proc = run_inproc("train.py", "logger=wandb", "tags=[demo]", run_dir=run_dir, env=env)
+    # png=true: the figures go to W&B and, as PNGs, to the run directory (+debug=fast writes none)
+    proc = run_inproc("train.py", "logger=wandb", "tags=[demo]", "callbacks.media.png=true", run_dir=run_dir, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     leaked = [p for p in files if secret.encode() in p.read_bytes()]
