@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -47,7 +46,7 @@ import torch
 from omegaconf import DictConfig
 from threadpoolctl import threadpool_limits
 
-from mtneuro_lab.io import atomic_write_bytes
+from mtneuro_lab.errors import ConfigError, MtneuroError
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -100,6 +99,35 @@ def compose(overrides: Iterable[str] = (), return_hydra_config: bool = False) ->
 
         HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+@pytest.fixture
+def boss(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The fake Boss server (tests/fake_boss.py) with ``BOSSDB_TOKEN`` set and no other Boss or
+    intern variable of the machine in the way."""
+    from fake_boss import TOKEN, FakeBoss
+
+    monkeypatch.setenv("BOSSDB_TOKEN", TOKEN)
+    for name in ("INTERN_TOKEN", "BOSS_HOST", "INTERN_HOST", "BOSS_PROTOCOL", "INTERN_PROTOCOL"):
+        monkeypatch.delenv(name, raising=False)
+    with FakeBoss(z_extent=(100, 140), token=TOKEN) as server:
+        yield server
+
+
+def one_line_error(
+    call: Any, *args: Any, raises: type[Exception] | tuple[type[Exception], ...] = MtneuroError, **kwargs: Any
+) -> str:
+    """The message of the error ``call(*args, **kwargs)`` raises (``raises``), checked to be one line."""
+    with pytest.raises(raises) as err:
+        call(*args, **kwargs)
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
+
+def config_error(call: Any, *args: Any, **kwargs: Any) -> str:
+    """:func:`one_line_error` for a ``ConfigError`` (a bad key or value, before any work)."""
+    return one_line_error(call, *args, raises=ConfigError, **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -331,49 +359,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         shared = [n for n in info.names_closure if (d := info.name2fixturedefs.get(n)) and d[-1].scope == "module"]
         if shared:
             item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{shared[0]}"))
-    items[:] = longest_first(items, _recorded_durations())
-
-
-#: seconds per test id (setup + call + teardown) of a whole default-suite run, written by
-#: ``MTNEURO_STORE_DURATIONS=1 make test``; only the order of the tests depends on it
-DURATIONS = Path(__file__).with_name("durations.json")
-
-
-def _recorded_durations() -> dict[str, float]:
-    try:
-        return {str(k): float(v) for k, v in json.loads(DURATIONS.read_text()).items()}
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
-def longest_first(items: list[pytest.Item], seconds: dict[str, float]) -> list[pytest.Item]:
-    """The tests ordered by recorded duration, longest first, a group's tests kept together.
-
-    xdist hands out the work in collection order; a long test drawn last keeps one worker busy
-    while the other has nothing left (the longest-processing-time-first rule). Tests without a
-    record count as 0 s and keep their collection order; so do a group's tests among themselves.
-    """
-    units: dict[str, list[pytest.Item]] = {}
-    for item in items:
-        marker = item.get_closest_marker("xdist_group")
-        units.setdefault(f"group:{marker.args[0]}" if marker else item.nodeid, []).append(item)
-    ranked = sorted(units.values(), key=lambda unit: -sum(seconds.get(i.nodeid, 0.0) for i in unit))
-    return [item for unit in ranked for item in unit]
-
-
-_DURATIONS_SEEN: dict[str, float] = {}
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if os.environ.get("MTNEURO_STORE_DURATIONS") == "1":
-        test_id = re.sub(r"@[\w.\-]+$", "", report.nodeid)  # xdist appends "@<group>" to grouped ids
-        _DURATIONS_SEEN[test_id] = _DURATIONS_SEEN.get(test_id, 0.0) + report.duration
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    if _DURATIONS_SEEN and not os.environ.get("PYTEST_XDIST_WORKER"):
-        ordered = dict(sorted(((k, round(v, 2)) for k, v in _DURATIONS_SEEN.items()), key=lambda kv: -kv[1]))
-        atomic_write_bytes(DURATIONS, (json.dumps(ordered, indent=0) + "\n").encode())
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

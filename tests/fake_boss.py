@@ -88,6 +88,10 @@ def paper_cubes() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "mtneuro_lab" / "conf" / "cubes" / "paper.yaml").read_text())
 
 
+#: the token the ``boss`` fixture (conftest.py) serves with; tests check it never lands in a file
+TOKEN = "tok-3f9a1c77e2-secret"
+
+
 class FakeBoss:
     """The server; ``host`` is ``127.0.0.1:<port>`` (port chosen by the OS)."""
 

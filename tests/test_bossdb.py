@@ -3,32 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from conftest import compose, read_metrics, run_inproc
-from fake_boss import FakeBoss
+from fake_boss import TOKEN, FakeBoss
 
 from mtneuro_lab.data.sources.bossdb import BossDBSource, Box, plan_chunks
 from mtneuro_lab.errors import ConfigError, DataError
 
-TOKEN = "tok-3f9a1c77e2-secret"
 CUBE = {"x": (4600, 4856), "y": (900, 1156)}  # set A cortex
 Z = (110, 118)  # two z chunks on the 16-grid: [110, 112) and [112, 118)
 CHUNK = [128, 128, 16]  # -> 2 x 2 x 2 = 8 chunks per cube cutout
 N_CHUNKS = 8
-
-
-@pytest.fixture
-def boss(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBoss]:
-    monkeypatch.setenv("BOSSDB_TOKEN", TOKEN)
-    for name in ("INTERN_TOKEN", "BOSS_HOST", "INTERN_HOST", "BOSS_PROTOCOL", "INTERN_PROTOCOL"):
-        monkeypatch.delenv(name, raising=False)
-    with FakeBoss(z_extent=(100, 140), token=TOKEN) as server:
-        yield server
 
 
 def make(boss: FakeBoss, cache_dir: Path, **kwargs: Any) -> BossDBSource:

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import one_line_error
 
 from mtneuro_lab.data.cubes import catalog_from_config
 from mtneuro_lab.data.tasks import RegionClassificationTask, SplitArrays, downsample_area, parse_split
-from mtneuro_lab.errors import ConfigError, DataError
 
 CUBES: dict[str, Any] = {
     "regions": ["cortex", "striatum"],
@@ -24,14 +24,6 @@ SPLITS = {
     "val": [{"set": "A", "z": [40, 45]}],
     "test": [{"set": "A", "z": [60, 65]}],
 }
-
-
-def _message(call: Any, *args: Any, **kwargs: Any) -> str:
-    with pytest.raises((ConfigError, DataError)) as err:
-        call(*args, **kwargs)
-    message = str(err.value)
-    assert "\n" not in message
-    return message
 
 
 @pytest.mark.parametrize(
@@ -49,13 +41,15 @@ def _message(call: Any, *args: Any, **kwargs: Any) -> str:
     ],
 )
 def test_catalog_errors_name_the_key(change: dict, message: str) -> None:
-    assert _message(catalog_from_config, {**CUBES, **change}) == message
+    assert one_line_error(catalog_from_config, {**CUBES, **change}) == message
 
 
 def test_catalog_lookups() -> None:
     assert CATALOG.cube("A", "striatum").x == (100, 164)
-    assert _message(CATALOG.cube, "B", "cortex") == "cubes.sets: unknown cube set 'B'; known: ['A']"
-    assert _message(CATALOG.cube, "A", "vp") == "cubes.sets.A: no cube for region 'vp'; has: ['cortex', 'striatum']"
+    assert one_line_error(CATALOG.cube, "B", "cortex") == "cubes.sets: unknown cube set 'B'; known: ['A']"
+    assert (
+        one_line_error(CATALOG.cube, "A", "vp") == "cubes.sets.A: no cube for region 'vp'; has: ['cortex', 'striatum']"
+    )
 
 
 @pytest.mark.parametrize(
@@ -77,7 +71,7 @@ def test_catalog_lookups() -> None:
     ],
 )
 def test_split_entry_errors_name_the_key(entry: dict, message: str) -> None:
-    assert _message(parse_split, "val", [entry], CATALOG) == message
+    assert one_line_error(parse_split, "val", [entry], CATALOG) == message
 
 
 def test_box_entries_and_regions_parse() -> None:
@@ -96,18 +90,24 @@ def test_box_entries_and_regions_parse() -> None:
     ],
 )
 def test_task_split_names(kwargs: dict, message: str) -> None:
-    assert _message(RegionClassificationTask, "roi", **kwargs) == message
+    assert one_line_error(RegionClassificationTask, "roi", **kwargs) == message
 
 
 def test_binding_checks_regions_and_empty_splits() -> None:
     task = RegionClassificationTask("roi", SPLITS, regions=["cortex", "hippocampus"])
-    assert _message(task.bind, CATALOG) == "task.regions: unknown region 'hippocampus'; known: ['cortex', 'striatum']"
+    assert (
+        one_line_error(task.bind, CATALOG)
+        == "task.regions: unknown region 'hippocampus'; known: ['cortex', 'striatum']"
+    )
     empty = RegionClassificationTask("roi", {**SPLITS, "val": []})
-    assert _message(empty.bind, CATALOG) == "task.splits.val: is empty"
+    assert one_line_error(empty.bind, CATALOG) == "task.splits.val: is empty"
 
 
 def test_area_downsampling_needs_a_divisible_tile() -> None:
-    assert _message(downsample_area, np.zeros((2, 6, 7), np.uint8), 2) == "tile of 6x7 is not divisible by downsample 2"
+    assert (
+        one_line_error(downsample_area, np.zeros((2, 6, 7), np.uint8), 2)
+        == "tile of 6x7 is not divisible by downsample 2"
+    )
     pooled = downsample_area(np.array([[[0, 2], [4, 6]]], np.uint8), 2)
     assert pooled.tolist() == [[[3]]]
 

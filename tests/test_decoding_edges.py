@@ -11,20 +11,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error
 
 from mtneuro_lab.config.sections import PostprocessConfig, PostprocessGrid
 from mtneuro_lab.decoding import postprocess as pp
 from mtneuro_lab.decoding.volume import ChunkedStats, open_output, predict_chunked
-from mtneuro_lab.errors import ConfigError, DataError
 from mtneuro_lab.methods import em_eval
-
-
-def _message(call: Any, *args: Any, **kwargs: Any) -> str:
-    with pytest.raises((ConfigError, DataError)) as err:
-        call(*args, **kwargs)
-    message = str(err.value)
-    assert "\n" not in message
-    return message
 
 
 def test_outputs_are_zarr_or_hdf5(tmp_path: Path) -> None:
@@ -35,7 +27,7 @@ def test_outputs_are_zarr_or_hdf5(tmp_path: Path) -> None:
         data = f["probabilities"]
         assert data.shape == (2, 4, 8, 8) and data.dtype == np.float16 and data.compression == "gzip"
         assert float(data[1, 3, 7, 7]) == 0.25
-    assert _message(open_output, tmp_path / "probs.tif", (2, 4, 8, 8)) == (
+    assert one_line_error(open_output, tmp_path / "probs.tif", (2, 4, 8, 8)) == (
         f"output: {tmp_path / 'probs.tif'} must end in .zarr, .h5 or .hdf5"
     )
     assert ChunkedStats(windows=2, voxels=1000, wall_s=0.5, cpu_s=0.4).voxels_per_s == 2000.0
@@ -46,23 +38,23 @@ def test_chunked_prediction_checks_shapes_before_predicting() -> None:
         raise AssertionError("predicted despite a shape error")
 
     norm = lambda slab: torch.from_numpy(slab).float()[:, None]  # noqa: E731
-    assert _message(predict_chunked, never, np.zeros((8, 8), np.uint8), np.zeros((1, 8, 8)), (2, 4, 4), norm) == (
+    assert one_line_error(predict_chunked, never, np.zeros((8, 8), np.uint8), np.zeros((1, 8, 8)), (2, 4, 4), norm) == (
         "predict: expected a (z, y, x) volume, got shape (8, 8)"
     )
     assert (
-        _message(predict_chunked, never, np.zeros((4, 8, 8), np.uint8), np.zeros((2, 4, 8, 9)), (2, 4, 4), norm)
+        one_line_error(predict_chunked, never, np.zeros((4, 8, 8), np.uint8), np.zeros((2, 4, 8, 9)), (2, 4, 4), norm)
         == "predict: output shape (2, 4, 8, 9) does not hold (2, *(4, 8, 8))"
     )
 
 
 def test_prediction_shapes() -> None:
-    assert _message(pp.sliding_window_predict, lambda x: x, torch.zeros(1, 4, 8, 8), (2, 4, 4)) == (
+    assert one_line_error(pp.sliding_window_predict, lambda x: x, torch.zeros(1, 4, 8, 8), (2, 4, 4)) == (
         "sliding_window_predict: expected (B, 1, Z, Y, X), got shape (1, 4, 8, 8)"
     )
     batch = torch.rand(1, 3, 2, 4, 4)
     assert np.array_equal(pp.as_prediction(batch), batch[0].numpy())
     assert (
-        _message(pp.as_prediction, np.zeros((2, 4, 4)))
+        one_line_error(pp.as_prediction, np.zeros((2, 4, 4)))
         == "segment: expected a (C, Z, Y, X) prediction, got shape (2, 4, 4)"
     )
 
@@ -84,7 +76,7 @@ def test_prediction_shapes() -> None:
 )
 def test_candidates_need_the_channels_of_their_kind(channels: int, kind: str, settings: Any, message: str) -> None:
     pred = np.zeros((channels, 2, 4, 4), np.float32)
-    assert _message(lambda: list(pp.candidates(pred, kind, settings=settings))) == message
+    assert one_line_error(lambda: list(pp.candidates(pred, kind, settings=settings))) == message
 
 
 @pytest.mark.parametrize(
@@ -97,20 +89,20 @@ def test_candidates_need_the_channels_of_their_kind(channels: int, kind: str, se
     ],
 )
 def test_postprocess_options_name_their_key(kwargs: dict, message: str) -> None:
-    assert _message(PostprocessConfig, **kwargs) == message
+    assert one_line_error(PostprocessConfig, **kwargs) == message
 
 
 def test_postprocess_grid_typo_names_the_section() -> None:
-    assert _message(PostprocessConfig, grid={"thresholds": [0.5]}).startswith("task.postprocess.grid: ")
+    assert one_line_error(PostprocessConfig, grid={"thresholds": [0.5]}).startswith("task.postprocess.grid: ")
     assert PostprocessConfig(grid={"threshold": [0.3]}).grid == PostprocessGrid(threshold=[0.3])
 
 
 def test_choice_needs_a_known_metric_and_a_candidate() -> None:
-    assert _message(em_eval.better, "dice", 0.5, 0.4) == (
+    assert one_line_error(em_eval.better, "dice", 0.5, 0.4) == (
         "task.metric: must be one of arand, voi, ap50, ap75, got 'dice'"
     )
     assert em_eval.better("arand", 0.1, 0.2) and em_eval.better("ap50", 0.8, 0.2)
-    assert _message(em_eval.choose, iter([]), np.ones((2, 4, 4), np.int64), "arand") == (
+    assert one_line_error(em_eval.choose, iter([]), np.ones((2, 4, 4), np.int64), "arand") == (
         "task.postprocess.grid: no candidate to choose from"
     )
 

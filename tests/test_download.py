@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,21 +10,11 @@ from fake_boss import FakeBoss
 
 from mtneuro_lab import download
 
-TOKEN = "tok-download-7c1e"
 SPLITS = (
     "task.splits.train=[{set:A,z:[110,112]}]",
     "task.splits.val=[{set:A,z:[112,114]}]",
     "task.splits.test=[{set:A,z:[124,126]}]",
 )
-
-
-@pytest.fixture
-def boss(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBoss]:
-    monkeypatch.setenv("BOSSDB_TOKEN", TOKEN)
-    for name in ("INTERN_TOKEN", "BOSS_HOST", "INTERN_HOST", "BOSS_PROTOCOL", "INTERN_PROTOCOL"):
-        monkeypatch.delenv(name, raising=False)
-    with FakeBoss(z_extent=(100, 140), token=TOKEN) as server:
-        yield server
 
 
 def args(boss: FakeBoss, cache_dir: Path, *extra: str) -> list[str]:

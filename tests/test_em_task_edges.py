@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import one_line_error
 
 from mtneuro_lab.data.em import EMTask
 from mtneuro_lab.errors import ConfigError, DataError
@@ -38,11 +39,7 @@ def volumes(labels: np.ndarray | None = None, image_dtype: Any = np.uint8, **kwa
 
 
 def _message(**kwargs: Any) -> str:
-    with pytest.raises(ConfigError) as err:
-        EMTask("t", **{"splits": SPLITS, "crop": [4, 8, 8], **kwargs})
-    message = str(err.value)
-    assert "\n" not in message
-    return message
+    return one_line_error(EMTask, "t", raises=ConfigError, **{"splits": SPLITS, "crop": [4, 8, 8], **kwargs})
 
 
 @pytest.mark.parametrize(

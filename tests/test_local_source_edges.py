@@ -11,50 +11,48 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from conftest import one_line_error
 from PIL import Image
 
 from mtneuro_lab.data.sources.local import LocalVolumeSource, open_volume
-from mtneuro_lab.errors import ConfigError, DataError
 
 STACK = np.arange(4 * 6 * 8, dtype=np.uint8).reshape(4, 6, 8)
 
 
-def _error(call: Any, *args: Any, **kwargs: Any) -> str:
-    with pytest.raises((ConfigError, DataError)) as err:
-        call(*args, **kwargs)
-    message = str(err.value)
-    assert "\n" not in message
-    return message
-
-
 def test_unreadable_files_name_the_file_and_the_format(tmp_path: Path) -> None:
     np.save(tmp_path / "four_d.npy", np.zeros((2, 2, 2, 2), np.uint8))
-    assert _error(open_volume, tmp_path / "four_d.npy") == (
+    assert one_line_error(open_volume, tmp_path / "four_d.npy") == (
         f"{tmp_path / 'four_d.npy'}: expected a (z, y, x) volume or a 2D image, got shape (2, 2, 2, 2)"
     )
     for name in ("bad.npy", "bad.npz", "bad.tif", "bad.h5"):
         (tmp_path / name).write_bytes(b"definitely not an array")
-    assert _error(open_volume, tmp_path / "bad.npy").startswith(f"{tmp_path / 'bad.npy'}: not a readable .npy array (")
-    assert _error(open_volume, tmp_path / "bad.npz") == f"{tmp_path / 'bad.npz'}: not a valid .npz archive"
-    assert _error(open_volume, tmp_path / "bad.tif").startswith(f"{tmp_path / 'bad.tif'}: not a readable TIFF (")
-    assert _error(open_volume, tmp_path / "bad.h5").startswith(f"{tmp_path / 'bad.h5'}: not a readable HDF5 file (")
+    assert one_line_error(open_volume, tmp_path / "bad.npy").startswith(
+        f"{tmp_path / 'bad.npy'}: not a readable .npy array ("
+    )
+    assert one_line_error(open_volume, tmp_path / "bad.npz") == f"{tmp_path / 'bad.npz'}: not a valid .npz archive"
+    assert one_line_error(open_volume, tmp_path / "bad.tif").startswith(
+        f"{tmp_path / 'bad.tif'}: not a readable TIFF ("
+    )
+    assert one_line_error(open_volume, tmp_path / "bad.h5").startswith(
+        f"{tmp_path / 'bad.h5'}: not a readable HDF5 file ("
+    )
     store = tmp_path / "bad.zarr"
     store.mkdir()
     (store / "zarr.json").write_text("{ not json")
-    assert _error(open_volume, store).startswith(f"{store}: not a readable zarr store (")
+    assert one_line_error(open_volume, store).startswith(f"{store}: not a readable zarr store (")
 
 
 def test_a_single_zarr_array_or_a_slice_folder_takes_no_key(tmp_path: Path) -> None:
     array = zarr.open(str(tmp_path / "one.zarr"), mode="w", shape=STACK.shape, dtype=STACK.dtype)
     array[:] = STACK
-    assert _error(open_volume, tmp_path / "one.zarr", "raw") == (
+    assert one_line_error(open_volume, tmp_path / "one.zarr", "raw") == (
         f"{tmp_path / 'one.zarr'}: is a single zarr array, so key must be null (got 'raw')"
     )
     np.testing.assert_array_equal(open_volume(tmp_path / "one.zarr").read((1, 3), (0, 6), (2, 5)), STACK[1:3, :, 2:5])
     folder = tmp_path / "slices"
     folder.mkdir()
     Image.fromarray(STACK[0]).save(folder / "s0.png")
-    assert _error(open_volume, folder, "raw") == (
+    assert one_line_error(open_volume, folder, "raw") == (
         f"{folder}: a folder of slices has no keys, so key must be null (got 'raw')"
     )
 
@@ -74,7 +72,7 @@ def test_slice_folders_must_hold_grayscale_slices_of_one_shape(tmp_path: Path) -
     colour = tmp_path / "colour"
     colour.mkdir()
     Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(colour / "s0.png")
-    assert _error(open_volume, colour) == f"{colour / 's0.png'}: image mode RGB is not single-channel grayscale"
+    assert one_line_error(open_volume, colour) == f"{colour / 's0.png'}: image mode RGB is not single-channel grayscale"
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     Image.fromarray(STACK[0]).save(mixed / "s1.png")
@@ -82,7 +80,7 @@ def test_slice_folders_must_hold_grayscale_slices_of_one_shape(tmp_path: Path) -
     Image.fromarray(np.zeros((5, 8), np.uint8)).save(mixed / "s10.png")
     reader = open_volume(mixed)
     np.testing.assert_array_equal(reader.read((0, 2), (0, 6), (0, 8)), STACK[:2])
-    assert _error(reader.read, (1, 3), (0, 5), (0, 8)) == (
+    assert one_line_error(reader.read, (1, 3), (0, 5), (0, 8)) == (
         f"{mixed / 's10.png'}: slice shape (5, 8) differs from s1.png's (6, 8)"
     )
 
@@ -104,4 +102,4 @@ def test_slice_folders_must_hold_grayscale_slices_of_one_shape(tmp_path: Path) -
     ],
 )
 def test_bad_config_values_name_their_key(channels: Any, origin: Any, message: str) -> None:
-    assert _error(LocalVolumeSource, channels, origin=origin) == message
+    assert one_line_error(LocalVolumeSource, channels, origin=origin) == message

@@ -8,29 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import config_error
 
-from mtneuro_lab.errors import ConfigError
 from mtneuro_lab.nets import segmentation
 from mtneuro_lab.nets.rsunet import RSUNet
 from mtneuro_lab.nets.segmentation import check_encoder_name, em_unet, hub_reachable, net3d, smp_net, unet_levels
 
 
-def _message(call: object, *args: object, **kwargs: object) -> str:
-    with pytest.raises(ConfigError) as err:
-        call(*args, **kwargs)  # type: ignore[operator]
-    message = str(err.value)
-    assert "\n" not in message
-    return message
-
-
 def test_unet_levels() -> None:
     assert unet_levels(None) == 3 and unet_levels(5) == 5
-    assert _message(unet_levels, 6) == "model.levels: must be in 1..5, got 6"
+    assert config_error(unet_levels, 6) == "model.levels: must be in 1..5, got 6"
 
 
 def test_timm_encoder_names_are_checked() -> None:
     check_encoder_name("tu-resnet18")
-    assert _message(check_encoder_name, "tu-resnet_nonexistent") == (
+    assert config_error(check_encoder_name, "tu-resnet_nonexistent") == (
         "model.encoder_name: unknown timm encoder 'tu-resnet_nonexistent'"
     )
 
@@ -60,37 +52,39 @@ def test_hub_reachable_names_why_not(no_hub: None, monkeypatch: pytest.MonkeyPat
 
 
 def test_encoder_weights_that_do_not_exist_name_the_options(no_hub: None) -> None:
-    message = _message(smp_net, "unet", "resnet18", "nonexistent", 2)
+    message = config_error(smp_net, "unet", "resnet18", "nonexistent", 2)
     assert message.startswith("model.encoder_weights: ") and "Available options are: ['imagenet'" in message
 
 
 def test_weights_not_in_the_cache_and_no_hub_is_one_line(no_hub: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(segmentation, "hub_reachable", lambda timeout=5.0: "test: no network")
-    message = _message(smp_net, "unet", "resnet18", "imagenet", 2)
+    message = config_error(smp_net, "unet", "resnet18", "imagenet", 2)
     assert message.startswith(
         "model.encoder_weights=imagenet: cannot fetch weights for encoder 'resnet18' (test: no network); "
         "run with model.encoder_weights=null"
     )
     monkeypatch.setattr(segmentation, "hub_reachable", lambda timeout=5.0: None)  # reachable, but the fetch fails
-    message = _message(smp_net, "unet", "resnet18", "imagenet", 2)
+    message = config_error(smp_net, "unet", "resnet18", "imagenet", 2)
     assert message.startswith("model.encoder_weights=imagenet: cannot fetch weights for encoder 'resnet18' (")
     assert "test: no network" not in message
 
 
 def test_em_unet_options() -> None:
-    assert _message(em_unet, "unet3d", 3, 0, None, (8, 32, 32)) == "model.base_channels: must be >= 1, got 0"
-    assert _message(em_unet, "basic_unet", 3, 2, 3, (16, 32, 32)) == (
+    assert config_error(em_unet, "unet3d", 3, 0, None, (8, 32, 32)) == "model.base_channels: must be >= 1, got 0"
+    assert config_error(em_unet, "basic_unet", 3, 2, 3, (16, 32, 32)) == (
         "model.levels: basic_unet always has 4 levels; leave model.levels=null, got 3"
     )
-    assert _message(em_unet, "basic_unet", 3, 2, None, (8, 32, 32)).startswith(
+    assert config_error(em_unet, "basic_unet", 3, 2, None, (8, 32, 32)).startswith(
         "task.crop: samples of 8x32x32 must be divisible by 16x16x16; basic_unet halves every axis 4 times"
     )
-    assert _message(em_unet, "vnet", 3, 2, None, (8, 32, 32)) == (
+    assert config_error(em_unet, "vnet", 3, 2, None, (8, 32, 32)) == (
         "model.arch: on EM tasks must be unet3d or basic_unet, got 'vnet'"
     )
     net = em_unet("basic_unet", 3, 2, 4, (16, 32, 32))
     assert net(torch.zeros(1, 1, 16, 32, 32)).shape == (1, 3, 16, 32, 32)
-    assert _message(net3d, "swin", 3, 2, 2) == "model.arch: must be one of unet3d, vnet_light, highresnet, got 'swin'"
+    assert (
+        config_error(net3d, "swin", 3, 2, 2) == "model.arch: must be one of unet3d, vnet_light, highresnet, got 'swin'"
+    )
 
 
 @pytest.mark.parametrize(
@@ -114,7 +108,7 @@ def test_em_unet_options() -> None:
     ],
 )
 def test_rsunet_options_name_their_key(kwargs: dict, message: str) -> None:
-    assert _message(RSUNet, **kwargs) == message
+    assert config_error(RSUNet, **kwargs) == message
 
 
 def test_rsunet_with_explicit_factors() -> None:

@@ -9,12 +9,11 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from conftest import compose
+from conftest import compose, config_error
 from omegaconf import DictConfig, OmegaConf
 
 from mtneuro_lab.config.schema import check_target_section, merge_dataclass, validate_config
 from mtneuro_lab.config.sections import PerfConfig
-from mtneuro_lab.errors import ConfigError
 
 TARGET = f"{__name__}.build_thing"
 
@@ -27,14 +26,6 @@ def build_thing(
     anything: Any = None,
 ) -> None:
     """A ``_target_`` whose parameters carry the hints the schema checks."""
-
-
-def _message(call: Any, *args: Any) -> str:
-    with pytest.raises(ConfigError) as err:
-        call(*args)
-    message = str(err.value)
-    assert "\n" not in message
-    return message
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +49,7 @@ def test_top_level_and_group_errors_name_their_key(composed: DictConfig, key: st
     validate_config(cfg)  # the composed default is valid
     OmegaConf.set_struct(cfg, False)
     OmegaConf.update(cfg, key, value, merge=False)
-    assert _message(validate_config, cfg).startswith(message)
+    assert config_error(validate_config, cfg).startswith(message)
 
 
 @pytest.mark.parametrize(
@@ -73,7 +64,7 @@ def test_top_level_and_group_errors_name_their_key(composed: DictConfig, key: st
 )
 def test_signature_types_of_a_target(key: str, value: Any, message: str) -> None:
     section = OmegaConf.create({"_target_": TARGET, key: value})
-    assert _message(check_target_section, section, "thing") == message
+    assert config_error(check_target_section, section, "thing") == message
 
 
 def test_values_of_the_right_shape_pass() -> None:
@@ -83,5 +74,5 @@ def test_values_of_the_right_shape_pass() -> None:
 
 
 def test_a_dataclass_section_that_is_not_a_mapping_fails_in_the_merge() -> None:
-    message = _message(merge_dataclass, PerfConfig, [1, 2], "perf")
+    message = config_error(merge_dataclass, PerfConfig, [1, 2], "perf")
     assert message.startswith("perf")

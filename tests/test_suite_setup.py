@@ -26,23 +26,3 @@ def test_a_module_scoped_fixture_groups_its_tests(request: pytest.FixtureRequest
 @pytest.fixture(scope="module")
 def shared_once() -> int:
     return 1
-
-
-class _Item:
-    """What :func:`conftest.longest_first` reads of a pytest item."""
-
-    def __init__(self, nodeid: str, group: str | None = None) -> None:
-        self.nodeid, self.group = nodeid, group
-
-    def get_closest_marker(self, name: str) -> pytest.Mark | None:
-        return pytest.mark.xdist_group(self.group).mark if name == "xdist_group" and self.group else None
-
-
-def test_longest_tests_and_groups_are_handed_out_first() -> None:
-    from conftest import longest_first
-
-    items = [_Item("a"), _Item("g1", "g"), _Item("b"), _Item("g2", "g"), _Item("c"), _Item("new")]
-    seconds = {"a": 1.0, "b": 30.0, "c": 5.0, "g1": 4.0, "g2": 3.0}  # group g: 7 s in all
-    order = [i.nodeid for i in longest_first(items, seconds)]  # type: ignore[arg-type]
-    assert order == ["b", "g1", "g2", "c", "a", "new"]
-    assert [i.nodeid for i in longest_first(items, {})] == ["a", "g1", "g2", "b", "c", "new"]  # no record: as collected

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from conftest import config_error
 
 from mtneuro_lab.data.cubes import catalog_from_config
 from mtneuro_lab.data.seg_tasks import SegmentationTask
 from mtneuro_lab.data.semantic_task import SemanticFeatureTask
 from mtneuro_lab.data.sources.phantom_em import PhantomEMSource, check_shape
-from mtneuro_lab.errors import ConfigError
 
 SPLITS = {
     "train": [{"set": "A", "z": [0, 20]}],
@@ -24,14 +23,6 @@ SPLITS = {
     "test": [{"set": "A", "z": [60, 65]}],
 }
 SEG = {"splits": SPLITS, "class_names": ["bg", "cell"], "class_map": {0: 0, 1: 1}}
-
-
-def _message(call: Any, *args: Any, **kwargs: Any) -> str:
-    with pytest.raises(ConfigError) as err:
-        call(*args, **kwargs)
-    message = str(err.value)
-    assert "\n" not in message
-    return message
 
 
 @pytest.mark.parametrize(
@@ -44,7 +35,7 @@ def _message(call: Any, *args: Any, **kwargs: Any) -> str:
     ],
 )
 def test_segmentation_options_name_their_key(kwargs: dict, message: str) -> None:
-    assert _message(SegmentationTask, "seg", **{**SEG, **kwargs}) == message
+    assert config_error(SegmentationTask, "seg", **{**SEG, **kwargs}) == message
 
 
 def test_segmentation_windows_share_one_in_plane_shape() -> None:
@@ -57,7 +48,7 @@ def test_segmentation_windows_share_one_in_plane_shape() -> None:
     )
     task = SegmentationTask("seg", **SEG)
     assert (
-        _message(task.bind, catalog)
+        config_error(task.bind, catalog)
         == "task.splits: all windows must share one in-plane shape, got [(64, 32), (64, 64)]"
     )
 
@@ -75,12 +66,12 @@ def test_segmentation_windows_share_one_in_plane_shape() -> None:
     ],
 )
 def test_semantic_options_name_their_key(kwargs: dict, message: str) -> None:
-    assert _message(SemanticFeatureTask, **kwargs) == message
+    assert config_error(SemanticFeatureTask, **kwargs) == message
 
 
 def test_semantic_downsample_comes_from_the_checkpoint_only_when_unset() -> None:
     task = SemanticFeatureTask()
-    assert _message(task.use_downsample, 3) == "task.downsample: the checkpoint's downsample 3 is not 1, 2 or 4"
+    assert config_error(task.use_downsample, 3) == "task.downsample: the checkpoint's downsample 3 is not 1, 2 or 4"
     task.use_downsample(4)
     assert task.downsample == 4
     fixed = SemanticFeatureTask(downsample=1)
@@ -89,8 +80,11 @@ def test_semantic_downsample_comes_from_the_checkpoint_only_when_unset() -> None
 
 
 def test_phantom_em_options() -> None:
-    assert _message(PhantomEMSource, seed=-1) == "source.seed: must be >= 0, got -1"
-    assert _message(check_shape, [8, "64", None]) == "source.em_shape: expected [z, y, x] integers, got [8, '64', None]"
+    assert config_error(PhantomEMSource, seed=-1) == "source.seed: must be >= 0, got -1"
+    assert (
+        config_error(check_shape, [8, "64", None])
+        == "source.em_shape: expected [z, y, x] integers, got [8, '64', None]"
+    )
 
 
 def test_phantom_em_pickles_without_its_memory_maps(tmp_path: Path) -> None:
