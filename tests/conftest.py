@@ -1,8 +1,9 @@
 """Shared test fixtures: config composition, CLI runs in temporary run directories.
 
 Tiny run sizes live in one place, the ``debug`` config group (``mtneuro_lab/conf/debug/``):
-every CLI run of the tests adds ``+debug=fast`` (or another option of that group) unless
-``fast=False``; keys the test gives itself still win, as on a real command line.
+every CLI run of the tests adds ``+debug=fast`` (``fast_resnet`` for the default supervised
+ResNet, or another option of that group) unless ``fast=False``; keys the test gives itself still
+win, as on a real command line.
 
 Most CLI runs are **in-process** (:func:`run_inproc`): the same entry point as ``train.py`` /
 ``evaluate.py`` (:func:`mtneuro_lab.cli.main`: preflight, Hydra's run directory, one-line errors
@@ -141,19 +142,45 @@ def _no_hydra_app_left_behind() -> Iterator[None]:
     HydraConfig.instance().cfg = None  # type: ignore[assignment]
 
 
-def cli_args(
-    overrides: Iterable[str], run_dir: Path | None = None, fast: bool | str = True, multirun: bool = False
-) -> list[str]:
-    """Command-line arguments of a test run: the test's overrides, then ``+debug=<fast>``.
+#: models run with ``+debug=fast_resnet`` when a test asks for ``fast=True`` (the supervised
+#: ResNet, the default model): the same layout 16 channels wide, a 16th of the work and bytes
+RESNET_MODELS = frozenset({"supervised", "mixup"})
 
-    ``fast=True`` means ``+debug=fast``; a string names another option of the debug group. The
-    debug option comes last so that it overlays ``+sweep=...`` configs too (a ``+group`` given
-    later is merged later); plain ``key=value`` overrides win over it wherever they stand.
+
+def debug_option(overrides: Iterable[str], fast: bool | str, script: str = "train.py") -> str | None:
+    """The ``+debug`` option of a test run: ``fast`` if it names one; for ``fast=True``,
+    ``fast_resnet`` when ``train.py`` trains the supervised ResNet (no other model, experiment or
+    sweep config chosen), else ``fast`` (``evaluate.py`` keeps the checkpoint's model)."""
+    if not fast:
+        return None
+    if fast is not True:
+        return fast
+    chosen = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    if script != "train.py" or "experiment" in chosen or "sweep" in chosen:
+        return "fast"
+    return "fast_resnet" if set(chosen.get("model", "supervised").split(",")) <= RESNET_MODELS else "fast"
+
+
+def cli_args(
+    overrides: Iterable[str],
+    run_dir: Path | None = None,
+    fast: bool | str = True,
+    multirun: bool = False,
+    script: str = "train.py",
+) -> list[str]:
+    """Command-line arguments of a test run: the test's overrides, then ``+debug=<option>``.
+
+    ``fast=True`` picks the option by the run's model (:func:`debug_option`); a string names an
+    option of the debug group. The debug option comes last so that it overlays ``+sweep=...``
+    configs too (a ``+group`` given later is merged later); plain ``key=value`` overrides win
+    over it wherever they stand.
     """
+    overrides = list(overrides)
     args = ["-m"] if multirun else []
-    args += list(overrides)
-    if fast:
-        args.append(f"+debug={'fast' if fast is True else fast}")
+    args += overrides
+    option = debug_option(overrides, fast, script)
+    if option:
+        args.append(f"+debug={option}")
     if run_dir is not None:
         args.append(f"{'hydra.sweep.dir' if multirun else 'hydra.run.dir'}={run_dir}")
     return args
@@ -183,7 +210,7 @@ def run_cli(
     multirun: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run ``train.py``/``evaluate.py`` in a real subprocess (see the module docstring for when)."""
-    args = [sys.executable, str(ROOT / script), *cli_args(overrides, run_dir, fast, multirun)]
+    args = [sys.executable, str(ROOT / script), *cli_args(overrides, run_dir, fast, multirun, script)]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cli_env(env))
 
 
@@ -209,7 +236,7 @@ def run_inproc(
     """
     from mtneuro_lab.cli import main
 
-    argv = [str(ROOT / script), *cli_args(overrides, run_dir, fast, multirun)]
+    argv = [str(ROOT / script), *cli_args(overrides, run_dir, fast, multirun, script)]
     out, err = io.StringIO(), io.StringIO()
     with (
         _isolated_run(argv, {**_RUN_ENV, **(env or {})}),

@@ -95,15 +95,26 @@ def test_real_processes_exit_2_with_one_line_and_write_nothing(tmp_path: Path) -
         assert not run_dir.exists()
 
 
-def test_a_schema_error_exits_before_torch_is_loaded(tmp_path: Path) -> None:
-    """A typo or a bad value in a training command is refused by the schema before torch and
-    Lightning are imported (about 1 s of CPU instead of about 10)."""
+@pytest.mark.parametrize(
+    ("flow", "override", "message"),
+    [
+        ("train", "data.batch_sise=3", "error: data.batch_sise: unknown key"),
+        (
+            "evaluate",
+            "ckpt_path=/no/such/run/last.ckpt",
+            "error: ckpt_path: no checkpoint file at /no/such/run/last.ckpt",
+        ),
+    ],
+)
+def test_bad_input_exits_before_torch_is_loaded(flow: str, override: str, message: str, tmp_path: Path) -> None:
+    """A typo or a bad value in a training command, or a checkpoint that is not there, is
+    refused before torch and Lightning are imported (about 1 s of CPU instead of about 10)."""
     code = (
         "import sys\n"
         "from mtneuro_lab.cli import main\n"
-        f"sys.argv = ['train.py', 'data.batch_sise=3', 'hydra.run.dir={tmp_path / 'run'}']\n"
-        "try:\n    main('train')\nexcept SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)\n"
+        f"sys.argv = ['{flow}.py', '{override}', 'hydra.run.dir={tmp_path / 'run'}']\n"
+        f"try:\n    main('{flow}')\nexcept SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True)
     assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr[-2000:]
-    assert proc.stderr.strip().startswith("error: data.batch_sise: unknown key")
+    assert proc.stderr.strip().startswith(message) and not (tmp_path / "run").exists()

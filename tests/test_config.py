@@ -51,6 +51,7 @@ def test_group_option_composes_and_validates(group: str, option: str) -> None:
 #: every `+debug=<option>` with the task and model it is made for
 DEBUG_CONTEXT = {
     "fast": (),
+    "fast_resnet": ("model=supervised",),
     "fast_ssl": ("model=byol",),
     "fast_em": ("task=snemi3d", "model=mae_pretrain"),
     "fast_mae": ("task=snemi3d", "model=mae_pretrain"),
@@ -69,10 +70,12 @@ def test_debug_option_composes_and_validates(option: str) -> None:
     validate_config(cfg)
     assert cfg.trainer.max_epochs == 1 and cfg.trainer.limit_train_batches == 2
     assert cfg.trainer.enable_progress_bar is False and not cfg.logger
-    if option.startswith("fast_") and option != "fast_ssl":
+    if option.startswith("fast_") and option not in ("fast_ssl", "fast_resnet"):
         assert cfg.model.preset == "tiny" and list(cfg.task.crop) == [8, 32, 64] and cfg.data.batch_size == 2
     else:
         assert cfg.task.downsample == 4 and cfg.data.batch_size == 4
+    if option in ("fast_resnet", "fast_ssl"):
+        assert cfg.model.width == 16
     wins = compose([*DEBUG_CONTEXT[option], f"+debug={option}", "trainer.max_epochs=3", "data.batch_size=6"])
     assert wins.trainer.max_epochs == 3 and wins.data.batch_size == 6
 

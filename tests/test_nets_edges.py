@@ -1,6 +1,7 @@
 """Network builders' one-line errors and fallbacks that the model configs never reach:
 U-Net levels, timm encoder names, encoder weights that are missing or not in the cache (no
-network: the hub is made unreachable), EM U-Net and RSUNet options, a small BasicUNet."""
+network: the hub is made unreachable), EM U-Net and RSUNet options, a small BasicUNet, and the
+ResNet-18 encoder's ``width``."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import config_error
+from torchvision.models import resnet18
 
 from mtneuro_lab.nets import segmentation
+from mtneuro_lab.nets.resnet import ResNet18Encoder, resnet18_of_width
 from mtneuro_lab.nets.rsunet import RSUNet
 from mtneuro_lab.nets.segmentation import check_encoder_name, em_unet, hub_reachable, net3d, smp_net, unet_levels
 
@@ -115,3 +118,31 @@ def test_rsunet_with_explicit_factors() -> None:
     net = RSUNet(out_channels=2, widths=[2, 4], downsample=[[2, 2, 2]], input_shape=(4, 8, 8))
     assert net.divisor == (2, 2, 2)
     assert net(torch.zeros(1, 1, 4, 8, 8)).shape == (1, 2, 4, 8, 8)
+
+
+def test_resnet_width_scales_every_stage_and_keeps_the_checkpoint_keys() -> None:
+    torch.manual_seed(0)
+    wide, narrow = ResNet18Encoder(tile_size=64), ResNet18Encoder(tile_size=64, width=16)
+    assert (wide.out_dim, narrow.out_dim) == (512, 128)
+    assert narrow(torch.zeros(2, 1, 64, 64)).shape == (2, 128)
+    big, small = wide.state_dict(), narrow.state_dict()
+    assert big.keys() == small.keys()  # same module names: same checkpoint layout at any width
+    for key, value in big.items():  # every conv and norm a quarter as wide (conv1 takes 1 channel in both)
+        if value.ndim == 4:
+            assert small[key].shape[0] * 4 == value.shape[0] and small[key].shape[1] in (1, value.shape[1] // 4), key
+    ratio = sum(p.numel() for p in wide.parameters()) / sum(p.numel() for p in narrow.parameters())
+    assert 15 < ratio < 16.1  # convs scale with width squared
+    # torchvision's initialisation of the rebuilt stages (kaiming, fan_out), not PyTorch's default
+    conv = narrow.net.layer4[1].conv2.weight
+    assert conv.std().item() == pytest.approx((2 / (128 * 9)) ** 0.5, rel=0.1)
+    # width 64 is torchvision's ResNet-18 itself
+    assert {k: v.shape for k, v in resnet18_of_width(64).state_dict().items()} == {
+        k: v.shape for k, v in resnet18(weights=None).state_dict().items()
+    }
+
+
+@pytest.mark.parametrize("width", [0, -16, 2.5, True])
+def test_a_bad_resnet_width_is_one_line(width: object) -> None:
+    assert config_error(ResNet18Encoder, width=width) == (
+        f"model.width: must be a positive integer (ResNet-18: 64), got {width!r}"
+    )

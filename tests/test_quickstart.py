@@ -20,7 +20,7 @@ TILE = 256  # ROI-C1 tiles before task.downsample
 def train_flops(cfg: DictConfig) -> float:
     """Forward FLOPs of one fit (backward costs the same multiple of it for both sides)."""
     tile = TILE // int(cfg.task.downsample)
-    net = ResNet18Encoder(stem=cfg.model.stem, tile_size=tile).eval()
+    net = ResNet18Encoder(stem=cfg.model.stem, tile_size=tile, width=int(cfg.model.width)).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         net(torch.zeros(1, 1, tile, tile))
     regions = 4  # a cube-set entry covers the four regions

@@ -1,12 +1,13 @@
 """Exact resume: a run killed with SIGKILL mid-epoch and resumed ends like an uninterrupted one.
 
-The killed run is a real process (SIGKILL); so is the uninterrupted reference, whose metrics the
-in-process resume must reproduce exactly (which also checks that an in-process run computes what
-a real ``train.py`` computes)."""
+The killed run is a process of its own, forked from the test process (SIGKILL ends it wherever it
+is); the uninterrupted reference and the resume run in-process, and the resume must reproduce the
+reference's metrics exactly. The preemption tests (slow) start real ``train.py`` processes."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 import torch
 from conftest import ROOT, cli_args, cli_env, read_metrics, run_cli, run_inproc
 from test_wandb import _offline_run
+from threadpoolctl import threadpool_limits
 
 from mtneuro_lab.cluster.preemption import REQUEUE_FILE
 
@@ -48,6 +50,36 @@ CASES = {
 SLOW = {"byol", "unet2d"}
 
 
+class _ForkedRun:
+    """``train.py``'s flow in a child forked from this test process (torch, Lightning and the
+    project already imported: no start-up of its own), with the ``Popen`` calls used here."""
+
+    def __init__(self, args: list[str], run_dir: Path, fast: bool | str) -> None:
+        self.proc = multiprocessing.get_context("fork").Process(target=self._main, args=(args, run_dir, fast))
+        self.proc.start()
+
+    @staticmethod
+    def _main(args: list[str], run_dir: Path, fast: bool | str) -> None:
+        # an OpenMP pool the parent used does not survive fork (GNU libgomp hangs): one thread
+        torch.set_num_threads(1)
+        with threadpool_limits(1):
+            os._exit(run_inproc("train.py", *args, run_dir=run_dir, fast=fast).returncode)
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float) -> int | None:
+        self.proc.join(timeout)
+        return self.proc.exitcode
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join()
+
+
 def _kill_after_checkpoints(
     args: list[str],
     run_dir: Path,
@@ -55,14 +87,22 @@ def _kill_after_checkpoints(
     timeout: float = 600,
     sig: int = signal.SIGKILL,
     fast: bool | str = True,
-) -> int:
-    """Start a run, send ``sig`` right after ``last`` has been (re)written ``writes`` times."""
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *cli_args(args, run_dir, fast)],
-        cwd=ROOT,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    fork: bool = False,
+) -> int | None:
+    """Start a run, send ``sig`` right after ``last`` has been (re)written ``writes`` times.
+
+    ``fork``: the run is a child forked from this process (:class:`_ForkedRun`), else a real
+    ``train.py`` process (what a DDP run needs: Lightning re-runs the script for rank 1)."""
+    proc: _ForkedRun | subprocess.Popen = (
+        _ForkedRun(args, run_dir, fast)
+        if fork
+        else subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *cli_args(args, run_dir, fast)],
+            cwd=ROOT,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     )
     last = run_dir / "checkpoints" / "last.ckpt"
     seen, mtime, deadline = 0, None, time.monotonic() + timeout
@@ -91,7 +131,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(name: str, tmp_path
 
     crashed = tmp_path / "crashed"
     last = crashed / "checkpoints" / "last.ckpt"
-    code = _kill_after_checkpoints(list(args), crashed, writes=1)
+    code = _kill_after_checkpoints(list(args), crashed, writes=1, fork=True)
     assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (crashed / "metrics.json").exists()
     state = torch.load(last, map_location="cpu", weights_only=True)

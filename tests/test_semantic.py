@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from conftest import compose, read_metrics, run_inproc
+from omegaconf import OmegaConf
 
 from mtneuro_lab.analysis.embeddings import split_tiles
 from mtneuro_lab.analysis.readout import fold_predictions, linear_readout, metrics_of, table_text
@@ -303,10 +304,12 @@ def test_evaluate_semantic_writes_r2_table_and_umaps(task1_ckpt, tmp_path, monke
             metrics
         )
         assert (run / f"umap_{f}.png").stat().st_size > 1000
-    assert np.load(run / "embeddings.npy").shape == (320, 512)
+    # the representation of the checkpoint's encoder: 8 x its width (+debug=fast_resnet: 16)
+    dim = 8 * OmegaConf.load(task1_ckpt.parents[1] / "config.yaml").model.width
+    assert dim == 128 and np.load(run / "embeddings.npy").shape == (320, dim)
     # one UMAP of the standardised embeddings, seeded by the run's seed, with task.umap_neighbors
     [call] = RecordingUMAP.calls
-    assert call["shape"] == (320, 512) and abs(call["mean"]) < 1e-6
+    assert call["shape"] == (320, dim) and abs(call["mean"]) < 1e-6
     assert (call["n_neighbors"], call["random_state"], call["n_jobs"]) == (15, 1, 1)
     table = (run / "semantic_r2.md").read_text()
     assert "| vessel_density |" in table and "within-region R² 5-fold CV (blocked, gap 1)" in table

@@ -115,6 +115,7 @@ class SSLMethod(BaseMethod):
         input_shape: Sequence[int],
         *,
         stem: Stem = "auto",
+        width: int = 64,
         views: ViewConfig | Mapping[str, Any] | None = None,
         linear_eval: LinearEvalConfig | Mapping[str, Any] | None = None,
         ema_start: float = 0.996,
@@ -141,7 +142,7 @@ class SSLMethod(BaseMethod):
         self.ema_start, self.ema_end = float(ema_start), float(ema_end)
         self._view_workspace = augment.Workspace()  # the views' gather index, reused per batch
         # the stem follows the size the encoder actually sees (crops), see nets/resnet.py
-        self.encoder = ResNet18Encoder(in_channels=1, stem=stem, tile_size=min(self.crop_size))
+        self.encoder = ResNet18Encoder(in_channels=1, stem=stem, tile_size=min(self.crop_size), width=width)
         dim = self.encoder.out_dim
         self.online_probe = nn.Linear(dim, self.num_classes)
         norm: nn.Module = nn.BatchNorm1d(dim, affine=False) if self.linear_cfg.batchnorm else nn.Identity()

@@ -30,6 +30,7 @@ class SupervisedClassifier(ScoredMethod):
         input_shape: Sequence[int],
         *,
         stem: Stem = "auto",
+        width: int = 64,
         dropout: float = 0.2,
         mixup_prob: float = 0.0,
         mixup_alpha: float = 1.0,
@@ -42,7 +43,7 @@ class SupervisedClassifier(ScoredMethod):
             raise ConfigError(f"model.mixup_prob: must be in [0, 1], got {mixup_prob}")
         if mixup_alpha <= 0:
             raise ConfigError(f"model.mixup_alpha: must be > 0, got {mixup_alpha}")
-        self.encoder = ResNet18Encoder(in_channels=1, stem=stem, tile_size=min(self.input_shape[-2:]))
+        self.encoder = ResNet18Encoder(in_channels=1, stem=stem, tile_size=min(self.input_shape[-2:]), width=width)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.encoder.out_dim, self.num_classes))
         self.mixup_prob = mixup_prob
         self.mixup_alpha = mixup_alpha
