@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.doc_blocks import write_block  # noqa: E402
 from mtneuro_lab.analysis.tables import mean_std  # noqa: E402
+from mtneuro_lab.data.sources.phantom_tissue import GENERATOR_REVISION  # noqa: E402
 
 DOC = ROOT / "docs" / "task2.md"
 ISBI_DATA = ROOT.parent / "shared" / "data" / "isbi2012"
@@ -339,7 +340,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "task2_seg",
             markdown,
             time.perf_counter() - start,
-            {"seeds": args.seeds, "recipe": "CPU, not the defaults (see the table)"},
+            {
+                "seeds": args.seeds,
+                "recipe": "CPU, not the defaults (see the table)",
+                "phantom": f"source.generator=v2, revision {GENERATOR_REVISION} (the default)",
+            },
         )
     return figures
 
