@@ -97,6 +97,10 @@ SPLIT_OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
         )
     },
 }
+#: ``--tta``: the task's ``tta`` of every learned run (validation and test inference alike); a
+#: recipe of its own (another work directory and docs block), compared on validation scores
+DEFAULT_TTA = "none"
+TTA_CHOICES = ("none", "flips")
 METRIC_KEYS = ("test/arand", "test/voi_split", "test/voi_merge")
 
 
@@ -116,7 +120,13 @@ def pretrain(workdir: Path, steps: int = PRETRAIN_STEPS) -> dict[str, Any]:
 
 
 def train_overrides(
-    task: str, model: str, seed: int, workdir: Path, steps: int = STEPS, split: str = DEFAULT_SPLIT
+    task: str,
+    model: str,
+    seed: int,
+    workdir: Path,
+    steps: int = STEPS,
+    split: str = DEFAULT_SPLIT,
+    tta: str = DEFAULT_TTA,
 ) -> list[str]:
     extra = [f"model.pretrained={workdir / 'pretrain' / 'encoder.pt'}"] if model == "mae" else []
     return [
@@ -126,6 +136,7 @@ def train_overrides(
         *COMMON,
         f"trainer.max_steps={steps}",
         f"seed={seed}",
+        *([] if tta == DEFAULT_TTA else [f"task.tta={tta}"]),
     ]
 
 
@@ -136,6 +147,7 @@ def train(
     seeds: Sequence[int],
     steps: int = STEPS,
     split: str = DEFAULT_SPLIT,
+    tta: str = DEFAULT_TTA,
 ) -> dict[str, Any]:
     """Every (task, model, seed) run, one at a time on one thread; failures are recorded, not fatal."""
     out: dict[str, Any] = {}
@@ -146,7 +158,7 @@ def train(
                 try:
                     out[name] = run_cli(
                         workdir / "runs" / task / model / f"s{seed}",
-                        train_overrides(task, model, seed, workdir, steps, split),
+                        train_overrides(task, model, seed, workdir, steps, split, tta),
                         threads=1,
                         log=print,
                     )
@@ -692,9 +704,11 @@ def total_wall(res: dict[str, Any]) -> float:
     return trained + rest
 
 
-def real_block(split: str, steps: int) -> str:
-    """The docs block of a recipe: ``em_real`` for the default one, else ``em_real_<split><steps>``."""
-    return "em_real" if (split, steps) == (DEFAULT_SPLIT, STEPS) else f"em_real_{split}{steps}"
+def real_block(split: str, steps: int, tta: str = DEFAULT_TTA) -> str:
+    """The docs block of a recipe: ``em_real`` for the default one, else ``em_real_<split><steps>[_<tta>]``."""
+    if (split, steps, tta) == (DEFAULT_SPLIT, STEPS, DEFAULT_TTA):
+        return "em_real"
+    return f"em_real_{split}{steps}" + ("" if tta == DEFAULT_TTA else f"_{tta}")
 
 
 def write_docs(res: dict[str, Any], wall: float, stages: Sequence[str] = ("doc",)) -> None:
@@ -725,7 +739,9 @@ def write_docs(res: dict[str, Any], wall: float, stages: Sequence[str] = ("doc",
         split = res.get("split", "z")
         division = " ".join(SPLIT_OVERRIDES[split].get("gala_fibsem", ())) or "the task config"
         budget["train/validation division"] = f"{split} (gala_fibsem: {division})"
-        write_block(DOC, real_block(split, used["steps"]), table, wall, budget)
+        tta = res.get("tta", DEFAULT_TTA)
+        budget["test-time augmentation"] = f"task.tta={tta} (validation and test)"
+        write_block(DOC, real_block(split, used["steps"], tta), table, wall, budget)
     if "search" in res and "search" in ran:
         write_block(DOC, "em_search", search_table(res["search"]), wall, {"load average": load_average()})
     if "volume" in res and "volume" in ran:
@@ -743,6 +759,7 @@ def main(
     steps: int = STEPS,
     pretrain_steps: int = PRETRAIN_STEPS,
     split: str = DEFAULT_SPLIT,
+    tta: str = DEFAULT_TTA,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -750,6 +767,8 @@ def main(
     res = json.loads(results.read_text()) if results.is_file() else {}
     if res.setdefault("split", "z" if "train" in res or "floors" in res else split) != split:  # before session 7: z
         raise SystemExit(f"{results}: runs with --split {res['split']} already recorded; use another --workdir")
+    if res.setdefault("tta", tta) != tta:  # no key before session 10: none
+        raise SystemExit(f"{results}: runs with --tta {res['tta']} already recorded; use another --workdir")
     print(f"load average at start: {load_average()}", flush=True)
     if "pretrain" in stages or "train" in stages:  # the budget the docs block reports
         recorded = res.setdefault("budget", {"steps": steps, "pretrain_steps": pretrain_steps, "seeds": []})
@@ -759,7 +778,7 @@ def main(
     if "pretrain" in stages:
         res["pretrain"] = pretrain(workdir, pretrain_steps)
     if "train" in stages:
-        res.setdefault("train", {}).update(train(workdir, tasks, models, seeds, steps, split))
+        res.setdefault("train", {}).update(train(workdir, tasks, models, seeds, steps, split, tta))
     for name, run in res.get("train", {}).items():  # the validation curves the recipe is read from
         if "failed" not in run:
             run["val_curve"] = validation_curve(workdir / "runs" / name)
@@ -800,6 +819,7 @@ if __name__ == "__main__":
         choices=list(SPLIT_OVERRIDES),
         help="train/validation division (SPLIT_OVERRIDES)",
     )
+    parser.add_argument("--tta", default=DEFAULT_TTA, choices=list(TTA_CHOICES), help="task.tta of every learned run")
     args = parser.parse_args()
     main(
         args.stages,
@@ -812,4 +832,5 @@ if __name__ == "__main__":
         args.steps,
         args.pretrain_steps,
         args.split,
+        args.tta,
     )

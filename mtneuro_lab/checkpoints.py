@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from mtneuro_lab.errors import CheckpointError
+from mtneuro_lab.errors import CheckpointError, existing_checkpoint
 from mtneuro_lab.io import atomic_write_bytes
 
 
@@ -39,9 +39,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; one-line error naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"ckpt_path: no checkpoint file at {path}")
+    path = existing_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad checkpoint

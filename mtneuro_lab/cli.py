@@ -25,7 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from mtneuro_lab.cluster import env as cluster_env
 from mtneuro_lab.config.hydra_runtime import hydra_node
 from mtneuro_lab.config.schema import validate_config
-from mtneuro_lab.errors import CheckpointError, ConfigError, MtneuroError
+from mtneuro_lab.errors import ConfigError, MtneuroError, existing_checkpoint
 from mtneuro_lab.io import atomic_write_bytes, unwritable_reason
 
 #: the config tree and the multirun configs ship inside the package (``pip install .`` finds them)
@@ -593,9 +593,9 @@ def _flow_checks(flow_name: str) -> Callable[[DictConfig], None]:
         if flow_name == "train":
             validate_config(cfg)
         ckpt = cfg.get("ckpt_path")
-        if flow_name == "evaluate" and ckpt and not Path(str(ckpt)).is_file():
+        if flow_name == "evaluate" and ckpt:
             # a checkpoint named but absent: refused before torch loads, for every kind of task
-            raise CheckpointError(f"ckpt_path: no checkpoint file at {ckpt}")
+            existing_checkpoint(str(ckpt))
         from mtneuro_lab import run
 
         run.preflight_checks[flow_name](cfg)

@@ -7,6 +7,9 @@ with a message that names the offending key, file or value; the entry points pri
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class MtneuroError(Exception):
     """Base class: ``str(err)`` is a complete one-line explanation for the user."""
@@ -25,3 +28,10 @@ class DataError(MtneuroError, RuntimeError):
 
 class CheckpointError(MtneuroError, RuntimeError):
     """A checkpoint is missing, unreadable or belongs to another model."""
+
+
+def existing_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
+    """``path`` as a Path if it names a file; else the one line every entry point prints for it."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{key}: no checkpoint file at {path}")
+    return Path(path)

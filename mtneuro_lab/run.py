@@ -35,7 +35,7 @@ from mtneuro_lab.config.hydra_runtime import hydra_node
 from mtneuro_lab.config.schema import validate_config
 from mtneuro_lab.data.sources.local import open_volume
 from mtneuro_lab.decoding.volume import open_output
-from mtneuro_lab.errors import CheckpointError, ConfigError
+from mtneuro_lab.errors import CheckpointError, ConfigError, existing_checkpoint
 from mtneuro_lab.memcheck import check_memory
 from mtneuro_lab.methods.base import BaseMethod
 from mtneuro_lab.methods.em import EMSegmentation
@@ -58,9 +58,7 @@ def resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> str | None:
     if ckpt_path == "last":
         last = run_dir / "checkpoints" / "last.ckpt"
         return str(last) if last.is_file() else None
-    if not Path(ckpt_path).is_file():
-        raise CheckpointError(f"ckpt_path: no checkpoint file at {ckpt_path}")
-    return str(ckpt_path)
+    return str(existing_checkpoint(ckpt_path))
 
 
 def _finish_loggers(
@@ -246,8 +244,7 @@ def _preflight_train(cfg: DictConfig) -> None:
     check_own_callbacks(cfg)
     ckpt = cfg.get("ckpt_path")
     if ckpt not in (None, "", "last"):
-        if not Path(str(ckpt)).is_file():
-            raise CheckpointError(f"ckpt_path: no checkpoint file at {ckpt}")
+        existing_checkpoint(str(ckpt))
         check_checkpoint_fits(comps.method, str(ckpt), str(cfg.model._target_))
     if perf.as_perf_config(cfg.get("perf")).memory_check:  # last: it moves the method to the meta device
         check_memory(cfg, comps.method, tuple(comps.task.sample_shape()))
@@ -322,8 +319,7 @@ def _preflight_evaluate(cfg: DictConfig) -> None:
         return readout.preflight(cfg)
     if not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path: evaluate.py needs ckpt_path=<checkpoint file>")
-    if not Path(str(cfg.ckpt_path)).is_file():
-        raise CheckpointError(f"ckpt_path: no checkpoint file at {cfg.ckpt_path}")
+    existing_checkpoint(str(cfg.ckpt_path))
     ecfg = evaluation_config(cfg)  # the run's saved config + this command's overrides
     validate_config(ecfg)
     tracking.check_wandb(ecfg)

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtneuro_lab.checkpoints import run_dir_of
-from mtneuro_lab.errors import CheckpointError, ConfigError
+from mtneuro_lab.errors import CheckpointError, ConfigError, existing_checkpoint
 from mtneuro_lab.io import atomic_write_bytes
 
 
@@ -68,9 +68,7 @@ def evaluation_config(cfg: DictConfig) -> DictConfig:
     """
     if not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path: evaluate.py needs ckpt_path=<checkpoint file>")
-    ckpt = Path(str(cfg.ckpt_path))
-    if not ckpt.is_file():
-        raise CheckpointError(f"ckpt_path: no checkpoint file at {ckpt}")
+    ckpt = existing_checkpoint(str(cfg.ckpt_path))
     saved = saved_config(ckpt)
     overrides = cli_overrides()
     groups = {"task", "model", "source", "trainer", "logger", "callbacks", "paths", "cubes"}

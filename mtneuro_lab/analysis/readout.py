@@ -52,7 +52,7 @@ from mtneuro_lab.data.datamodules import VolumeDataModule
 from mtneuro_lab.data.features import FeatureTable
 from mtneuro_lab.data.semantic_task import SemanticFeatureTask, blocked_folds
 from mtneuro_lab.data.tasks import CubeTask
-from mtneuro_lab.errors import CheckpointError, ConfigError
+from mtneuro_lab.errors import CheckpointError, ConfigError, existing_checkpoint
 from mtneuro_lab.io import atomic_write_bytes
 from mtneuro_lab.media import MediaItem, deliver, save_pngs, write_pngs
 from mtneuro_lab.methods.decomposition import DecompositionClassifier
@@ -293,8 +293,7 @@ def preflight(cfg: DictConfig) -> None:
     """evaluate.py's checks before a run directory exists (no data read)."""
     ckpt = cfg.get("ckpt_path")
     if ckpt:
-        if not Path(str(ckpt)).is_file():
-            raise CheckpointError(f"ckpt_path: no checkpoint file at {ckpt}")
+        existing_checkpoint(str(ckpt))
         return
     validate_config(cfg)
     method_cls = method_class(cfg)

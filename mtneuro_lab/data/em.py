@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 #: main scores of an EM task (``task.metric``) and what the labels channel holds (``task.instances``)
 METRICS = ("arand", "voi", "ap50", "ap75")
 INSTANCE_KINDS = ("ids", "section_components")
+#: ``task.tta``: one pass, or the average over the 8 z/y/x flips (mtneuro_lab.decoding.tta)
+TTA_MODES = ("none", "flips")
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ class EMTask(Task):
         samples_per_epoch: int = 1024,
         ignore_zero: bool = True,
         eval_overlap: float = 0.5,
+        tta: str = "none",
         metric: Literal["arand", "voi", "ap50", "ap75"] = "arand",
         instances: Literal["ids", "section_components"] = "ids",
         postprocess: PostprocessConfig | None = None,
@@ -178,6 +181,9 @@ class EMTask(Task):
         self.samples_per_epoch = int(samples_per_epoch)
         self.ignore_zero = bool(ignore_zero)
         self.eval_overlap = float(eval_overlap)
+        if tta not in TTA_MODES:
+            raise ConfigError(f"task.tta: must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+        self.tta = tta
         if metric not in METRICS:
             raise ConfigError(f"task.metric: must be one of {', '.join(METRICS)}, got {metric!r}")
         if instances not in INSTANCE_KINDS:
@@ -349,6 +355,13 @@ class EMTask(Task):
         return volume
 
     # -- prediction -----------------------------------------------------------------------------
+    @property
+    def channel_offsets(self) -> list[tuple[int, int, int]]:
+        """Per output channel, the affinity offset it encodes; ``(0, 0, 0)`` for point-wise channels."""
+        if self.target == "affinity":
+            return list(self.offsets)
+        return [(0, 0, 0)] * self.num_classes
+
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, C, ...)`` -> probabilities (tanh for the BCD distance channel)."""
         return targets.activate(logits, self.target)

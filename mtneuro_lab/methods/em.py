@@ -8,7 +8,8 @@
   (fractions clamped to [0.02, 0.98]); BCD adds MSE of ``tanh`` on the distance channel.
   Long-range affinity offsets (``task.offsets``) are extra channels of the same loss.
 * **validation**: sliding-window inference over the whole validation volume (windows = the
-  training crop, ``task.eval_overlap``, Gaussian blending), ``val/loss``, then the
+  training crop, ``task.eval_overlap``, Gaussian blending; ``task.tta=flips`` averages each
+  window over its 8 flips, :mod:`mtneuro_lab.decoding.tta`), ``val/loss``, then the
   post-processing search (``task.postprocess.select=val``: the grid, one waterz pass for every
   threshold; ``fixed``: the configured values) scored by the task's ``metric``; logs every
   metric of the chosen setting as ``val/<name>`` and the setting as ``val/pp_<name>``.
@@ -44,6 +45,7 @@ from mtneuro_lab.data import augment
 from mtneuro_lab.data.em import EMDataModule, EMTask
 from mtneuro_lab.decoding.export import write_predictions
 from mtneuro_lab.decoding.postprocess import fixed_setting, sliding_window_predict
+from mtneuro_lab.decoding.tta import flip_averaged
 from mtneuro_lab.decoding.volume import ChunkedStats, predict_chunked
 from mtneuro_lab.errors import ConfigError
 from mtneuro_lab.methods.base import BaseMethod
@@ -241,11 +243,16 @@ class EMSegmentation(BaseMethod):
         return loss
 
     # -- whole-volume evaluation -----------------------------------------------------------------
+    def window_predictor(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Logits of one batch of windows: the network, or its flip average (``task.tta=flips``)."""
+        task = self._task()
+        return self if task.tta == "none" else flip_averaged(self, task.channel_offsets)
+
     def predict_volume(self, image: torch.Tensor, keep_logits: bool = False) -> Any:
         """Blended probabilities ``(1, C, Z, Y, X)`` of a normalised volume (and logits if asked)."""
         task = self._task()
         return sliding_window_predict(
-            self,
+            self.window_predictor(),
             image,
             self.input_shape,
             overlap=task.eval_overlap,
@@ -337,8 +344,9 @@ class EMSegmentation(BaseMethod):
         was_training = self.training
         self.eval()
         try:
+            predictor = self.window_predictor()
             return predict_chunked(
-                lambda x: task.activate(self(x.to(self.device))).cpu(),
+                lambda x: task.activate(predictor(x.to(self.device))).cpu(),
                 source,
                 out,
                 self.input_shape,

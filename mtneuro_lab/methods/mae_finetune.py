@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import torch
 
-from mtneuro_lab.errors import CheckpointError, ConfigError
+from mtneuro_lab.errors import CheckpointError, ConfigError, existing_checkpoint
 from mtneuro_lab.methods.em import EMSegmentation
 from mtneuro_lab.methods.mae_pretrain import CKPT_META_KEY, ENCODER_FORMAT
 from mtneuro_lab.nets.unetr import UNETR
@@ -35,9 +35,7 @@ KEY = "model.pretrained"
 # -- pretrained weights -----------------------------------------------------------------------
 def read_encoder_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(encoder state_dict, metadata)`` from ``encoder.pt`` or a Lightning ``.ckpt`` (weights_only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{KEY}: no checkpoint file at {path}")
+    path = existing_checkpoint(path, KEY)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
