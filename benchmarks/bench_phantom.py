@@ -1,7 +1,7 @@
 """Phantom X-ray generator: speed and faithfulness to the real data, v2 (default) against v1.
 
 Writes docs/phantom.md (blocks ``phantom_generation``, ``phantom_fractions``,
-``phantom_quadrants``, ``phantom_slabs``, ``phantom_shortcuts``) and prints the same Markdown
+``phantom_quadrants``, ``phantom_composition``, ``phantom_slabs``, ``phantom_shortcuts``) and prints the same Markdown
 (docs/benchmarks.md quotes it through ``make bench``):
 
 * generation time of set A (four 380x256x256 cubes), v2 / v1 measured in one run, one thread;
@@ -9,6 +9,9 @@ Writes docs/phantom.md (blocks ``phantom_generation``, ``phantom_fractions``,
 * per 64x64 quadrant mean and std of the Task 3 features (``mtneuro_lab.data.features``) of
   the phantom against the real manual masks (``masks_<ctx|str|trn|zi>.npz``: 32 non-adjacent
   128x128 slices each, so their cells are labelled per slice; the phantom's in 3D);
+* how well that per-quadrant composition alone names the region (logistic regression,
+  z-block folds), in the masks and in the phantom: the part of region separability that
+  calibrating on the masks cannot remove;
 * ROI-C1's z slabs of set A's vp and zi cubes: how far the val and test slabs' mean intensity,
   axon fraction and orientation coherence sit from the training slab's, today's defaults
   against session 4's slow section fields and brightness drifts;
@@ -171,6 +174,110 @@ def fraction_table(cubes: Cubes) -> tuple[str, float]:
     return "\n".join(rows), worst
 
 
+#: per-quadrant composition read by a logistic regression: what the masks can anchor in every
+#: region (their zi axons are not annotated, so axon density would name zi by annotation)
+COMPOSITION = ("vessel_density", "cell_count", "cell_size")
+COMPOSITION_FOLDS = 4
+COMPOSITION_GAP = 12  # phantom slices dropped beside a held-out z block (they share cells and vessels)
+
+
+def _composition(features: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """Columns ``names`` of :func:`cube_features` rows; no cell in a quadrant means size 0."""
+    return np.nan_to_num(features[:, [FEATURES.index(n) for n in names]], nan=0.0)
+
+
+def _blocked_accuracy(x: np.ndarray, y: np.ndarray, z: np.ndarray, gap: int) -> float:
+    """Accuracy pooled over contiguous z-block folds (every quadrant of a slice on one side)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from mtneuro_lab.data.semantic_task import blocked_folds
+
+    hits = 0
+    for fit, held in blocked_folds(z, COMPOSITION_FOLDS, gap):
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(x[fit], y[fit])
+        hits += int((model.predict(x[held]) == y[held]).sum())
+    return hits / len(y)
+
+
+def _phantom_rows(
+    cubes: Cubes, set_name: str, names: tuple[str, ...], grid: int, cells: dict[tuple[str, str], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Composition rows of every region's cube of one set (every 4th slice, ``grid`` x ``grid`` tiles)."""
+    xs, ys, zs = [], [], []
+    for r, region in enumerate(REGIONS):
+        labels = cubes[set_name][region]["pixel_labels"]
+        if (set_name, region) not in cells:
+            cells[set_name, region] = label_cells(labels, BOSSDB)[::QUADRANT_STEP]
+        feats = cube_features(labels[::QUADRANT_STEP], grid=grid, cells=cells[set_name, region])
+        xs.append(_composition(feats, names))
+        ys.append(np.full(len(feats), r))
+        zs.append(np.repeat(np.arange(len(feats) // grid**2) * QUADRANT_STEP, grid**2))
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(zs)
+
+
+def _mask_rows(masks_dir: Path, grid: int) -> tuple[np.ndarray, ...] | None:
+    """Composition rows of the four masks files (``grid`` x ``grid`` tiles of each 128x128 slice)."""
+    parts = []
+    for r, region in enumerate(REGIONS):
+        path = masks_dir / f"masks_{REAL_FILE[region]}.npz"
+        if not path.is_file():
+            return None
+        masks = np.load(path)["arr_0"]
+        cells = label_cells_per_slice(masks, PRASAD2020_MASKS)
+        feats = cube_features(masks, grid=grid, encoding=PRASAD2020_MASKS, cells=cells)
+        parts.append(
+            (_composition(feats, COMPOSITION), np.full(len(feats), r), np.repeat(np.arange(len(masks)), grid**2))
+        )
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+
+
+#: (tile side in phantom pixels, phantom grid of a 256x256 slice, masks grid of a 128x128 slice or None)
+COMPOSITION_SCALES = ((64, 4, 2), (128, 2, 1), (256, 1, None))
+
+
+def composition_separability(cubes: Cubes, masks_dir: Path) -> tuple[str, dict[str, Any]]:
+    """How well composition alone names the region, in the masks and in the phantom, per tile size.
+
+    The same features (the project's Task 3 code) and the same linear read-out on both: what
+    the masks' own tiles allow, a baseline that estimates composition from pixels can reach on
+    a phantom calibrated on them, whatever the phantom does with texture. The masks' slices are
+    128x128, so they cannot anchor a 256x256 Task 1 tile."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    figures: dict[str, Any] = {}
+    cells: dict[tuple[str, str], np.ndarray] = {}
+    rows = [
+        f"| tile | quadrant features (+ logistic) | masks ({COMPOSITION_FOLDS} folds by slice) | "
+        f"v2 set A ({COMPOSITION_FOLDS} z-block folds, gap {COMPOSITION_GAP}) | v2 set A -> sets C, D |",
+        "|---|---|---|---|---|",
+    ]
+    for side, grid, masks_grid in COMPOSITION_SCALES:
+        for label, names in (
+            ("vessel density, cell count, cell size", COMPOSITION),
+            ("the same + axon density", (*COMPOSITION, "axon_density")),
+        ):
+            x, y, z = _phantom_rows(cubes, "A", names, grid, cells)
+            within = _blocked_accuracy(x, y, z, COMPOSITION_GAP)
+            model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(x, y)
+            other = [_phantom_rows(cubes, s, names, grid, cells) for s in SETS if s != "A"]
+            transfer = float(np.mean(np.concatenate([model.predict(xo) == yo for xo, yo, _ in other])))
+            real = _mask_rows(masks_dir, masks_grid) if masks_grid and names == COMPOSITION else None
+            masks_acc = None if real is None else _blocked_accuracy(real[0], real[1], real[2], gap=0)
+            figures[f"{side}/{label}"] = {"masks": masks_acc, "v2_A": within, "v2_A_to_CD": transfer}
+            if masks_acc is not None:
+                shown = f"{masks_acc:.3f}"
+            elif masks_grid is None:
+                shown = "larger than the masks' slices"
+            else:
+                shown = "zi axons not annotated"
+            rows.append(f"| {side}x{side} | {label} | {shown} | {within:.3f} | {transfer:.3f} |")
+    return "\n".join(rows), figures
+
+
 # --------------------------------------------------------------------------- z slabs
 
 #: ROI-C1's z splits of a cube (half-open, BossDB z): what a task trains, validates and tests on
@@ -330,6 +437,7 @@ def main(masks_dir: Path = MASKS_DIR, write_doc: bool = False) -> dict[str, Any]
         "phantom_quadrants": quadrants,
         "phantom_slabs": slab_table(cubes),
     }
+    blocks["phantom_composition"], composition_figures = composition_separability(cubes, masks_dir)
     for name, markdown in blocks.items():
         print(f"## {name}\n\n{markdown}\n", flush=True)
     v2_short = shortcut_accuracies(cubes, ("A", "C", "D"))
@@ -345,6 +453,7 @@ def main(masks_dir: Path = MASKS_DIR, write_doc: bool = False) -> dict[str, Any]
         "generation_ratio_v2_v1": ratio,
         "max_fraction_rel_diff": worst,
         "quadrants": quadrant_figures,
+        "composition": composition_figures,
         "shortcuts_v2": v2_short,
         "shortcuts_v1": v1_short,
     }

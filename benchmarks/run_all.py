@@ -176,6 +176,13 @@ def report(runs: list[dict[str, Any]], facts: dict[str, str], command: str) -> s
             "the same run on this machine; absolute times depend on the machine and its load."
         ),
         "",
+        (
+            "Benchmarks that also write `bench:` blocks into the guides (each with its own command and "
+            "provenance line) keep their current figures there: [phantom.md](phantom.md) (bench_phantom, "
+            "run as a script), [overhead.md](overhead.md), [task1.md](task1.md), [task2.md](task2.md), "
+            "[task3.md](task3.md), [em.md](em.md), [mae.md](mae.md)."
+        ),
+        "",
         "| machine | |",
         "|---|---|",
     ]
