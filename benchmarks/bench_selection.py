@@ -73,30 +73,33 @@ def run_sweep(out: Path, trials: int) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    """Trials by val/acc (Optuna's pick first among ties), and whether a test-split choice would agree."""
     keys = sorted(rows[0]["params"])
     lines = [
-        "| trial | " + " | ".join(keys) + " | val/acc (objective) | test/acc (not used) | chosen |",
+        "| rank by val/acc | " + " | ".join(keys) + " | val/acc (objective) | test/acc (not used) | chosen |",
         "|---" * (len(keys) + 4) + "|",
     ]
-    for i, r in enumerate(sorted(rows, key=lambda r: -r["selection/value"]), 1):
+    for i, r in enumerate(sorted(rows, key=lambda r: (-r["selection/value"], not r["chosen"])), 1):
         values = " | ".join(f"{float(r['params'][k]):.4g}" for k in keys)
         lines.append(
             f"| {i} | {values} | {r['selection/value']:.3f} | {r['test/acc']:.3f} | "
             f"{'**yes**' if r['chosen'] else ''} |"
         )
-    by_val = max(rows, key=lambda r: r["selection/value"])
+    chosen = next((r for r in rows if r["chosen"]), max(rows, key=lambda r: r["selection/value"]))
     by_test = max(rows, key=lambda r: r["test/acc"])
     agree = (
         "the same trial"
-        if by_test is by_val
+        if by_test["test/acc"] == chosen["test/acc"]
         else (
-            f"a different trial (test/acc {by_test['test/acc']:.3f} instead of {by_val['test/acc']:.3f}): "
+            f"a different trial (test/acc {by_test['test/acc']:.3f} instead of {chosen['test/acc']:.3f}): "
             "a test-split choice would look better than it is"
         )
     )
+    tied = sum(r["selection/value"] == chosen["selection/value"] for r in rows)
+    tie = f" {tied} trials tie on val/acc; the chosen one is Optuna's pick among them." if tied > 1 else ""
     lines += [
         "",
-        f"The study chose the trial with the highest val/acc; choosing by test/acc would have picked {agree}.",
+        f"The study chose a trial with the highest val/acc; choosing by test/acc would have picked {agree}.{tie}",
     ]
     return "\n".join(lines)
 
