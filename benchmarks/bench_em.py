@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))  # `python benchmarks/bench_em.py` from anywhere
 
 from benchmarks import bench_mae  # noqa: E402
 from benchmarks.cli_runs import run_cli  # noqa: E402
+from mtneuro_lab.data.em import TTA_MODES  # noqa: E402
 
 DOC = ROOT / "docs" / "em.md"
 
@@ -100,7 +101,6 @@ SPLIT_OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
 #: ``--tta``: the task's ``tta`` of every learned run (validation and test inference alike); a
 #: recipe of its own (another work directory and docs block), compared on validation scores
 DEFAULT_TTA = "none"
-TTA_CHOICES = ("none", "flips")
 METRIC_KEYS = ("test/arand", "test/voi_split", "test/voi_merge")
 
 
@@ -819,7 +819,7 @@ if __name__ == "__main__":
         choices=list(SPLIT_OVERRIDES),
         help="train/validation division (SPLIT_OVERRIDES)",
     )
-    parser.add_argument("--tta", default=DEFAULT_TTA, choices=list(TTA_CHOICES), help="task.tta of every learned run")
+    parser.add_argument("--tta", default=DEFAULT_TTA, choices=list(TTA_MODES), help="task.tta of every learned run")
     args = parser.parse_args()
     main(
         args.stages,

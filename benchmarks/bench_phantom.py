@@ -181,6 +181,15 @@ COMPOSITION_FOLDS = 4
 COMPOSITION_GAP = 12  # phantom slices dropped beside a held-out z block (they share cells and vessels)
 
 
+def _logistic(*steps: Any) -> Any:
+    """Standardised features (then ``steps``) and a logistic regression: every baseline here."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), *steps, LogisticRegression(max_iter=3000))
+
+
 def _composition(features: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
     """Columns ``names`` of :func:`cube_features` rows; no cell in a quadrant means size 0."""
     return np.nan_to_num(features[:, [FEATURES.index(n) for n in names]], nan=0.0)
@@ -188,49 +197,40 @@ def _composition(features: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
 
 def _blocked_accuracy(x: np.ndarray, y: np.ndarray, z: np.ndarray, gap: int) -> float:
     """Accuracy pooled over contiguous z-block folds (every quadrant of a slice on one side)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     from mtneuro_lab.data.semantic_task import blocked_folds
 
     hits = 0
     for fit, held in blocked_folds(z, COMPOSITION_FOLDS, gap):
-        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(x[fit], y[fit])
+        model = _logistic().fit(x[fit], y[fit])
         hits += int((model.predict(x[held]) == y[held]).sum())
     return hits / len(y)
 
 
-def _phantom_rows(
-    cubes: Cubes, set_name: str, names: tuple[str, ...], grid: int, cells: dict[tuple[str, str], np.ndarray]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Composition rows of every region's cube of one set (every 4th slice, ``grid`` x ``grid`` tiles)."""
+def _phantom_features(cubes: Cubes, set_name: str, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`cube_features` rows of every region's cube of one set (every 4th slice), regions, z."""
     xs, ys, zs = [], [], []
     for r, region in enumerate(REGIONS):
         labels = cubes[set_name][region]["pixel_labels"]
-        if (set_name, region) not in cells:
-            cells[set_name, region] = label_cells(labels, BOSSDB)[::QUADRANT_STEP]
-        feats = cube_features(labels[::QUADRANT_STEP], grid=grid, cells=cells[set_name, region])
-        xs.append(_composition(feats, names))
+        feats = cube_features(labels[::QUADRANT_STEP], grid=grid, cells=label_cells(labels, BOSSDB)[::QUADRANT_STEP])
+        xs.append(feats)
         ys.append(np.full(len(feats), r))
         zs.append(np.repeat(np.arange(len(feats) // grid**2) * QUADRANT_STEP, grid**2))
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(zs)
 
 
-def _mask_rows(masks_dir: Path, grid: int) -> tuple[np.ndarray, ...] | None:
-    """Composition rows of the four masks files (``grid`` x ``grid`` tiles of each 128x128 slice)."""
-    parts = []
+def _mask_features(masks_dir: Path, grids: tuple[int, ...]) -> dict[int, tuple[np.ndarray, ...]] | None:
+    """Per grid, :func:`cube_features` rows of the four masks files (tiles of each 128x128 slice), regions, slices."""
+    parts: dict[int, list[tuple[np.ndarray, ...]]] = {g: [] for g in grids}
     for r, region in enumerate(REGIONS):
         path = masks_dir / f"masks_{REAL_FILE[region]}.npz"
         if not path.is_file():
             return None
         masks = np.load(path)["arr_0"]
         cells = label_cells_per_slice(masks, PRASAD2020_MASKS)
-        feats = cube_features(masks, grid=grid, encoding=PRASAD2020_MASKS, cells=cells)
-        parts.append(
-            (_composition(feats, COMPOSITION), np.full(len(feats), r), np.repeat(np.arange(len(masks)), grid**2))
-        )
-    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+        for g in grids:
+            feats = cube_features(masks, grid=g, encoding=PRASAD2020_MASKS, cells=cells)
+            parts[g].append((feats, np.full(len(feats), r), np.repeat(np.arange(len(masks)), g**2)))
+    return {g: tuple(np.concatenate(column) for column in zip(*p, strict=True)) for g, p in parts.items()}
 
 
 #: (tile side in phantom pixels, phantom grid of a 256x256 slice, masks grid of a 128x128 slice or None)
@@ -244,29 +244,29 @@ def composition_separability(cubes: Cubes, masks_dir: Path) -> tuple[str, dict[s
     the masks' own tiles allow, a baseline that estimates composition from pixels can reach on
     a phantom calibrated on them, whatever the phantom does with texture. The masks' slices are
     128x128, so they cannot anchor a 256x256 Task 1 tile."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     figures: dict[str, Any] = {}
-    cells: dict[tuple[str, str], np.ndarray] = {}
+    masks = _mask_features(masks_dir, tuple(g for _, _, g in COMPOSITION_SCALES if g is not None))
     rows = [
         f"| tile | quadrant features (+ logistic) | masks ({COMPOSITION_FOLDS} folds by slice) | "
         f"v2 set A ({COMPOSITION_FOLDS} z-block folds, gap {COMPOSITION_GAP}) | v2 set A -> sets C, D |",
         "|---|---|---|---|---|",
     ]
     for side, grid, masks_grid in COMPOSITION_SCALES:
+        phantom = {s: _phantom_features(cubes, s, grid) for s in SETS}
         for label, names in (
             ("vessel density, cell count, cell size", COMPOSITION),
             ("the same + axon density", (*COMPOSITION, "axon_density")),
         ):
-            x, y, z = _phantom_rows(cubes, "A", names, grid, cells)
+            feats, y, z = phantom["A"]
+            x = _composition(feats, names)
             within = _blocked_accuracy(x, y, z, COMPOSITION_GAP)
-            model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(x, y)
-            other = [_phantom_rows(cubes, s, names, grid, cells) for s in SETS if s != "A"]
-            transfer = float(np.mean(np.concatenate([model.predict(xo) == yo for xo, yo, _ in other])))
-            real = _mask_rows(masks_dir, masks_grid) if masks_grid and names == COMPOSITION else None
-            masks_acc = None if real is None else _blocked_accuracy(real[0], real[1], real[2], gap=0)
+            model = _logistic().fit(x, y)
+            hits = [model.predict(_composition(f, names)) == yo for s, (f, yo, _) in phantom.items() if s != "A"]
+            transfer = float(np.mean(np.concatenate(hits)))
+            masks_acc = None
+            if masks is not None and masks_grid is not None and names == COMPOSITION:
+                m_feats, m_y, m_z = masks[masks_grid]
+                masks_acc = _blocked_accuracy(_composition(m_feats, names), m_y, m_z, gap=0)
             figures[f"{side}/{label}"] = {"masks": masks_acc, "v2_A": within, "v2_A_to_CD": transfer}
             if masks_acc is not None:
                 shown = f"{masks_acc:.3f}"
@@ -373,9 +373,6 @@ def _slice_inputs(images: np.ndarray) -> dict[str, np.ndarray]:
 def shortcut_accuracies(cubes: dict[str, dict[str, np.ndarray]] | Cubes, sets: tuple[str, ...]) -> dict[str, Any]:
     """Test accuracy of each baseline (+ logistic regression) on ROI-C1 and ROI-C2 splits."""
     from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     z = np.arange(Z0, Z0 + SHAPE[0])
     parts = {s: _slice_inputs(np.concatenate([cubes[s][r]["image"] for r in REGIONS])) for s in sets}
@@ -399,8 +396,7 @@ def shortcut_accuracies(cubes: dict[str, dict[str, np.ndarray]] | Cubes, sets: t
             y_train = np.concatenate([region[m] for m in train.values()])
             x_test = np.concatenate([parts[s][name][m] for s, m in test.items()])
             y_test = np.concatenate([region[m] for m in test.values()])
-            steps = [StandardScaler()] + ([PCA(50, random_state=0)] if "PCA" in name else [])
-            model = make_pipeline(*steps, LogisticRegression(max_iter=3000))
+            model = _logistic(*([PCA(50, random_state=0)] if "PCA" in name else []))
             model.fit(x_train, y_train)
             results[name][split] = float(np.mean(model.predict(x_test) == y_test))
     return results

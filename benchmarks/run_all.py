@@ -167,6 +167,11 @@ def machine() -> dict[str, str]:
     return facts
 
 
+def guides_with_blocks(docs: Path = ROOT / "docs") -> list[str]:
+    """The docs pages holding ``bench:`` blocks (found, not listed by hand), this report excepted."""
+    return sorted(p.name for p in docs.glob("*.md") if p.name != "benchmarks.md" and "<!-- bench:" in p.read_text())
+
+
 def report(runs: list[dict[str, Any]], facts: dict[str, str], command: str) -> str:
     out = [
         "# Benchmarks",
@@ -178,9 +183,9 @@ def report(runs: list[dict[str, Any]], facts: dict[str, str], command: str) -> s
         "",
         (
             "Benchmarks that also write `bench:` blocks into the guides (each with its own command and "
-            "provenance line) keep their current figures there: [phantom.md](phantom.md) (bench_phantom, "
-            "run as a script), [overhead.md](overhead.md), [task1.md](task1.md), [task2.md](task2.md), "
-            "[task3.md](task3.md), [em.md](em.md), [mae.md](mae.md)."
+            "provenance line) keep their current figures there: "
+            + ", ".join(f"[{name}]({name})" for name in guides_with_blocks())
+            + "."
         ),
         "",
         "| machine | |",
