@@ -21,11 +21,16 @@ Stages (each resumable: a run whose directory holds ``metrics.json`` is not run 
 Usage::
 
     python benchmarks/bench_em.py pretrain train floors search volume doc --workdir outputs/bench_em
+
+Two invocations may share a work directory, one per core (say ``train --models unetr`` beside
+``pretrain train --models mae``): ``results.json`` is re-read and merged under a lock when each
+one ends, and the docs' provenance line counts the runs that overlapped from their start times.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import statistics
@@ -41,6 +46,7 @@ sys.path.insert(0, str(ROOT))  # `python benchmarks/bench_em.py` from anywhere
 from benchmarks import bench_mae  # noqa: E402
 from benchmarks.cli_runs import run_cli  # noqa: E402
 from mtneuro_lab.data.em import TTA_MODES  # noqa: E402
+from mtneuro_lab.io import atomic_write_bytes  # noqa: E402
 
 DOC = ROOT / "docs" / "em.md"
 
@@ -600,6 +606,16 @@ def real_table(res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
                     "passed": _mean(arand) < min(ws, one),
                 }
             )
+            scratch = [runs.get(f"{task}/unetr/s{s}", {}).get("test/arand") for s, _ in done]
+            if model == "mae" and None not in scratch:
+                checks.append(  # the paper's claim, on the seeds both arms ran
+                    {
+                        "name": f"{task} mae: mean test/arand below unetr from scratch on the same seeds{of}",
+                        "value": round(_mean(arand), 4),
+                        "target": f"< {_mean(scratch):.4f}",
+                        "passed": _mean(arand) < _mean(scratch),
+                    }
+                )
             if model == "rsunet":
                 checks.append(
                     {
@@ -711,7 +727,7 @@ def real_block(split: str, steps: int, tta: str = DEFAULT_TTA) -> str:
     return f"em_real_{split}{steps}" + ("" if tta == DEFAULT_TTA else f"_{tta}")
 
 
-def write_docs(res: dict[str, Any], wall: float, stages: Sequence[str] = ("doc",)) -> None:
+def write_docs(res: dict[str, Any], wall: float, workdir: Path, stages: Sequence[str] = ("doc",)) -> None:
     """The blocks whose results this invocation produced (all of them for ``doc`` alone), so a
     block's provenance line names the command that measured it."""
     from benchmarks.doc_blocks import write_block
@@ -721,7 +737,8 @@ def write_docs(res: dict[str, Any], wall: float, stages: Sequence[str] = ("doc",
     reduced = (used["steps"], used["pretrain_steps"], tuple(used["seeds"])) != (STEPS, PRETRAIN_STEPS, SEEDS)
     budget = {
         "budget": f"{'REDUCED recipe (not the default of this script): ' if reduced else ''}"
-        f"{used['steps']} steps of batch {BATCH} per run (default {STEPS}), one thread each, one run at a time; "
+        f"{used['steps']} steps of batch {BATCH} per run (default {STEPS}), one thread each, "
+        f"{_runs_at_once(at_once(res, workdir))}; "
         + (
             f"MAE encoder: {used['pretrain_steps']} pretraining steps of bench_mae's recipe (default {PRETRAIN_STEPS})"
             if "pretrain" in res
@@ -748,6 +765,62 @@ def write_docs(res: dict[str, Any], wall: float, stages: Sequence[str] = ("doc",
         write_block(DOC, "em_volume", volume_table(res["volume"]), wall, {"load average": load_average()})
 
 
+def merge(res: dict[str, Any], new: dict[str, Any], stages: str, wall: float) -> dict[str, Any]:
+    """``res`` (results.json as it is now) with one invocation's ``new`` results: runs and floors
+    are added by name, seeds united, the invocation's wall time added to its stage combination."""
+    for key in ("split", "tta"):
+        res.setdefault(key, new[key])
+    if "budget" in new:
+        budget = res.setdefault("budget", {**new["budget"], "seeds": []})
+        budget["seeds"] = sorted({*budget["seeds"], *new["budget"]["seeds"]})
+    for key in ("train", "floors"):
+        res.setdefault(key, {}).update(new.get(key, {}))
+    res.update({k: new[k] for k in ("pretrain", "search", "volume") if k in new})
+    walls = res.setdefault("wall_s", {})  # per stage combination, summed over invocations
+    walls[stages] = walls.get(stages, 0.0) + wall
+    return res
+
+
+def record(results: Path, new: dict[str, Any], stages: str, wall: float) -> dict[str, Any]:
+    """Merge ``new`` into ``results`` re-read under a lock, written atomically: two invocations on
+    one work directory (``train --models unetr`` beside ``train --models mae``, one per core)
+    each add their runs, and neither overwrites the other's."""
+    with open(results.with_name(".results.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        res = merge(json.loads(results.read_text()) if results.is_file() else {}, new, stages, wall)
+        for name, run in res.get("train", {}).items():  # the validation curves the recipe is read from
+            if "failed" not in run:
+                run["val_curve"] = validation_curve(results.parent / "runs" / name)
+        atomic_write_bytes(results, (json.dumps(res, indent=2, default=str) + "\n").encode())
+    return res
+
+
+def _runs_at_once(n: int) -> str:
+    return "one run at a time" if n <= 1 else f"up to {n} runs at a time (their recorded start and wall times)"
+
+
+def at_once(res: dict[str, Any], workdir: Path) -> int:
+    """The most training/pretraining runs of a work directory that overlapped in time, from each
+    run's start and wall time (``metrics.json``'s modification time marks the end of a run
+    recorded before the start was)."""
+    spans = []
+    for name, run in [*res.get("train", {}).items(), ("pretrain", res.get("pretrain"))]:
+        if not run or "failed" in run or run.get("wall_s") != run.get("wall_s"):
+            continue
+        run_dir = workdir / ("pretrain" if name == "pretrain" else f"runs/{name}")
+        if "started_unix" in run:
+            end = run["started_unix"] + run["wall_s"]
+        else:
+            end = (run_dir / "metrics.json").stat().st_mtime
+        spans.append((end - run["wall_s"], end))
+    edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])  # an end sorts before a start
+    most = now = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
 def main(
     stages: Sequence[str] = ("floors", "search"),
     workdir: Path = ROOT / "outputs" / "bench_em",
@@ -771,30 +844,26 @@ def main(
         raise SystemExit(f"{results}: runs with --tta {res['tta']} already recorded; use another --workdir")
     print(f"load average at start: {load_average()}", flush=True)
     if "pretrain" in stages or "train" in stages:  # the budget the docs block reports
-        recorded = res.setdefault("budget", {"steps": steps, "pretrain_steps": pretrain_steps, "seeds": []})
+        recorded = res.get("budget", {"steps": steps, "pretrain_steps": pretrain_steps})
         if (recorded["steps"], recorded["pretrain_steps"]) != (steps, pretrain_steps):
             raise SystemExit(f"{results}: runs of {recorded} already recorded; use another --workdir for a new budget")
-        recorded["seeds"] = sorted({*recorded["seeds"], *seeds})
+    new: dict[str, Any] = {"split": split, "tta": tta}  # what this invocation adds to results.json
+    if "pretrain" in stages or "train" in stages:
+        new["budget"] = {"steps": steps, "pretrain_steps": pretrain_steps, "seeds": list(seeds)}
     if "pretrain" in stages:
-        res["pretrain"] = pretrain(workdir, pretrain_steps)
+        new["pretrain"] = pretrain(workdir, pretrain_steps)
     if "train" in stages:
-        res.setdefault("train", {}).update(train(workdir, tasks, models, seeds, steps, split, tta))
-    for name, run in res.get("train", {}).items():  # the validation curves the recipe is read from
-        if "failed" not in run:
-            run["val_curve"] = validation_curve(workdir / "runs" / name)
+        new["train"] = train(workdir, tasks, models, seeds, steps, split, tta)
     if "floors" in stages:
-        res.setdefault("floors", {}).update(floors(tasks, split))
+        new["floors"] = floors(tasks, split)
     if "search" in stages:
-        res["search"] = search_cost(workdir)
+        new["search"] = search_cost(workdir)
     if "volume" in stages:
         vz, vy, vx = volume_shape
-        res["volume"] = volume(workdir, (vz, vy, vx), ckpt=volume_ckpt)
-    walls = res.setdefault("wall_s", {})  # per stage combination, summed over invocations
-    key = "+".join(stages)
-    walls[key] = walls.get(key, 0.0) + time.perf_counter() - start
-    results.write_text(json.dumps(res, indent=2, default=str) + "\n")
+        new["volume"] = volume(workdir, (vz, vy, vx), ckpt=volume_ckpt)
+    res = record(results, new, "+".join(stages), time.perf_counter() - start)
     if "doc" in stages:
-        write_docs(res, total_wall(res), stages)
+        write_docs(res, total_wall(res), workdir, stages)
     if "train" in res and "floors" in res:
         res["checks"] = real_table(res)[1]
     return res

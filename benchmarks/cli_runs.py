@@ -27,7 +27,8 @@ def run_cli(
     script: str = "train.py",
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """One run; its ``metrics.json`` plus ``wall_s`` (0 when it was already finished)."""
+    """One run; its ``metrics.json`` plus ``wall_s`` and ``started_unix`` (``wall_s`` NaN when it was
+    finished before and recorded no time)."""
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
@@ -41,12 +42,13 @@ def run_cli(
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
     }
-    start = time.perf_counter()
+    started, start = time.time(), time.perf_counter()
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(overrides)} failed:\n{proc.stderr[-3000:]}")
     metrics = json.loads(metrics_file.read_text())
     metrics["wall_s"] = time.perf_counter() - start
+    metrics["started_unix"] = started  # when: which runs shared the machine (bench_em.at_once)
     # the wall time belongs to the run record too: a resumed benchmark still reports it
     tmp = run_dir / ".metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
