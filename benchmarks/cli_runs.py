@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from mtneuro_lab.io import atomic_write_bytes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -50,9 +52,7 @@ def run_cli(
     metrics["wall_s"] = time.perf_counter() - start
     metrics["started_unix"] = started  # when: which runs shared the machine (bench_em.at_once)
     # the wall time belongs to the run record too: a resumed benchmark still reports it
-    tmp = run_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, metrics_file)
+    atomic_write_bytes(metrics_file, (json.dumps(metrics, indent=2) + "\n").encode())
     if log is not None:
         log(f"{'/'.join(run_dir.parts[-3:])}: {metrics['wall_s']:.0f} s")
     return metrics
