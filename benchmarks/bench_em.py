@@ -563,9 +563,10 @@ def real_table(res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         lines += [
             f"**{task}** (test volume {f['test_voxels']:,} voxels)",
             "",
-            "| arm | test/arand per seed | mean test/arand | mean VOI split / merge | inference CPU s "
-            "| voxels per CPU s | mean val/arand (chosen setting) |",
-            "|---|---|---|---|---|---|---|",
+            "| arm | test/arand per seed | mean test/arand | mean VOI split / merge | test segments per seed "
+            f"({f['one_segment']['n_gt']:.0f} labelled) | inference CPU s | voxels per CPU s "
+            "| mean val/arand (chosen setting) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, m in (("one segment (floor)", f["one_segment"]), ("intensity watershed (floor)", f["watershed"])):
             cpu = f["watershed_test_cpu_s"] if "watershed" in name else float("nan")
@@ -573,7 +574,8 @@ def real_table(res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             shown = "" if cpu != cpu else f"{cpu:.1f}"
             val = f"{f['watershed_val']['arand']:.3f}" if "watershed" in name else ""
             lines.append(
-                f"| {name} | | {m['arand']:.3f} | {m['voi_split']:.3f} / {m['voi_merge']:.3f} | {shown} | {per} "
+                f"| {name} | | {m['arand']:.3f} | {m['voi_split']:.3f} / {m['voi_merge']:.3f} | {m['n_pred']:.0f} "
+                f"| {shown} | {per} "
                 f"| {val} |"
             )
         params = ", ".join(f"{k} {v:g}" for k, v in f["watershed_params"].items())
@@ -583,18 +585,21 @@ def real_table(res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             done = [(s, runs[k]) for s in seeds if "failed" not in runs.get(k := f"{task}/{model}/s{s}", {"failed": 1})]
             missing = [str(s) for s in seeds if s not in {d for d, _ in done}]
             if not done:
-                lines.append(f"| {model} | not run (seeds {', '.join(missing)}) | | | | | |")
+                lines.append(f"| {model} | not run (seeds {', '.join(missing)}) | | | | | | |")
                 continue
             arand = [m["test/arand"] for _, m in done]
             cpu = _mean([m["test/infer_cpu_s"] for _, m in done])
             vox = _mean([m["test/voxels"] / m["test/infer_cpu_s"] for _, m in done])
+            segments = " / ".join(f"{m.get('test/n_pred', float('nan')):.0f}" for _, m in done)
             failed = [s for s in missing if "failed" in runs.get(f"{task}/{model}/s{s}", {})]
             absent = f"; seed {', '.join(missing)} NOT RUN" if missing else ""
             absent = absent.replace("NOT RUN", "FAILED") if failed == missing and missing else absent
             lines.append(
                 f"| {model} | {' / '.join(f'{a:.3f}' for a in arand)} (seeds {', '.join(str(s) for s, _ in done)}"
                 f"{absent}) | **{_mean(arand):.3f}** | {_mean([m['test/voi_split'] for _, m in done]):.3f} / "
-                f"{_mean([m['test/voi_merge'] for _, m in done]):.3f} | {cpu:.1f} | {vox:,.0f} "
+                f"{_mean([m['test/voi_merge'] for _, m in done]):.3f} "
+                f"| {segments} "
+                f"| {cpu:.1f} | {vox:,.0f} "
                 f"| {_mean([m.get('val/arand', float('nan')) for _, m in done]):.3f} |"
             )
             of = f" ({len(done)} of {len(seeds)} seeds)" if missing else ""
@@ -740,7 +745,8 @@ def write_docs(res: dict[str, Any], wall: float, workdir: Path, stages: Sequence
         f"{used['steps']} steps of batch {BATCH} per run (default {STEPS}), one thread each, "
         f"{_runs_at_once(at_once(res, workdir))}; "
         + (
-            f"MAE encoder: {used['pretrain_steps']} pretraining steps of bench_mae's recipe (default {PRETRAIN_STEPS})"
+            f"MAE encoder: {used['pretrain_steps']} pretraining steps of bench_mae's recipe "
+            f"(default {PRETRAIN_STEPS}), pretraining test/loss {res['pretrain'].get('test/loss', float('nan')):.3f}"
             if "pretrain" in res
             else "no MAE encoder pretrained (the mae arm not run)"
         )

@@ -68,17 +68,19 @@ def _scored(arand: float) -> dict:
 
 
 def test_real_table_names_missing_seeds_and_compares_mae_with_scratch_on_shared_seeds() -> None:
-    seg = {"arand": 0.9, "voi_split": 0.0, "voi_merge": 4.6}
-    ws = {"arand": 0.07, "voi_split": 0.5, "voi_merge": 0.1}
+    seg = {"arand": 0.9, "voi_split": 0.0, "voi_merge": 4.6, "n_pred": 1, "n_gt": 132}
+    ws = {"arand": 0.07, "voi_split": 0.5, "voi_merge": 0.1, "n_pred": 400, "n_gt": 132}
     floor = {"test_voxels": 1000, "one_segment": seg, "watershed": ws, "watershed_test_cpu_s": 1.0}
     floor |= {"watershed_val": {"arand": 0.11}, "watershed_params": {"sigma": 1.0}}
     runs = {"gala_fibsem/unetr/s1": _scored(0.30), "gala_fibsem/unetr/s2": _scored(0.20)}
     runs |= {"gala_fibsem/mae/s1": _scored(0.10), "gala_fibsem/mae/s2": {"failed": "diverged"}}
     runs |= {"gala_fibsem/rsunet/s1": _scored(0.04), "gala_fibsem/rsunet/s2": _scored(0.03)}
     for run in runs.values():
-        run["test/voxels"], run["val/arand"] = 1000, 0.2
+        run["test/voxels"], run["val/arand"], run["test/n_pred"] = 1000, 0.2, 63
     text, checks = bench_em.real_table({"train": runs, "floors": {"gala_fibsem": floor}})
-    assert "| mae | 0.100 (seeds 1; seed 2 FAILED) | **0.100** |" in text
+    assert "| mae | 0.100 (seeds 1; seed 2 FAILED) | **0.100** | 0.300 / 0.200 | 63 |" in text
+    assert "| test segments per seed (132 labelled) |" in text
+    assert "| intensity watershed (floor) | | 0.070 | 0.500 / 0.100 | 400 |" in text
     by_name = {c["name"]: c for c in checks}
     mae = by_name["gala_fibsem mae: mean test/arand below unetr from scratch on the same seeds (1 of 2 seeds)"]
     assert (mae["target"], mae["passed"]) == ("< 0.3000", True)  # seed 1's scratch run only
